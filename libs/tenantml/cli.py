@@ -1,0 +1,246 @@
+"""`tenantml` command line: one subcommand per step, a summary at the end, `--json` for machines.
+
+Exit codes: 0 success, 3 partial failure (some tenants failed), 1 failure, 2 usage/config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenantml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, TenantMLError
+
+if TYPE_CHECKING:
+    from tenantml.context import JobContext
+    from tenantml.pipeline.result import StepResult
+
+
+class RichProgress:
+    """Renders the library's progress events on stderr (stdout stays clean for --json)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    def phase(self, message: str) -> None:
+        if self.enabled:
+            self.console.log(message)
+
+    def start(self, label: str, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=self.console, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--conf-dir", default=os.environ.get("TENANTML_CONF_DIR", "conf"),
+                        help="config folder holding base/ and <env>/ (default: ./conf)")
+    common.add_argument("--env", default=None, help="config environment (default: TENANTML_ENV or local)")
+    common.add_argument("--data-dir", default=None, help="project data directory (tables, MLflow, sources)")
+    common.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    common.add_argument("--run-id", default=None, help="reuse a run id (reruns replace that run's rows)")
+
+    scoped = argparse.ArgumentParser(add_help=False, parents=[common])
+    scoped.add_argument("--dataset", default=None, help="dataset name from conf (default: project.default_dataset)")
+    scoped.add_argument("--tenants", default=None, help="comma-separated tenant ids (default: all)")
+
+    p = argparse.ArgumentParser(prog="tenantml", description="Multi-tenant batch ML on Spark + Delta + MLflow")
+    sub = p.add_subparsers(dest="command", required=True)
+    ing = sub.add_parser("ingest", parents=[scoped], help="source -> bronze Delta (idempotent per batch)")
+    ing.add_argument("--source", default=None, help="override the dataset's source path")
+    sub.add_parser("validate", parents=[scoped], help="bronze -> silver + quarantine (Great Expectations)")
+    sub.add_parser("train", parents=[scoped], help="train one model per tenant, track and register them")
+    sub.add_parser("score", parents=[scoped], help="score every eligible tenant with its champion")
+    pipe = sub.add_parser("pipeline", parents=[scoped], help="ingest -> validate -> train -> score")
+    pipe.add_argument("--source", default=None, help="override the dataset's source path")
+    demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
+    demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")
+    demo.add_argument("--largest", type=int, default=20_000, help="rows of the largest tenant")
+    demo.add_argument("--smallest", type=int, default=20, help="rows of the smallest tenant")
+    demo.add_argument("--generate-only", action="store_true", help="write the source files, run nothing")
+    sub.add_parser("tenants", parents=[common], help="list registered tenants")
+    models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
+    models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
+    sub.add_parser("runs", parents=[common], help="show the run_log of the latest run (or --run-id)")
+    return p
+
+
+def _context(args: argparse.Namespace, progress: RichProgress) -> JobContext:
+    from tenantml.context import JobContext
+    from tenantml.pipeline.result import validate_run_id
+
+    run_id = validate_run_id(args.run_id) if args.run_id else None
+    return JobContext.create(conf_dir=args.conf_dir, env=args.env, data_dir=args.data_dir, run_id=run_id,
+                             progress=progress)
+
+
+def _tenants(args: argparse.Namespace) -> list[str] | None:
+    raw = getattr(args, "tenants", None)
+    if not raw:
+        return None
+    from tenantml.tenancy import validate_tenant_ids
+
+    return validate_tenant_ids([t.strip() for t in raw.split(",") if t.strip()], where="--tenants")
+
+
+def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    worst = max((r.exit_code for r in results), default=EXIT_OK)
+    if as_json:
+        payload = {"status": ("ok", "failed", "usage", "partial")[worst] if worst < 4 else "failed",
+                   "exit_code": worst, "steps": [r.to_dict() for r in results]}
+        print(json.dumps(payload, indent=2, default=str))
+        return worst
+    console = Console()
+    table = Table(title="tenantml summary", show_lines=False)
+    for col in ("step", "status", "tenants ok/skip/block/fail", "rows in", "rows out", "quarantined",
+                "seconds", "detail"):
+        table.add_column(col)
+    for r in results:
+        d = r.to_dict()
+        detail = {k: d[k] for k in ("batch_id", "models_trained", "rows_scored", "mlflow_run_id") if d.get(k)}
+        table.add_row(r.step, r.status, f"{d['tenants_ok']}/{d['tenants_skipped']}/{d['tenants_blocked']}/"
+                      f"{d['tenants_failed']}", str(d["rows_in"]), str(d["rows_out"]),
+                      str(d["rows_quarantined"]), f"{r.seconds:.1f}",
+                      ", ".join(f"{k}={v}" for k, v in detail.items()))
+    console.print(table)
+    for r in results:
+        for t in r.tenants:
+            if t.status in ("failed", "blocked"):
+                console.print(f"[yellow]{r.step}[/] tenant {t.tenant_id}: {t.status}: {t.error}")
+    if results:
+        console.print(f"run id: {results[0].run_id}; tables: "
+                      f"{', '.join(sorted({w for r in results for w in r.tables_written}))}")
+    return worst
+
+
+def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    import pandas as pd
+
+    from tenantml.io import read_table, table_exists
+
+    if args.command == "tenants":
+        from tenantml.tenants import tenants_frame
+
+        df = tenants_frame(ctx.spark, ctx.tables.tenants)
+    elif args.command == "models":
+        from tenantml.registry.tracking import champion_versions
+
+        name, _ = ctx.config.dataset(args.dataset)
+        if not table_exists(ctx.spark, ctx.tables.model_store):
+            df = pd.DataFrame()
+        else:
+            store = read_table(ctx.spark, ctx.tables.model_store).where(f"dataset = '{name}'").drop("model").toPandas()
+            wanted = _tenants(args)
+            if wanted:
+                store = store[store["tenant_id"].isin(wanted)]
+            champs = champion_versions(ctx, name, sorted(store["tenant_id"].unique()))
+            store["champion"] = [champs.get(t) is not None and str(champs[t].version) == v
+                                 for t, v in zip(store["tenant_id"], store["model_version"], strict=True)]
+            if not args.all_versions:
+                store = store[store["champion"]]
+            df = store[["tenant_id", "model_name", "model_version", "strategy", "metric_name", "metric",
+                        "baseline_metric", "train_rows", "delta_version", "champion", "created_at"]]
+            df = df.sort_values(["tenant_id", "model_version"])
+    else:  # runs
+        if not table_exists(ctx.spark, ctx.tables.run_log):
+            df = pd.DataFrame()
+        else:
+            log_df = read_table(ctx.spark, ctx.tables.run_log).toPandas()
+            run_id = args.run_id or (log_df["run_id"].max() if len(log_df) else None)
+            df = log_df[log_df["run_id"] == run_id].drop(columns=["detail"]).sort_values(["step", "tenant_id"])
+    if args.json:
+        print(df.to_json(orient="records", date_format="iso", indent=2))
+        return EXIT_OK
+    console = Console()
+    table = Table(title=f"{args.command} ({len(df)})")
+    for c in df.columns:
+        table.add_column(str(c))
+    for row in df.itertuples(index=False):
+        table.add_row(*[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
+    console.print(table)
+    return EXIT_OK
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("TENANTML_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    progress = RichProgress(enabled=not args.quiet)
+    try:
+        ctx = _context(args, progress)
+        if args.command in ("tenants", "models", "runs"):
+            return _table_command(args, ctx)
+        from tenantml.pipeline import run_pipeline, run_step
+
+        if args.command == "demo":
+            from tenantml.demo import DemoSpec, write_demo_source
+
+            name, spec = ctx.config.dataset("demo")
+            target = Path((spec.source.path or "").replace("${data_dir}", str(ctx.data_dir)))
+            write_demo_source(target, DemoSpec(tenants=args.tenants_count, largest=args.largest,
+                                               smallest=args.smallest))
+            progress.phase(f"demo data written to {target}")
+            if args.generate_only:
+                return EXIT_OK
+            results = run_pipeline(ctx, dataset=name)
+        elif args.command == "pipeline":
+            results = []
+            tenants = _tenants(args)
+            results.append(run_step(ctx, "ingest", dataset=args.dataset, tenants=tenants, source_path=args.source))
+            results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=("validate", "train", "score"))
+        else:
+            kwargs: dict[str, Any] = {"source_path": args.source} if args.command == "ingest" else {}
+            results = [run_step(ctx, args.command, dataset=args.dataset, tenants=_tenants(args), **kwargs)]
+        return _print_results(results, args.json)
+    except TenantMLError as exc:
+        _error(str(exc), args.json, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted", args.json, EXIT_FAILURE)
+        return EXIT_FAILURE
+
+
+def _error(message: str, as_json: bool, code: int) -> None:
+    if as_json:
+        print(json.dumps({"status": "error", "exit_code": code, "error": message}))
+    print(f"tenantml: error: {message}", file=sys.stderr)
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Typed, layered configuration: conf/base, then conf/<env> on top; unknown or missing keys are errors.
+
+Each YAML file is merged key by key (mappings merge, everything else replaces). The file that set
+each key is remembered so a validation error can name the file *and* the key at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tenantml.errors import ConfigError
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_column(name: str) -> str:
+    if not _COLUMN_RE.fullmatch(name):
+        raise ValueError(f"column name {name!r} is not allowed (letters, digits, '_', ' ', '.', '-')")
+    return name
+
+
+class SourceSpec(_Strict):
+    """Where a dataset's raw rows come from: files (csv, parquet, json) or an existing table."""
+
+    path: str | None = None
+    table: str | None = None
+    format: Literal["csv", "parquet", "json", "delta", "table"] = "csv"
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSpec:
+        if (self.path is None) == (self.table is None):
+            raise ValueError("give exactly one of 'path' or 'table'")
+        if self.table is not None and self.format not in ("table", "delta"):
+            raise ValueError("a 'table' source needs format 'table' or 'delta'")
+        return self
+
+
+class RangeRule(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class ValidationRules(_Strict):
+    """Row rules; they compile into a Great Expectations suite (see tenantml.validation)."""
+
+    not_null: list[str] = Field(default_factory=list)
+    ranges: dict[str, RangeRule] = Field(default_factory=dict)
+    allowed_values: dict[str, list[str]] = Field(default_factory=dict)
+    unique_key: bool = True
+    max_rejected_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class DatasetSpec(_Strict):
+    """A user's dataset: where it is, who owns each row, what to predict from what."""
+
+    source: SourceSpec
+    tenant_column: str
+    entity_key: str
+    label: str
+    task: Literal["binary", "regression"]
+    positive_label: str | None = None
+    numeric_features: list[str] = Field(default_factory=list)
+    categorical_features: list[str] = Field(default_factory=list)
+    pii_columns: list[str] = Field(default_factory=list)
+    event_time: str | None = None
+    rules: ValidationRules = Field(default_factory=ValidationRules)
+
+    @field_validator("tenant_column", "entity_key", "label", "event_time")
+    @classmethod
+    def _col(cls, v: str | None) -> str | None:
+        return None if v is None else _check_column(v)
+
+    @field_validator("numeric_features", "categorical_features", "pii_columns")
+    @classmethod
+    def _cols(cls, v: list[str]) -> list[str]:
+        return [_check_column(c) for c in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if not self.numeric_features and not self.categorical_features:
+            raise ValueError("declare at least one of numeric_features / categorical_features")
+        feats = self.numeric_features + self.categorical_features
+        dup = sorted({c for c in feats if feats.count(c) > 1})
+        if dup:
+            raise ValueError(f"columns declared twice as features: {dup}")
+        for special in (self.tenant_column, self.entity_key, self.label):
+            if special in feats:
+                raise ValueError(f"column {special!r} cannot be both a feature and tenant/key/label")
+        leaked = sorted(set(self.pii_columns) & set(feats))
+        if leaked:
+            raise ValueError(f"PII columns {leaked} cannot be model features")
+        if self.task == "regression" and self.positive_label is not None:
+            raise ValueError("positive_label only applies to task 'binary'")
+        return self
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric_features, *self.categorical_features]
+
+    @property
+    def declared_columns(self) -> list[str]:
+        """Every source column the platform reads; order is stable and duplicates removed."""
+        cols = [self.tenant_column, self.entity_key, self.label, *self.feature_columns,
+                *self.pii_columns]
+        if self.event_time:
+            cols.append(self.event_time)
+        return list(dict.fromkeys(cols))
+
+
+class ProjectConfig(_Strict):
+    name: str = "tenantml"
+    data_dir: str = ".data"
+    default_dataset: str = "demo"
+
+
+class SparkConfig(_Strict):
+    master: str = "local[2]"
+    app_name: str = "tenantml"
+    shuffle_partitions: int = Field(default=4, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class TablesConfig(_Strict):
+    """Local path-based Delta by default; a catalog + schema make names `catalog.schema.table`."""
+
+    catalog: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    location: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "tenantml"
+    model_name_prefix: str = ""
+    champion_alias: str = "champion"
+
+
+class TenantsConfig(_Strict):
+    auto_register: bool = True
+    default_strategy: Literal["auto", "tenant", "shared", "tuned"] = "auto"
+    default_consent_share_data: bool = False
+    default_consent_shared_inference: bool = True
+
+
+class ValidationConfig(_Strict):
+    max_rejected_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+class TrainingConfig(_Strict):
+    min_rows: int = Field(default=200, ge=2)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
+    max_epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-5, ge=0.0)
+    hidden_units: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_embedding_dim: int = Field(default=8, ge=1)
+    seed: int = 7
+    torch_threads: int = Field(default=1, ge=1)
+    parallelism: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class ScoringConfig(_Strict):
+    arrow_batch_size: int = Field(default=10_000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallelism: int | None = Field(default=None, ge=1)
+
+
+class Config(_Strict):
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    tables: TablesConfig = Field(default_factory=TablesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, v: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name in v:
+            if not _NAME_RE.fullmatch(name):
+                raise ValueError(f"dataset name {name!r} must match {_NAME_RE.pattern}")
+        return v
+
+    def dataset(self, name: str | None = None) -> tuple[str, DatasetSpec]:
+        name = name or self.project.default_dataset
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise ConfigError(f"unknown dataset {name!r} (datasets in config: {known})")
+        return name, self.datasets[name]
+
+    def config_hash(self) -> str:
+        """Stable hash recorded with every model so a prediction can be traced to its config."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any], origin: dict[tuple[str, ...], str],
+           source: str, prefix: tuple[str, ...] = ()) -> None:
+    for key, value in top.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, source, path)
+        else:
+            base[key] = _deepcopy(value)
+            _mark(value, origin, source, path)
+
+
+def _mark(value: Any, origin: dict[tuple[str, ...], str], source: str, path: tuple[str, ...]) -> None:
+    origin[path] = source
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _mark(v, origin, source, (*path, str(k)))
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def _config_files(conf_dir: Path, env: str) -> list[Path]:
+    files: list[Path] = []
+    for layer in ("base", env):
+        layer_dir = conf_dir / layer
+        if layer == env and layer != "base" and not layer_dir.is_dir():
+            raise ConfigError(f"config environment {env!r} has no folder {layer_dir}")
+        if layer_dir.is_dir():
+            files.extend(sorted(p for p in layer_dir.rglob("*") if p.suffix in (".yml", ".yaml")))
+        if layer == env:
+            break
+    return files
+
+
+def _origin_of(loc: tuple[str | int, ...], origin: dict[tuple[str, ...], str]) -> str:
+    keys = tuple(str(p) for p in loc)
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in origin:
+            return origin[keys[:n]]
+    return "defaults"
+
+
+def load_config(conf_dir: str | Path = "conf", env: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load conf/base then conf/<env> (env from the argument, TENANTML_ENV, or 'local')."""
+    conf_path = Path(conf_dir)
+    env = env or os.environ.get("TENANTML_ENV", "local")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", env):
+        raise ConfigError(f"invalid config environment name {env!r}")
+    if not conf_path.is_dir():
+        raise ConfigError(f"config folder {conf_path} does not exist")
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for path in _config_files(conf_path, env):
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(content, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _merge(merged, content, origin, str(path))
+    if overrides:
+        _merge(merged, overrides, origin, "command-line overrides")
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            where = _origin_of(loc, origin)
+            if err["type"] == "missing":
+                where = _origin_of(loc[:-1], origin)
+                lines.append(f"{where}: missing key '{key}'")
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"{where}: unknown key '{key}'")
+            else:
+                lines.append(f"{where}: key '{key}': {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None

@@ -1,0 +1,137 @@
+"""JobContext: what every step needs (config, spark, tables, tracking), built lazily and replaceable.
+
+Tests and notebooks hand in their own SparkSession; jobs build one from config. Nothing is started
+at import time or before a step first asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tenantml.config import Config, load_config
+from tenantml.progress import NullProgress, Progress
+from tenantml.tables import Tables
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    """Sortable and unique: a timestamp for humans plus randomness for concurrent runs."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """Recorded with every model; 'unknown' outside a git checkout (e.g. an installed wheel)."""
+    env_commit = os.environ.get("TENANTML_GIT_COMMIT")
+    if env_commit:
+        return env_commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class JobContext:
+    config: Config
+    data_dir: Path
+    run_id: str = field(default_factory=new_run_id)
+    progress: Progress = field(default_factory=NullProgress)
+    spark_session: SparkSession | None = None
+
+    @classmethod
+    def create(cls, conf_dir: str | Path = "conf", env: str | None = None, data_dir: str | Path | None = None,
+               spark: SparkSession | None = None, run_id: str | None = None,
+               progress: Progress | None = None) -> JobContext:
+        config = load_config(conf_dir, env)
+        root = Path(data_dir or os.environ.get("TENANTML_DATA_DIR") or config.project.data_dir)
+        ctx = cls(config=config, data_dir=root.resolve(), spark_session=spark)
+        if run_id:
+            ctx.run_id = run_id
+        if progress is not None:
+            ctx.progress = progress
+        return ctx
+
+    @cached_property
+    def spark(self) -> SparkSession:
+        if self.spark_session is not None:
+            return self.spark_session
+        from tenantml.sparksession import get_or_build_spark
+
+        sc = self.config.spark
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return get_or_build_spark(master=sc.master, app_name=sc.app_name,
+                                  shuffle_partitions=sc.shuffle_partitions,
+                                  arrow_batch_size=self.config.scoring.arrow_batch_size,
+                                  warehouse_dir=str(self.data_dir / "spark-warehouse"),
+                                  extra_conf=sc.conf)
+
+    @cached_property
+    def tables(self) -> Tables:
+        return Tables(self.config.tables, self.data_dir / "warehouse")
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.config.tracking.tracking_uri
+        if uri:
+            return uri
+        db = self.data_dir / "mlflow" / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.config.tracking.registry_uri or self.tracking_uri
+
+    @property
+    def artifact_location(self) -> str:
+        loc = self.config.tracking.artifact_location
+        if loc:
+            return loc
+        path = self.data_dir / "mlflow" / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path.as_uri()
+
+    @cached_property
+    def mlflow(self) -> MlflowClient:
+        """A client bound to this context's store; the global mlflow URIs are set to match."""
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri)
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+
+    def experiment_id(self) -> str:
+        client = self.mlflow
+        name = self.config.tracking.experiment
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return str(exp.experiment_id)
+        try:
+            return str(client.create_experiment(name, artifact_location=self.artifact_location))
+        except Exception:  # created concurrently by another run
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    def source_dir(self) -> Path:
+        return self.data_dir / "sources"
+
+
+__all__ = ["JobContext", "git_commit", "load_config", "new_run_id"]

@@ -1,0 +1,53 @@
+"""One exception hierarchy; every message names the tenant, table, column or config key at fault."""
+
+from __future__ import annotations
+
+# Exit codes shared by the CLI, jobs and workflow tasks.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+class TenantMLError(Exception):
+    """Base class: the CLI prints the message as one line and exits with ``exit_code``."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(TenantMLError):
+    """A config file or key is missing, unknown or invalid."""
+
+    exit_code = EXIT_USAGE
+
+
+class InvalidTenantIdError(TenantMLError):
+    """A tenant id would be unsafe in a path, a predicate or a model name."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnknownTenantError(TenantMLError):
+    """A tenant was asked for that the dataset or the tenants table does not hold."""
+
+    exit_code = EXIT_USAGE
+
+
+class SourceError(TenantMLError):
+    """The source files or table are missing, unreadable, or lack declared columns."""
+
+
+class TableNotFoundError(TenantMLError):
+    """A step needs a table that an earlier step has not written yet."""
+
+
+class ModelNotFoundError(TenantMLError):
+    """A tenant has no registered champion to score with."""
+
+
+class EntitlementError(TenantMLError):
+    """A tenant's rows would be scored by a model it is not entitled to."""
+
+
+class TrainingError(TenantMLError):
+    """Training could not run at all (as opposed to one tenant failing)."""

@@ -1,0 +1,55 @@
+"""Which tenants a step may touch: requested, present, active, and not blocked by data quality."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tenantml.errors import UnknownTenantError
+from tenantml.io import read_table, table_exists
+from tenantml.tenancy import validate_tenant_ids
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from tenantml.context import JobContext
+
+
+@dataclass
+class Eligibility:
+    rows: dict[str, int]
+    eligible: list[str]
+    excluded: dict[str, tuple[str, str]] = field(default_factory=dict)  # tenant -> (status, reason)
+
+
+def eligible_tenants(ctx: JobContext, dataset: str, silver: DataFrame,
+                     tenants: Sequence[str] | None) -> Eligibility:
+    """Row counts per tenant in silver, minus the tenants this run must leave out (with why)."""
+    from pyspark.sql import functions as F
+
+    scoped = silver
+    if tenants:
+        ids = validate_tenant_ids(tenants, where="--tenants")
+        scoped = silver.where(F.col("tenant_id").isin(ids))
+    rows = {r["tenant_id"]: int(r["n"]) for r in
+            scoped.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
+    excluded: dict[str, tuple[str, str]] = {}
+    quality_ref = ctx.tables.quality(dataset)
+    blocked: dict[str, float] = {}
+    if table_exists(ctx.spark, quality_ref):
+        blocked = {r["tenant_id"]: float(r["rejected_fraction"]) for r in
+                   read_table(ctx.spark, quality_ref).where("blocked").collect()}
+    if tenants:
+        missing = sorted(set(tenants) - set(rows) - set(blocked))
+        if missing:
+            raise UnknownTenantError(f"dataset {dataset!r} has no validated rows for tenant(s) {missing}")
+    for t, share in blocked.items():
+        if not tenants or t in tenants:
+            excluded[t] = ("blocked", f"tenant {t!r} blocked by validation: {share:.1%} of rows rejected")
+    if table_exists(ctx.spark, ctx.tables.tenants):
+        for r in read_table(ctx.spark, ctx.tables.tenants).where("status != 'active'").collect():
+            if r["tenant_id"] in rows:
+                excluded[r["tenant_id"]] = ("skipped", f"tenant {r['tenant_id']!r} has status {r['status']!r}")
+    eligible = sorted(t for t in rows if t not in excluded)
+    return Eligibility(rows=rows, eligible=eligible, excluded=excluded)

@@ -1,0 +1,68 @@
+"""Run steps with their bookkeeping: every step's outcomes land in `run_log`, failures included."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from tenantml.errors import TenantMLError
+from tenantml.pipeline.result import StepResult, TenantOutcome, write_run_log
+
+if TYPE_CHECKING:
+    from tenantml.context import JobContext
+
+log = logging.getLogger(__name__)
+Step = Callable[..., StepResult]
+
+
+def _steps() -> dict[str, Step]:
+    from tenantml.pipeline.ingest import ingest
+    from tenantml.pipeline.score import score
+    from tenantml.pipeline.train import train
+    from tenantml.pipeline.validate import validate
+
+    return {"ingest": ingest, "validate": validate, "train": train, "score": score}
+
+
+STEPS = ("ingest", "validate", "train", "score")
+
+
+def run_step(ctx: JobContext, step: str, dataset: str | None = None,
+             tenants: Sequence[str] | None = None, **kwargs: object) -> StepResult:
+    """Run one step and record it; a step that raises is logged as failed, then re-raised."""
+    fn = _steps()[step]
+    name, _ = ctx.config.dataset(dataset)
+    started = time.perf_counter()
+    try:
+        result = fn(ctx, dataset=name, tenants=tenants, **kwargs)
+    except TenantMLError as exc:
+        _record_failure(ctx, step, name, str(exc), started)
+        raise
+    except Exception as exc:
+        _record_failure(ctx, step, name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
+                        started)
+        raise
+    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    return result
+
+
+def _record_failure(ctx: JobContext, step: str, dataset: str, error: str, started: float) -> None:
+    try:
+        write_run_log(ctx.spark, ctx.tables.run_log, StepResult(
+            step=step, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
+            tenants=[TenantOutcome(tenant_id=None, status="failed", error=error[:4000],
+                                   seconds=time.perf_counter() - started)]))
+    except Exception:  # the original error matters more than the log write
+        log.exception("could not record the failure of step %s in run_log", step)
+
+
+def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None,
+                 steps: Sequence[str] = STEPS) -> list[StepResult]:
+    """ingest -> validate -> train -> score under one run id; tenants failing a step don't stop others."""
+    results = []
+    for step in steps:
+        results.append(run_step(ctx, step, dataset=dataset, tenants=tenants))
+    return results

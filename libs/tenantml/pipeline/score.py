@@ -1,0 +1,90 @@
+"""Score: every eligible tenant with its own champion, in one distributed job, atomically per run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tenantml.io import read_table, replace_tenants, table_version
+from tenantml.pipeline.eligibility import eligible_tenants
+from tenantml.pipeline.result import StepResult, TenantOutcome
+from tenantml.registry.store import load_models
+from tenantml.registry.tracking import champion_versions
+from tenantml.scoring.batch import ServingModel, score_frame
+
+if TYPE_CHECKING:
+    from tenantml.context import JobContext
+
+
+def entitled(tenant_id: str, version_tags: dict[str, str]) -> str | None:
+    """None when the tenant may be served by this version, else why not.
+
+    A tenant-specific model serves only the tenant it was trained for, whatever the registry's
+    alias says: an alias pointed at another tenant's version is refused here.
+    """
+    owner = version_tags.get("tenant_id")
+    strategy = version_tags.get("strategy", "tenant")
+    if strategy == "tenant" and owner != tenant_id:
+        return f"champion of tenant {tenant_id!r} was trained for tenant {owner!r}: refused"
+    return None
+
+
+def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None) -> StepResult:
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    name, spec = ctx.config.dataset(dataset)
+    spark = ctx.spark
+    silver_ref = ctx.tables.silver(name)
+    version = table_version(spark, silver_ref)
+    silver = read_table(spark, silver_ref, version=version)
+    elig = eligible_tenants(ctx, name, silver, tenants)
+    outcomes = [TenantOutcome(tenant_id=t, status=st, rows_in=elig.rows.get(t, 0), error=why if st == "blocked" else None,
+                              detail={"reason": why}) for t, (st, why) in sorted(elig.excluded.items())]
+    ctx.progress.phase(f"score {name}: looking up champions for {len(elig.eligible)} tenants")
+    champions = champion_versions(ctx, name, elig.eligible)
+    wanted: dict[str, tuple[str, str]] = {}
+    for t in elig.eligible:
+        mv = champions.get(t)
+        if mv is None:
+            outcomes.append(TenantOutcome(tenant_id=t, status="skipped", rows_in=elig.rows[t],
+                                          detail={"reason": "no champion model registered"}))
+            continue
+        refusal = entitled(t, dict(mv.tags))
+        if refusal:
+            outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t], error=refusal))
+            continue
+        wanted[t] = (mv.name, str(mv.version))
+    stored = load_models(spark, ctx.tables.model_store, wanted)
+    models: dict[str, ServingModel] = {}
+    for r in stored.itertuples(index=False):
+        models[r.tenant_id] = ServingModel(r.tenant_id, r.model_name, r.model_version, r.strategy,
+                                           r.mlflow_run_id, bytes(r.model))
+    for t in sorted(set(wanted) - set(models)):
+        outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t],
+                                      error=f"champion {wanted[t][0]} v{wanted[t][1]} is missing from "
+                                            f"{ctx.tables.model_store.display}"))
+    pred_ref = ctx.tables.predictions(name)
+    scored_counts: dict[str, int] = {}
+    if models:
+        ctx.progress.phase(f"score {name}: scoring {sum(elig.rows[t] for t in models)} rows "
+                           f"of {len(models)} tenants")
+        parts = ctx.config.scoring.parallelism or spark.sparkContext.defaultParallelism
+        preds = score_frame(spark, silver, models, key=spec.entity_key, task=spec.task, run_id=ctx.run_id,
+                            device=ctx.config.scoring.device, partitions=parts)
+        preds = preds.withColumn("scored_at", F.current_timestamp())
+        replace_tenants(preds, pred_ref, list(models))
+        written = read_table(spark, pred_ref).where(F.col("tenant_id").isin(list(models)))
+        scored_counts = {r["tenant_id"]: int(r["n"]) for r in
+                         written.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
+    for t, m in sorted(models.items()):
+        n = scored_counts.get(t, 0)
+        outcomes.append(TenantOutcome(tenant_id=t, status="ok", rows_in=elig.rows[t], rows_out=n,
+                                      detail={"model": f"{m.model_name}/{m.model_version}",
+                                              "strategy": m.strategy}))
+    outcomes.sort(key=lambda o: o.tenant_id or "")
+    return StepResult(step="score", dataset=name, run_id=ctx.run_id, tenants=outcomes,
+                      tables_written=[pred_ref.display] if models else [],
+                      seconds=time.perf_counter() - started,
+                      summary={"rows_scored": sum(scored_counts.values()), "silver_version": version})

@@ -1,0 +1,1 @@
+"""Model store (Delta) + MLflow tracking and registry; champions are MLflow aliases."""

@@ -1,0 +1,55 @@
+"""The `model_store` Delta table: every registered model's bytes and lineage, one row per version.
+
+Scoring reads model bytes here in one query instead of downloading thousands of MLflow
+artifacts; MLflow stays the source of truth for which version is champion.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from tenantml.io import read_table, replace_where, table_exists
+from tenantml.pipeline.result import validate_run_id
+from tenantml.tables import TableRef
+from tenantml.tenancy import validate_tenant_ids
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import SparkSession
+
+STORE_SCHEMA = (
+    "dataset string, tenant_id string, strategy string, model_name string, model_version string, "
+    "mlflow_run_id string, run_id string, metric_name string, metric double, baseline_metric double, "
+    "metrics_json string, train_rows long, delta_version long, git_commit string, config_hash string, "
+    "model binary, created_at timestamp"
+)
+
+
+def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]], dataset: str,
+                 run_id: str) -> None:
+    """Idempotent per (run, dataset): a rerun of the same run replaces its rows."""
+    validate_run_id(run_id)
+    if not rows:
+        return
+    now = datetime.now(UTC).replace(tzinfo=None)
+    cols = [c.split()[0] for c in STORE_SCHEMA.split(", ")]
+    data = [tuple({**r, "created_at": now}[c] for c in cols) for r in rows]
+    df = spark.createDataFrame(data, STORE_SCHEMA)
+    replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}'", partition_by=("tenant_id",))
+
+
+def load_models(spark: SparkSession, ref: TableRef, wanted: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """Rows for exactly the (model_name, version) of each tenant in ``wanted``."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    if not wanted or not table_exists(spark, ref):
+        return pd.DataFrame(columns=[c.split()[0] for c in STORE_SCHEMA.split(", ")])
+    tenants = validate_tenant_ids(wanted, where="the model store")
+    keys = spark.createDataFrame([(t, n, v) for t, (n, v) in wanted.items()],
+                                 "tenant_id string, model_name string, model_version string")
+    df = (read_table(spark, ref).where(F.col("tenant_id").isin(tenants))
+          .join(F.broadcast(keys), on=["tenant_id", "model_name", "model_version"], how="inner")
+          .dropDuplicates(["tenant_id", "model_name", "model_version"]))
+    return df.toPandas()

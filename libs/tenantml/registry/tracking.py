@@ -1,0 +1,176 @@
+"""Track a whole training job as one MLflow run and register every tenant's model cheaply.
+
+Per-model cost is what matters with thousands of tenants: metrics and tags go in `log_batch`
+chunks, every model directory is staged locally and uploaded with one `log_artifacts`, and each
+registration is three small registry calls (≈15 ms on SQLite, see bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenantml.tenancy import validate_tenant_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from tenantml.context import JobContext
+
+log = logging.getLogger(__name__)
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
+
+
+def model_name(prefix: str, dataset: str, tenant_id: str) -> str:
+    """One registered model per (dataset, tenant): a champion lookup is one alias read."""
+    return f"{prefix}{dataset}__{validate_tenant_id(tenant_id)}"
+
+
+@dataclass
+class Registered:
+    tenant_id: str
+    name: str
+    version: str
+    source: str
+
+
+@dataclass
+class TrainingRun:
+    mlflow_run_id: str
+    artifact_uri: str
+    registered: dict[str, Registered] = field(default_factory=dict)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def log_batches(client: MlflowClient, run_id: str, metrics: Sequence[tuple[str, float]],
+                params: Sequence[tuple[str, str]], tags: Sequence[tuple[str, str]]) -> None:
+    """MLflow caps one batch at 1000 metrics / 100 params / 100 tags: send as few calls as allowed."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    for chunk in _chunks(list(params), _MAX_PARAMS):
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in chunk], synchronous=True)
+    for chunk in _chunks(list(tags), _MAX_TAGS):
+        client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in chunk], synchronous=True)
+    for chunk in _chunks(list(metrics), _MAX_METRICS):
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in chunk], synchronous=True)
+
+
+def existing_models(client: MlflowClient, prefix: str) -> set[str]:
+    names: set[str] = set()
+    token = None
+    while True:
+        page = client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000,
+                                               page_token=token)
+        names.update(m.name for m in page)
+        token = page.token
+        if not token:
+            return names
+
+
+def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
+                   params: dict[str, Any], lineage: dict[str, Any]) -> TrainingRun:
+    """One MLflow run for the job; every trained tenant's model logged, registered and aliased."""
+    import math
+
+    from mlflow.entities import RunStatus
+
+    from tenantml.registry.model_dir import write_model_dir
+
+    client = ctx.mlflow
+    spec = ctx.config.datasets[dataset]
+    prefix = ctx.config.tracking.model_name_prefix
+    alias = ctx.config.tracking.champion_alias
+    run = client.create_run(ctx.experiment_id(), run_name=f"train-{dataset}-{strategy}-{ctx.run_id}",
+                            tags={"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset,
+                                  "tenantml.step": "train", "tenantml.strategy": strategy})
+    rid = run.info.run_id
+    out = TrainingRun(mlflow_run_id=rid, artifact_uri=run.info.artifact_uri)
+    try:
+        metrics: list[tuple[str, float]] = []
+        tags: list[tuple[str, str]] = []
+        for r in results.itertuples(index=False):
+            tid = validate_tenant_id(r.tenant_id)
+            tags.append((f"tenant.{tid}", str(r.status)))
+            if r.status != "ok":
+                continue
+            for k, v in json.loads(r.metrics_json).items():
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    metrics.append((f"{tid}.{k}", float(v)))
+            metrics += [(f"{tid}.rows", float(r.rows)), (f"{tid}.epochs", float(r.epochs)),
+                        (f"{tid}.seconds", float(r.seconds))]
+        ok = results[results["status"] == "ok"]
+        tags.append(("tenantml.tenants_trained", str(len(ok))))
+        flat = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in {**params, **lineage}.items()]
+        log_batches(client, rid, metrics, flat, tags)
+
+        with tempfile.TemporaryDirectory(prefix="tenantml-models-") as tmp:
+            stage = Path(tmp)
+            for r in ok.itertuples(index=False):
+                write_model_dir(stage / r.tenant_id, bytes(r.model), run_id=rid,
+                                artifact_path=f"models/{r.tenant_id}", numeric=spec.numeric_features,
+                                categorical=spec.categorical_features,
+                                metadata={"tenant_id": r.tenant_id, "dataset": dataset,
+                                          "strategy": strategy, "tenantml_run_id": ctx.run_id})
+            if len(ok):
+                ctx.progress.phase(f"logging {len(ok)} model artifacts")
+                client.log_artifacts(rid, str(stage), "models")
+
+        known = existing_models(client, f"{prefix}{dataset}__")
+        ctx.progress.start("registering models", len(ok))
+        for r in ok.itertuples(index=False):
+            name = model_name(prefix, dataset, r.tenant_id)
+            if name not in known:
+                try:
+                    client.create_registered_model(name, tags={"tenant_id": r.tenant_id, "dataset": dataset})
+                except Exception as exc:  # registered concurrently
+                    if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                        raise
+            source = f"{run.info.artifact_uri}/models/{r.tenant_id}"
+            mv = client.create_model_version(
+                name, source=source, run_id=rid,
+                tags={"tenant_id": r.tenant_id, "dataset": dataset, "strategy": strategy,
+                      "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
+                      "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
+                      **{k: str(v) for k, v in lineage.items()}})
+            client.set_registered_model_alias(name, alias, mv.version)
+            out.registered[r.tenant_id] = Registered(r.tenant_id, name, str(mv.version), source)
+            ctx.progress.advance()
+        ctx.progress.done()
+        client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException:
+        client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    return out
+
+
+def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:
+    """tenant -> ModelVersion of its champion; tenants without one are left out."""
+    client = ctx.mlflow
+    prefix = ctx.config.tracking.model_name_prefix
+    alias = ctx.config.tracking.champion_alias
+    known = existing_models(client, f"{prefix}{dataset}__")
+    found: dict[str, Any] = {}
+    for t in tenants:
+        name = model_name(prefix, dataset, t)
+        if name not in known:
+            continue
+        try:
+            found[t] = client.get_model_version_by_alias(name, alias)
+        except Exception as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                continue
+            raise
+    return found

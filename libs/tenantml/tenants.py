@@ -1,0 +1,83 @@
+"""The `tenants` table: registry of tenants, their strategy, consents and status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from tenantml.config import TenantsConfig
+from tenantml.io import read_table, table_exists
+from tenantml.io.delta import with_conflict_retries
+from tenantml.tables import TableRef
+from tenantml.tenancy import validate_tenant_ids
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import DataFrame, SparkSession
+
+TENANT_COLUMNS = ["tenant_id", "display_name", "strategy", "consent_share_data",
+                  "consent_shared_inference", "status", "created_at", "updated_at"]
+
+
+def _schema():  # type: ignore[no-untyped-def]
+    from pyspark.sql import types as T
+
+    return T.StructType([
+        T.StructField("tenant_id", T.StringType(), False),
+        T.StructField("display_name", T.StringType(), True),
+        T.StructField("strategy", T.StringType(), False),
+        T.StructField("consent_share_data", T.BooleanType(), False),
+        T.StructField("consent_shared_inference", T.BooleanType(), False),
+        T.StructField("status", T.StringType(), False),
+        T.StructField("created_at", T.TimestampType(), False),
+        T.StructField("updated_at", T.TimestampType(), False),
+    ])
+
+
+def register_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str],
+                     defaults: TenantsConfig) -> list[str]:
+    """Insert tenants not registered yet (existing rows are never changed); returns the new ids."""
+    from delta.tables import DeltaTable
+
+    ids = sorted(set(validate_tenant_ids(tenant_ids, where="the tenants table")))
+    if not ids:
+        return []
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [(t, t, defaults.default_strategy, defaults.default_consent_share_data,
+             defaults.default_consent_shared_inference, "active", now, now) for t in ids]
+    incoming = spark.createDataFrame(rows, _schema())
+    existing = set(list_tenant_ids(spark, ref)) if table_exists(spark, ref) else set()
+    new = [t for t in ids if t not in existing]
+    if not new:
+        return []
+
+    def write() -> None:
+        if not table_exists(spark, ref):
+            w = incoming.write.format("delta").mode("append")
+            w.saveAsTable(ref.fqn) if ref.fqn else w.save(ref.path)
+            return
+        dt = DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, ref.path)
+        (dt.alias("t").merge(incoming.alias("s"), "t.tenant_id = s.tenant_id")
+         .whenNotMatchedInsertAll().execute())
+
+    with_conflict_retries(write, what=ref.display)
+    return new
+
+
+def read_tenants(spark: SparkSession, ref: TableRef) -> DataFrame:
+    return read_table(spark, ref)
+
+
+def list_tenant_ids(spark: SparkSession, ref: TableRef) -> list[str]:
+    if not table_exists(spark, ref):
+        return []
+    return sorted(r[0] for r in read_table(spark, ref).select("tenant_id").collect())
+
+
+def tenants_frame(spark: SparkSession, ref: TableRef) -> pd.DataFrame:
+    import pandas as pd
+
+    if not table_exists(spark, ref):
+        return pd.DataFrame(columns=TENANT_COLUMNS)
+    return read_table(spark, ref).toPandas().sort_values("tenant_id").reset_index(drop=True)

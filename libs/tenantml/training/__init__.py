@@ -1,0 +1,1 @@
+"""Per-tenant training fan-out across Spark tasks, and the plan that balances it."""

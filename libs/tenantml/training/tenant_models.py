@@ -1,0 +1,165 @@
+"""Tenant-specific models: one torch model per tenant, many tenants per Spark task.
+
+The worker side (`train_partition`) is plain pandas + torch so it can be tested and benchmarked
+without Spark; `train_tenant_models` wires it into `mapInPandas` over a packed partitioning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from tenantml.config import DatasetSpec, TrainingConfig
+from tenantml.training.plan import pack_tenants
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+BIN_COL = "_task_bin"
+
+RESULT_SCHEMA = (
+    "tenant_id string, status string, error string, rows long, train_rows long, test_rows long, "
+    "metric_name string, metric double, baseline_metric double, metrics_json string, epochs int, "
+    "best_epoch int, seconds double, n_parameters long, model binary"
+)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, shipped once per task in the closure."""
+
+    label: str
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    task: str
+    event_time: str | None
+    test_fraction: float
+    params: dict[str, Any]
+    torch_threads: int
+
+    @classmethod
+    def from_config(cls, spec: DatasetSpec, cfg: TrainingConfig) -> TrainJob:
+        params = {
+            "hidden_units": tuple(cfg.hidden_units), "dropout": cfg.dropout,
+            "max_embedding_dim": cfg.max_embedding_dim, "learning_rate": cfg.learning_rate,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "max_epochs": cfg.max_epochs,
+            "patience": cfg.patience, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+            "device": cfg.device,
+        }
+        return cls(label=spec.label, numeric=tuple(spec.numeric_features),
+                   categorical=tuple(spec.categorical_features), task=spec.task,
+                   event_time=spec.event_time, test_fraction=cfg.test_fraction, params=params,
+                   torch_threads=cfg.torch_threads)
+
+
+def _short_error(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:1000]
+
+
+def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[str, Any]:
+    """Holdout split, fit with early stopping, evaluate against a constant baseline; never raises."""
+    from tenantml.models import (
+        FeatureSpec,
+        TrainParams,
+        baseline_predictions,
+        evaluate,
+        fit_tabular,
+        holdout_split,
+        primary_metric,
+        stable_seed,
+    )
+
+    started = time.perf_counter()
+    metric_name, _ = primary_metric(job.task)  # type: ignore[arg-type]
+    row: dict[str, Any] = {"tenant_id": tenant_id, "rows": len(pdf), "metric_name": metric_name}
+    try:
+        seed = stable_seed(tenant_id, int(job.params["seed"]))
+        train, test = holdout_split(pdf, job.test_fraction, seed, job.event_time)
+        spec = FeatureSpec(numeric=job.numeric, categorical=job.categorical, task=job.task)  # type: ignore[arg-type]
+        params = TrainParams(**{**job.params, "seed": seed})
+        fit = fit_tabular(train, job.label, spec, params)
+        y_test = test[job.label].to_numpy(dtype=np.float64)
+        pred = fit.model.predict(test)
+        base = baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test), job.task)  # type: ignore[arg-type]
+        metrics = evaluate(y_test, pred, job.task)  # type: ignore[arg-type]
+        base_metrics = evaluate(y_test, base, job.task)  # type: ignore[arg-type]
+        row.update(
+            status="ok", error=None, train_rows=len(train), test_rows=len(test),
+            metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
+            metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
+                                     "best_val_loss": fit.best_val_loss}),
+            epochs=fit.epochs_run, best_epoch=fit.best_epoch, n_parameters=fit.model.n_parameters,
+            model=fit.model.to_bytes(),
+        )
+    except Exception as exc:  # one tenant's failure is recorded, never propagated
+        row.update(status="failed", error=_short_error(exc), train_rows=0, test_rows=0, metric=None,
+                   baseline_metric=None, metrics_json=None, epochs=0, best_epoch=0, n_parameters=0,
+                   model=None)
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def train_partition(batches: Iterator[pd.DataFrame], job: TrainJob) -> Iterator[pd.DataFrame]:
+    """One Spark task: gather its tenants' rows, then train them one after another."""
+    import torch
+
+    torch.set_num_threads(job.torch_threads)
+    frames = [b for b in batches if len(b)]
+    if not frames:
+        return
+    data = pd.concat(frames, ignore_index=True)
+    out = [train_one_tenant(str(t), g.drop(columns=[BIN_COL], errors="ignore").reset_index(drop=True), job)
+           for t, g in data.groupby("tenant_id", sort=True)]
+    yield pd.DataFrame(out, columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
+
+
+def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
+    """For each partition p, a key that Spark's hash partitioning sends to p.
+
+    ``repartition(n, col)`` places a row by ``pmod(hash(col), n)``; packing bins onto these keys
+    turns the plan into exactly one task per bin instead of hoping hashes don't collide.
+    """
+    from pyspark.sql import functions as F
+
+    found: dict[int, int] = {}
+    rows = (spark.range(0, 64 * partitions)
+            .select("id", F.expr(f"pmod(hash(id), {int(partitions)})").alias("p")).collect())
+    for r in rows:
+        found.setdefault(int(r["p"]), int(r["id"]))
+    missing = [p for p in range(partitions) if p not in found]
+    if missing:
+        raise RuntimeError(f"no hash key found for partitions {missing}")
+    return [found[p] for p in range(partitions)]
+
+
+def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int],
+                        spec: DatasetSpec, cfg: TrainingConfig, parallelism: int | None = None) -> pd.DataFrame:
+    """Train every tenant in ``row_counts`` in parallel; returns one result row per tenant."""
+    from pyspark.sql import functions as F
+
+    if not row_counts:
+        return pd.DataFrame(columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
+    job = TrainJob.from_config(spec, cfg)
+    bins = max(1, min(parallelism or cfg.parallelism or spark.sparkContext.defaultParallelism,
+                      len(row_counts)))
+    plan = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
+    keys = partition_keys(spark, bins)
+    plan_df = spark.createDataFrame(sorted((t, keys[b]) for t, b in plan.items()),
+                                    f"tenant_id string, {BIN_COL} long")
+    cols: Sequence[str] = ["tenant_id", spec.label, *spec.numeric_features, *spec.categorical_features]
+    if spec.event_time:
+        cols = [*cols, spec.event_time]
+    data = (silver.select(*[F.col(f"`{c}`") for c in cols])
+            .join(F.broadcast(plan_df), on="tenant_id", how="inner")
+            .repartition(bins, BIN_COL))
+    result = data.mapInPandas(lambda it: train_partition(it, job), schema=RESULT_SCHEMA)
+    return result.toPandas()
