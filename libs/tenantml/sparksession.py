@@ -80,3 +80,10 @@ def get_or_build_spark(**kwargs: object) -> SparkSession:
             return active
         return SparkSession.builder.getOrCreate()
     return build_local_spark(**kwargs)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":  # `python -m tenantml.sparksession`: resolve the Delta jars once (setup)
+    session = build_local_spark(app_name="tenantml-setup")
+    session.range(1).write.format("noop").mode("overwrite").save()
+    print(f"Spark {session.version} with Delta Lake is ready", file=sys.stderr)
+    session.stop()

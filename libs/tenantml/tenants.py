@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.config import TenantsConfig
 from tenantml.io import read_table, table_exists
-from tenantml.io.delta import with_conflict_retries
+from tenantml.io.delta import delta_table, with_conflict_retries
 from tenantml.tables import TableRef
 from tenantml.tenancy import validate_tenant_ids
 
@@ -38,8 +38,6 @@ def _schema():  # type: ignore[no-untyped-def]
 def register_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str],
                      defaults: TenantsConfig) -> list[str]:
     """Insert tenants not registered yet (existing rows are never changed); returns the new ids."""
-    from delta.tables import DeltaTable
-
     ids = sorted(set(validate_tenant_ids(tenant_ids, where="the tenants table")))
     if not ids:
         return []
@@ -57,8 +55,7 @@ def register_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[st
             w = incoming.write.format("delta").mode("append")
             w.saveAsTable(ref.fqn) if ref.fqn else w.save(ref.path)
             return
-        dt = DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, ref.path)
-        (dt.alias("t").merge(incoming.alias("s"), "t.tenant_id = s.tenant_id")
+        (delta_table(spark, ref).alias("t").merge(incoming.alias("s"), "t.tenant_id = s.tenant_id")
          .whenNotMatchedInsertAll().execute())
 
     with_conflict_retries(write, what=ref.display)
@@ -80,4 +77,5 @@ def tenants_frame(spark: SparkSession, ref: TableRef) -> pd.DataFrame:
 
     if not table_exists(spark, ref):
         return pd.DataFrame(columns=TENANT_COLUMNS)
-    return read_table(spark, ref).toPandas().sort_values("tenant_id").reset_index(drop=True)
+    df: pd.DataFrame = read_table(spark, ref).toPandas()
+    return df.sort_values("tenant_id").reset_index(drop=True)

@@ -13,6 +13,7 @@ from tenantml.tables import TableRef
 from tenantml.tenancy import tenant_in_predicate
 
 if TYPE_CHECKING:
+    from delta.tables import DeltaTable
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,13 @@ def table_exists(spark: SparkSession, ref: TableRef) -> bool:
 
     if ref.fqn:
         return bool(spark.catalog.tableExists(ref.fqn))
-    return bool(DeltaTable.isDeltaTable(spark, ref.path))
+    return bool(DeltaTable.isDeltaTable(spark, str(ref.path)))
+
+
+def delta_table(spark: SparkSession, ref: TableRef) -> DeltaTable:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, str(ref.path))
 
 
 def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -> DataFrame:
@@ -65,10 +72,7 @@ def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -
 
 def table_version(spark: SparkSession, ref: TableRef) -> int:
     """The current Delta version: recorded with models so training data can be time-travelled to."""
-    from delta.tables import DeltaTable
-
-    dt = DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, ref.path)
-    row = dt.history(1).select("version").first()
+    row = delta_table(spark, ref).history(1).select("version").first()
     return int(row[0]) if row else 0
 
 

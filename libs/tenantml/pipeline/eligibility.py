@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.errors import UnknownTenantError
 from tenantml.io import read_table, table_exists
+from tenantml.pipeline.result import ExcludedStatus
 from tenantml.tenancy import validate_tenant_ids
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 class Eligibility:
     rows: dict[str, int]
     eligible: list[str]
-    excluded: dict[str, tuple[str, str]] = field(default_factory=dict)  # tenant -> (status, reason)
+    excluded: dict[str, tuple[ExcludedStatus, str]] = field(default_factory=dict)  # tenant -> (status, why)
 
 
 def eligible_tenants(ctx: JobContext, dataset: str, silver: DataFrame,
@@ -34,7 +35,7 @@ def eligible_tenants(ctx: JobContext, dataset: str, silver: DataFrame,
         scoped = silver.where(F.col("tenant_id").isin(ids))
     rows = {r["tenant_id"]: int(r["n"]) for r in
             scoped.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
-    excluded: dict[str, tuple[str, str]] = {}
+    excluded: dict[str, tuple[ExcludedStatus, str]] = {}
     quality_ref = ctx.tables.quality(dataset)
     blocked: dict[str, float] = {}
     if table_exists(ctx.spark, quality_ref):

@@ -28,10 +28,6 @@ RAW_TENANT = "_tenant_raw"
 BRONZE_META = ["_batch_id", "_ingested_at", "_source", "_row_number"]
 
 
-def _resolve(path: str, ctx: JobContext) -> str:
-    return path.replace("${data_dir}", str(ctx.data_dir))
-
-
 def _source_files(path: Path, fmt: str) -> list[Path]:
     if path.is_file():
         return [path]
@@ -60,7 +56,7 @@ def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: Datase
         df = spark.read.table(src.table) if src.format == "table" else spark.read.format("delta").load(src.table)
         batch = hashlib.sha256(f"{dataset}:{src.table}:{time.time_ns()}".encode()).hexdigest()[:24]
     else:
-        raw_path = _resolve(path_override or src.path or "", ctx)
+        raw_path = str(ctx.resolve_path(path_override or src.path or ""))
         path = Path(raw_path)
         if not path.exists():
             raise SourceError(f"dataset {dataset!r}: source path {raw_path} does not exist")

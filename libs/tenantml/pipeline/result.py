@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 TenantStatus = Literal["ok", "skipped", "blocked", "failed"]
+ExcludedStatus = Literal["skipped", "blocked"]
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

@@ -6,7 +6,7 @@ model the first time it meets that tenant and reuses it for every later batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ class ModelCache:
         return meta, self._loaded[tenant_id]
 
 
-def score_batches(batches: Iterator[pd.DataFrame], cache: ModelCache, key: str, task: str,
+def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, task: str,
                   run_id: str, threshold: float = 0.5) -> Iterator[pd.DataFrame]:
     for batch in batches:
         for tenant_id, rows in batch.groupby("tenant_id", sort=False):
@@ -78,7 +78,7 @@ def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingM
 
     bmodels = spark.sparkContext.broadcast(models)
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def run(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
 
         from tenantml.models import resolve_device
@@ -86,6 +86,8 @@ def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingM
         torch.set_num_threads(1)
         cache = ModelCache(bmodels.value, resolve_device(device))
         yield from score_batches(batches, cache, key, task, run_id)
+
+
 
     scoped = data.where(F.col("tenant_id").isin(list(models))).repartition(partitions, "tenant_id")
     return scoped.mapInPandas(run, schema=PREDICTION_SCHEMA)

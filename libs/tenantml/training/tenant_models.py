@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +108,7 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
     return row
 
 
-def train_partition(batches: Iterator[pd.DataFrame], job: TrainJob) -> Iterator[pd.DataFrame]:
+def train_partition(batches: Iterable[pd.DataFrame], job: TrainJob) -> Iterator[pd.DataFrame]:
     """One Spark task: gather its tenants' rows, then train them one after another."""
     import torch
 

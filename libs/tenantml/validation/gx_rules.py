@@ -59,8 +59,9 @@ GX pitfalls handled here
   unpersisted here instead: GX runs a Spark job per metric (one aggregate job bundles the counts,
   then collect jobs per expectation for values and index lists, window jobs for uniqueness).
 * Passing ``force_reuse_spark_context`` (any value) emits a ``DeprecationWarning``; it is left
-  unset. GX obtains the session with ``SparkSession.builder.getOrCreate()`` (after trying Spark
-  Connect, which fails over silently without ``spark.remote``), i.e. the caller's active session.
+  unset. GX obtains the session with ``SparkSession.builder.getOrCreate()``, i.e. the caller's
+  active session (it first tries the Spark Connect builder, which is skipped when grpcio is not
+  installed and raises a caught ``PySparkValueError`` when ``spark.remote`` is not set).
 * Metric progress bars (tqdm on stderr) are on by default; they are disabled through the
   ephemeral context's ``progress_bars`` config. ``init_temp_docs_sites=False`` avoids the default
   ephemeral temp docs-site directory. Nothing is written to the working directory.

@@ -1,0 +1,493 @@
+"""Bad input never crashes a run and is never silently dropped.
+
+Every case ends either in a clear ``TenantMLError`` whose message names the dataset, file, column,
+config key or tenant at fault, or in quarantine rows carrying a reason; for every tenant id
+(the NULL group of missing/invalid ids included) bronze rows = silver rows + quarantine rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tenantml import cli
+from tenantml.context import JobContext
+from tenantml.errors import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    ConfigError,
+    InvalidTenantIdError,
+    SourceError,
+    TenantMLError,
+    UnknownTenantError,
+)
+from tenantml.io import read_table, table_exists
+from tenantml.pipeline import ingest, run_step, score, train, validate
+from tenantml.pipeline.result import StepResult
+
+pytestmark = pytest.mark.spark
+
+COLUMNS = ["customer_id", "tenant", "tenure_months", "monthly_spend", "plan", "churned", "notes"]
+
+PROJECT_YML = """\
+project: {name: badinput, data_dir: .data, default_dataset: acct}
+spark: {master: "local[2]", shuffle_partitions: 2}
+training: {min_rows: 20, max_epochs: 3, patience: 2, batch_size: 64, hidden_units: [8]}
+scoring: {device: cpu, parallelism: 2}
+tracking: {experiment: badinput}
+"""
+
+DATASET_YML = """\
+datasets:
+  acct:
+    source: {path: "${data_dir}/sources/acct", format: csv}
+    tenant_column: tenant
+    entity_key: customer_id
+    label: churned
+    task: binary
+    numeric_features: [tenure_months, monthly_spend]
+    categorical_features: [plan]
+    rules:
+      ranges:
+        monthly_spend: {min: 0}
+      allowed_values:
+        plan: [basic, pro]
+"""
+
+PARQUET_YML = """\
+datasets:
+  acctpq:
+    source: {path: "${data_dir}/sources/acctpq", format: parquet}
+    tenant_column: tenant
+    entity_key: customer_id
+    label: churned
+    task: binary
+    numeric_features: [tenure_months, monthly_spend]
+    categorical_features: [plan]
+"""
+
+TENANT_REASON = "tenant id in column 'tenant' is missing or invalid"
+# Tenant ids found in the data that must never reach a path, predicate or model name.
+HOSTILE_IN_DATA = ["acme corp", "o'brien", 'say"hi', "a/b", "..", "../escape", "", " alpha"]
+# Tenant ids handed in by a caller (CLI --tenants or the tenants= argument).
+HOSTILE_ARGS = ["../../etc", "a b", "x'; DROP TABLE t; --", "a/b", "..", "acme\n", "é"]
+VALID_PARTITIONS = {"alpha", "beta", "gamma", "__HIVE_DEFAULT_PARTITION__"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_conf(root: Path, *, project: str = PROJECT_YML, datasets: dict[str, str] | None = None,
+              local: dict[str, str] | None = None) -> Path:
+    conf = root / "conf"
+    (conf / "base" / "datasets").mkdir(parents=True, exist_ok=True)
+    (conf / "local").mkdir(parents=True, exist_ok=True)
+    (conf / "base" / "project.yml").write_text(project)
+    for name, text in (datasets if datasets is not None else {"acct": DATASET_YML}).items():
+        (conf / "base" / "datasets" / f"{name}.yml").write_text(text)
+    for name, text in (local or {}).items():
+        (conf / "local" / name).write_text(text)
+    return conf
+
+
+def good_row(rng: random.Random, tenant: str | None, customer: str) -> dict[str, Any]:
+    tenure = rng.randint(1, 60)
+    churned = 1 if rng.random() < (0.7 if tenure < 12 else 0.15) else 0
+    return {"customer_id": customer, "tenant": tenant, "tenure_months": str(tenure),
+            "monthly_spend": f"{rng.uniform(10, 200):.2f}", "plan": rng.choice(["basic", "pro"]),
+            "churned": str(churned), "notes": "ok"}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] = COLUMNS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r[c]) for c in columns})
+    return path
+
+
+def counts(spark: Any, ref: Any) -> dict[str | None, int]:
+    if not table_exists(spark, ref):
+        return {}
+    df = read_table(spark, ref)
+    return {r["tenant_id"]: int(r["count"]) for r in df.groupBy("tenant_id").count().collect()}
+
+
+def assert_reconciled(ctx: JobContext, dataset: str) -> tuple[dict, dict, dict]:
+    """bronze = silver + quarantine for every tenant id, the NULL (invalid id) group included."""
+    spark = ctx.spark
+    bronze = counts(spark, ctx.tables.bronze(dataset))
+    silver = counts(spark, ctx.tables.silver(dataset))
+    quarantine = counts(spark, ctx.tables.quarantine(dataset))
+    assert None not in silver, "rows without a valid tenant id reached silver"
+    assert set(silver) <= set(bronze) and set(quarantine) <= set(bronze)
+    mismatched = {t: (n, silver.get(t, 0), quarantine.get(t, 0)) for t, n in bronze.items()
+                  if n != silver.get(t, 0) + quarantine.get(t, 0)}
+    assert not mismatched, f"rows lost or duplicated: tenant -> (bronze, silver, quarantine) {mismatched}"
+    return bronze, silver, quarantine
+
+
+def quarantine_frame(ctx: JobContext, dataset: str) -> pd.DataFrame:
+    return read_table(ctx.spark, ctx.tables.quarantine(dataset)).toPandas()
+
+
+def outcome(result: StepResult, tenant: str | None) -> Any:
+    found = [t for t in result.tenants if t.tenant_id == tenant]
+    assert len(found) == 1, f"{result.step}: expected one outcome for tenant {tenant!r}, got {found}"
+    return found[0]
+
+
+def all_names(root: Path) -> list[str]:
+    names = []
+    for _dirpath, dirnames, filenames in os.walk(root):
+        names += dirnames + filenames
+    return names
+
+
+class SparkTouched(AssertionError):
+    """Raised by NoSpark: a step used Spark before rejecting its arguments."""
+
+
+class NoSpark:
+    """Stands in for a SparkSession; any use of it is a test failure."""
+
+    def __init__(self) -> None:
+        self.touched: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.touched.append(name)
+        raise SparkTouched(f"Spark was used (attribute {name!r}) before the bad argument was rejected")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
+    capsys.readouterr()
+    code = cli.run([*argv, "--json", "--quiet"])
+    out = capsys.readouterr().out
+    return code, json.loads(out[out.index("{"):])
+
+
+# --------------------------------------------------------------------------- the messy batch
+
+
+def messy_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows of three tenants plus hostile ids; ``expected`` maps customer -> expected reason fragment."""
+    rng = random.Random(11)
+    rows: list[dict[str, Any]] = []
+    expected: dict[str, str] = {}
+    for tenant, prefix in (("alpha", "A"), ("beta", "B")):
+        rows += [good_row(rng, tenant, f"{prefix}{i:03d}") for i in range(40)]
+
+    def bad(tenant: str | None, customer: str, reason: str, **values: str | None) -> None:
+        rows.append({**good_row(rng, tenant, customer), **values})
+        expected[customer] = reason
+
+    # Wrong types in numeric columns and nulls in the label.
+    bad("alpha", "A-bad-1", "column 'tenure_months' is not a number", tenure_months="abc")
+    bad("alpha", "A-bad-2", "column 'monthly_spend' is not a number", monthly_spend="12,5")
+    bad("alpha", "A-bad-3", "label 'churned' is null", churned=None)
+    bad("beta", "B-bad-1", "label 'churned' is not a binary value", churned="maybe")
+    bad("beta", "B-bad-2", "column 'monthly_spend' is outside", monthly_spend="-5")
+    bad("beta", "B-bad-3", "column 'tenure_months' is not a number", tenure_months="12 months")
+    # An earlier copy of B005 in the same batch: the later row wins, this one is quarantined.
+    dup = {**good_row(rng, "beta", "B005")}
+    rows.insert(3, dup)
+    # gamma: every row rejected -> blocked, never a crash.
+    for i in range(6):
+        bad("gamma", f"G{i:03d}", "label 'churned' is null" if i % 2 else "is not a number",
+            churned=None if i % 2 else "1", tenure_months="n/a" if i % 2 == 0 else "3")
+    # Hostile tenant ids in the data.
+    for j, tenant in enumerate(HOSTILE_IN_DATA):
+        for k in range(2):
+            bad(tenant, f"H{j}-{k}", TENANT_REASON)
+    return rows, expected
+
+
+@dataclass
+class Messy:
+    conf: Path
+    data: Path
+    ctx: JobContext
+    expected: dict[str, str]
+    results: dict[str, StepResult]
+
+
+@pytest.fixture(scope="module")
+def messy(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Messy]:
+    root = tmp_path_factory.mktemp("messy")
+    conf = make_conf(root)
+    data = root / "data"
+    rows, expected = messy_rows()
+    write_csv(data / "sources" / "acct" / "batch1.csv", rows)
+    ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark)
+    results = {step: run_step(ctx, step, dataset="acct") for step in ("ingest", "validate", "train", "score")}
+    yield Messy(conf, data, ctx, expected, results)
+
+
+# --------------------------------------------------------------------------- source errors
+
+
+def test_missing_source_path_names_dataset_and_path(spark: Any, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    conf = make_conf(tmp_path)
+    data = tmp_path / "data"
+    ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark)
+    with pytest.raises(SourceError) as err:
+        run_step(ctx, "ingest", dataset="acct")
+    msg = str(err.value)
+    assert "'acct'" in msg and str(data / "sources" / "acct") in msg and "does not exist" in msg
+    # The failure is recorded, not lost.
+    log = read_table(spark, ctx.tables.run_log).toPandas()
+    assert list(log["status"]) == ["failed"] and "does not exist" in log["error"].iloc[0]
+    assert not table_exists(spark, ctx.tables.bronze("acct"))
+
+    code, payload = run_cli(capsys, "ingest", "--dataset", "acct", "--conf-dir", str(conf),
+                            "--data-dir", str(data))
+    assert code == EXIT_FAILURE and payload["status"] == "error"
+    assert "does not exist" in payload["error"] and "'acct'" in payload["error"]
+
+
+def test_misspelled_source_column_is_named_with_close_match(spark: Any, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    rows = [{**good_row(rng, "alpha", f"A{i}")} for i in range(5)]
+    for r in rows:
+        r["tenure_month"] = r.pop("tenure_months")
+    columns = [c if c != "tenure_months" else "tenure_month" for c in COLUMNS]
+    write_csv(tmp_path / "data" / "sources" / "acct" / "b.csv", rows, columns)
+    ctx = JobContext.create(conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data", spark=spark)
+    with pytest.raises(SourceError) as err:
+        ingest(ctx, dataset="acct")
+    msg = str(err.value)
+    assert "'acct'" in msg
+    assert "'tenure_months' (did you mean 'tenure_month'?)" in msg
+    assert not table_exists(spark, ctx.tables.bronze("acct")), "a partial bronze was written"
+
+
+# --------------------------------------------------------------------------- row-level problems
+
+
+def test_every_tenant_reconciles_bronze_to_silver_plus_quarantine(messy: Messy) -> None:
+    bronze, silver, quarantine = assert_reconciled(messy.ctx, "acct")
+    assert bronze == {"alpha": 43, "beta": 44, "gamma": 6, None: 2 * len(HOSTILE_IN_DATA)}
+    assert silver == {"alpha": 40, "beta": 40}
+    assert quarantine == {"alpha": 3, "beta": 4, "gamma": 6, None: 2 * len(HOSTILE_IN_DATA)}
+    # The step results tell the same story.
+    val = messy.results["validate"]
+    for t, n in bronze.items():
+        o = outcome(val, t)
+        assert (o.rows_in, o.rows_out, o.rows_quarantined) == (n, silver.get(t, 0), quarantine[t])
+    assert messy.results["ingest"].to_dict()["rows_in"] == sum(bronze.values())
+
+
+def test_wrong_types_and_null_labels_are_quarantined_with_reasons(messy: Messy) -> None:
+    q = quarantine_frame(messy.ctx, "acct").set_index("customer_id")
+    for customer, reason in messy.expected.items():
+        assert customer in q.index, f"row {customer} was dropped instead of quarantined"
+        assert reason in q.loc[customer, "_reason"], (customer, q.loc[customer, "_reason"])
+    # The duplicate keeps its raw values and says why it was set aside.
+    dup = q.loc[["B005"]]
+    assert len(dup) == 1 and "duplicate entity key 'customer_id'" in dup["_reason"].iloc[0]
+    # Raw values are kept as given for analysts.
+    assert q.loc["A-bad-1", "tenure_months"] == "abc"
+    assert q.loc["A-bad-2", "monthly_spend"] == "12,5"
+    # Nothing unparsable reached silver: numeric columns are all set, labels are 0/1.
+    silver = read_table(messy.ctx.spark, messy.ctx.tables.silver("acct")).toPandas()
+    assert silver[["tenure_months", "monthly_spend", "churned"]].notna().all().all()
+    assert set(silver["churned"]) <= {0.0, 1.0}
+    assert silver.groupby(["tenant_id", "customer_id"]).size().max() == 1
+
+
+def test_tenant_with_every_row_rejected_is_blocked_not_crashing(messy: Messy) -> None:
+    val, trn, sco = (messy.results[s] for s in ("validate", "train", "score"))
+    g = outcome(val, "gamma")
+    assert g.status == "blocked" and g.rows_out == 0 and g.rows_quarantined == 6
+    assert "'gamma'" in g.error and "blocked" in g.error
+    for step in (trn, sco):
+        o = outcome(step, "gamma")
+        assert o.status == "blocked" and "gamma" in o.detail["reason"]
+        assert step.exit_code == 0, step.to_dict()
+    assert outcome(trn, "alpha").status == "ok" and outcome(trn, "beta").status == "ok"
+    assert outcome(sco, "alpha").rows_out == 40 and outcome(sco, "beta").rows_out == 40
+    preds = counts(messy.ctx.spark, messy.ctx.tables.predictions("acct"))
+    assert preds == {"alpha": 40, "beta": 40}
+    quality = read_table(messy.ctx.spark, messy.ctx.tables.quality("acct")).toPandas().set_index("tenant_id")
+    assert bool(quality.loc["gamma", "blocked"]) and quality.loc["gamma", "rejected_fraction"] == 1.0
+    # Asking for the blocked tenant by name is answered, not refused or crashed.
+    again = train(messy.ctx, dataset="acct", tenants=["gamma"])
+    assert [(o.tenant_id, o.status) for o in again.tenants] == [("gamma", "blocked")]
+
+
+def test_hostile_tenant_ids_in_data_are_quarantined_and_never_become_paths(messy: Messy) -> None:
+    q = quarantine_frame(messy.ctx, "acct")
+    invalid = q[q["tenant_id"].isna()]
+    assert len(invalid) == 2 * len(HOSTILE_IN_DATA)
+    assert invalid["_reason"].str.contains(TENANT_REASON, regex=False).all()
+    raw = {None if pd.isna(v) else v for v in invalid["_tenant_raw"]}
+    # CSV reads an empty field as NULL; every other raw id is kept as given.
+    assert raw == {None if h == "" else h for h in HOSTILE_IN_DATA}
+    # Ingest reported the NULL group instead of dropping it.
+    assert outcome(messy.results["ingest"], None).rows_in == 2 * len(HOSTILE_IN_DATA)
+
+    names = all_names(messy.data)
+    partitions = {n.split("=", 1)[1] for n in names if n.startswith("tenant_id=")}
+    assert partitions <= VALID_PARTITIONS, partitions
+    hostile = {h for h in HOSTILE_IN_DATA if h not in ("", "..")} | {"escape", "b", "hi"}
+    assert not hostile & set(names), hostile & set(names)
+    assert not any(h in n for n in names for h in ("acme corp", "o'brien", 'say"hi', " alpha"))
+    assert not (messy.data.parent / "escape").exists()
+    # Only valid ids were registered as tenants.
+    tenants = read_table(messy.ctx.spark, messy.ctx.tables.tenants).toPandas()
+    assert sorted(tenants["tenant_id"]) == ["alpha", "beta", "gamma"]
+
+
+def test_reingesting_the_same_files_is_idempotent(messy: Messy) -> None:
+    ctx = JobContext.create(conf_dir=messy.conf, data_dir=messy.data, spark=messy.ctx.spark)
+    before = counts(ctx.spark, ctx.tables.bronze("acct"))
+    first = run_step(ctx, "ingest", dataset="acct")
+    second = run_step(ctx, "ingest", dataset="acct")
+    assert first.summary["batch_id"] == second.summary["batch_id"] == messy.results["ingest"].summary["batch_id"]
+    assert counts(ctx.spark, ctx.tables.bronze("acct")) == before
+    # Downstream stays duplicate-free: validating again still reconciles with the same split.
+    run_step(ctx, "validate", dataset="acct")
+    _, silver, quarantine = assert_reconciled(ctx, "acct")
+    assert silver == {"alpha": 40, "beta": 40}
+    assert sum(quarantine.values()) == 3 + 4 + 6 + 2 * len(HOSTILE_IN_DATA)
+
+
+# --------------------------------------------------------------------------- tenant arguments
+
+
+def test_unknown_tenants_are_named_by_validate_and_train(messy: Messy,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    ctx = JobContext.create(conf_dir=messy.conf, data_dir=messy.data, spark=messy.ctx.spark)
+    silver_version = read_table(ctx.spark, ctx.tables.silver("acct")).count()
+    with pytest.raises(UnknownTenantError) as err:
+        validate(ctx, dataset="acct", tenants=["alpha", "nope", "zeta"])
+    assert "['nope', 'zeta']" in str(err.value) and "'acct'" in str(err.value)
+    with pytest.raises(UnknownTenantError) as err:
+        train(ctx, dataset="acct", tenants=["nope", "beta"])
+    assert "['nope']" in str(err.value)
+    with pytest.raises(UnknownTenantError) as err:
+        score(ctx, dataset="acct", tenants=["zeta"])
+    assert "['zeta']" in str(err.value)
+    assert read_table(ctx.spark, ctx.tables.silver("acct")).count() == silver_version
+
+    for step in ("validate", "train"):
+        code, payload = run_cli(capsys, step, "--dataset", "acct", "--tenants", "alpha,nope",
+                                "--conf-dir", str(messy.conf), "--data-dir", str(messy.data))
+        assert code == EXIT_USAGE, payload
+        assert payload["status"] == "error" and "'nope'" in payload["error"]
+
+
+# "acme\n" is left out: the CLI strips whitespace around each comma-separated id.
+@pytest.mark.parametrize("bad_id", [b for b in HOSTILE_ARGS if b != "acme\n"])
+def test_hostile_tenant_argument_rejected_by_cli(tmp_path: Path, bad_id: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    conf = make_conf(tmp_path)
+    data = tmp_path / "data"
+    for step in ("ingest", "validate", "train", "score"):
+        code, payload = run_cli(capsys, step, "--dataset", "acct", "--tenants", f"alpha,{bad_id}",
+                                "--conf-dir", str(conf), "--data-dir", str(data))
+        assert code == EXIT_USAGE, payload
+        assert "invalid tenant id" in payload["error"] and repr(bad_id) in payload["error"]
+    assert not data.exists() or not any(data.iterdir()), "a rejected command left files behind"
+
+
+@pytest.mark.parametrize("step", ["ingest", "validate", "train", "score"])
+def test_hostile_tenant_argument_raises_invalid_tenant_id(spark: Any, messy: Messy, step: str) -> None:
+    """With a real session: InvalidTenantIdError naming the id, and no table changes."""
+    ctx = JobContext.create(conf_dir=messy.conf, data_dir=messy.data, spark=spark)
+    tables = ("bronze", "silver", "quarantine", "predictions")
+    before = {n: counts(spark, getattr(ctx.tables, n)("acct")) for n in tables}
+    fn = {"ingest": ingest, "validate": validate, "train": train, "score": score}[step]
+    for bad in [*HOSTILE_ARGS, ""]:
+        with pytest.raises(InvalidTenantIdError) as err:
+            fn(ctx, dataset="acct", tenants=["alpha", bad])
+        assert repr(bad) in str(err.value)
+    after = {n: counts(spark, getattr(ctx.tables, n)("acct")) for n in tables}
+    assert after == before
+
+
+@pytest.mark.parametrize("step", ["ingest", "validate", "train", "score"])
+def test_hostile_tenant_argument_raises_before_any_spark_work(tmp_path: Path, step: str) -> None:
+    rng = random.Random(5)
+    write_csv(tmp_path / "data" / "sources" / "acct" / "b.csv", [good_row(rng, "alpha", "A1")])
+    no_spark = NoSpark()
+    ctx = JobContext.create(conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data",
+                            spark=no_spark)  # type: ignore[arg-type]
+    fn = {"ingest": ingest, "validate": validate, "train": train, "score": score}[step]
+    with pytest.raises(InvalidTenantIdError, match=r"\.\./\.\./etc"):
+        fn(ctx, dataset="acct", tenants=["alpha", "../../etc"])
+    assert no_spark.touched == []
+
+
+# --------------------------------------------------------------------------- configuration errors
+
+
+def test_unknown_and_missing_dataset_keys_name_file_and_key(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    conf = make_conf(tmp_path, datasets={"x": DATASET_YML.replace("acct:", "x:").replace("label:", "labels:")})
+    with pytest.raises(ConfigError) as err:
+        JobContext.create(conf_dir=conf, data_dir=tmp_path / "data")
+    msg = str(err.value)
+    dataset_file = str(conf / "base" / "datasets" / "x.yml")
+    assert f"{dataset_file}: unknown key 'datasets.x.labels'" in msg
+    assert f"{dataset_file}: missing key 'datasets.x.label'" in msg
+    code, payload = run_cli(capsys, "validate", "--conf-dir", str(conf), "--data-dir", str(tmp_path / "d"))
+    assert code == EXIT_USAGE and "unknown key 'datasets.x.labels'" in payload["error"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_missing_dataset_key_names_its_file(tmp_path: Path) -> None:
+    text = DATASET_YML.replace("    task: binary\n", "")
+    conf = make_conf(tmp_path, datasets={"acct": text})
+    with pytest.raises(ConfigError) as err:
+        JobContext.create(conf_dir=conf, data_dir=tmp_path / "data")
+    assert f"{conf / 'base' / 'datasets' / 'acct.yml'}: missing key 'datasets.acct.task'" in str(err.value)
+
+
+def test_unknown_key_in_an_env_layer_names_that_file(tmp_path: Path) -> None:
+    conf = make_conf(tmp_path, local={"override.yml": "training:\n  min_row: 5\n"})
+    with pytest.raises(ConfigError) as err:
+        JobContext.create(conf_dir=conf, env="local", data_dir=tmp_path / "data")
+    assert f"{conf / 'local' / 'override.yml'}: unknown key 'training.min_row'" in str(err.value)
+
+
+def test_rules_naming_an_undeclared_column_is_a_config_error(tmp_path: Path) -> None:
+    text = DATASET_YML.replace("plan: [basic, pro]", "plann: [basic, pro]")
+    no_spark = NoSpark()
+    ctx = JobContext.create(conf_dir=make_conf(tmp_path, datasets={"acct": text}), data_dir=tmp_path / "data",
+                            spark=no_spark)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as err:
+        validate(ctx, dataset="acct")
+    assert "'acct'" in str(err.value) and "'rules'" in str(err.value) and "'plann'" in str(err.value)
+    assert isinstance(err.value, TenantMLError) and err.value.exit_code == EXIT_USAGE
+    assert no_spark.touched == []
+
+
+# --------------------------------------------------------------------------- ids the regex must not pass
+
+
+def test_tenant_id_with_trailing_newline_is_quarantined(spark: Any, tmp_path: Path) -> None:
+    rng = random.Random(9)
+    rows = [good_row(rng, "alpha", f"A{i}") for i in range(30)]
+    rows += [good_row(rng, "evil\n", "E1"), good_row(rng, "alpha\n", "E2")]
+    src = tmp_path / "data" / "sources" / "acctpq"
+    src.mkdir(parents=True)
+    pd.DataFrame(rows)[COLUMNS].to_parquet(src / "b.parquet", index=False)
+    ctx = JobContext.create(conf_dir=make_conf(tmp_path, datasets={"acctpq": PARQUET_YML}),
+                            data_dir=tmp_path / "data", spark=spark)
+    run_step(ctx, "ingest", dataset="acctpq")
+    run_step(ctx, "validate", dataset="acctpq")
+    bronze, silver, quarantine = assert_reconciled(ctx, "acctpq")
+    assert bronze == {"alpha": 30, None: 2} and quarantine == {None: 2}

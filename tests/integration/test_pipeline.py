@@ -1,0 +1,151 @@
+"""The whole path on real components: Delta tables, GX, torch training in Spark tasks, MLflow."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenantml.context import JobContext
+from tenantml.demo import DIRTY_TENANT, DemoSpec, write_demo_source
+from tenantml.io import read_table
+from tenantml.pipeline import run_pipeline, run_step
+
+pytestmark = pytest.mark.spark
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture(scope="module")
+def small_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    conf = tmp_path_factory.mktemp("conf")
+    shutil.copytree(REPO_CONF, conf, dirs_exist_ok=True)
+    (conf / "local" / "test.yml").write_text("training: {min_rows: 100, max_epochs: 6, patience: 2}\n")
+    return conf
+
+
+@pytest.fixture(scope="module")
+def run(spark: Any, small_conf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    data_dir = tmp_path_factory.mktemp("pipeline")
+    ctx = JobContext.create(conf_dir=small_conf, data_dir=data_dir, spark=spark)
+    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=6, largest=1500, smallest=20))
+    results = run_pipeline(ctx, dataset="demo")
+    return {"ctx": ctx, "results": {r.step: r for r in results}, "data_dir": data_dir}
+
+
+def _counts(df: Any) -> dict[Any, int]:
+    return {r["tenant_id"]: r["count"] for r in df.groupBy("tenant_id").count().collect()}
+
+
+def test_every_step_succeeds_and_dirty_tenant_is_blocked(run: dict[str, Any]) -> None:
+    res = run["results"]
+    assert [res[s].status for s in ("ingest", "validate", "train", "score")] == ["ok"] * 4
+    blocked = {t.tenant_id for t in res["validate"].tenants if t.status == "blocked"}
+    assert blocked == {DIRTY_TENANT}
+    train = {t.tenant_id: t for t in res["train"].tenants}
+    assert train[DIRTY_TENANT].status == "blocked"
+    assert {t for t, o in train.items() if o.status == "skipped"} == {"t004", "t005"}  # below min_rows
+    assert res["train"].summary["models_trained"] == 4
+    assert res["score"].summary["rows_scored"] == sum(
+        t.rows_out for t in res["validate"].tenants if t.tenant_id in {"t000", "t001", "t002", "t003"})
+
+
+def test_valid_plus_quarantined_equals_ingested_per_tenant(spark: Any, run: dict[str, Any]) -> None:
+    t = run["ctx"].tables
+    bronze = _counts(read_table(spark, t.bronze("demo")))
+    silver = _counts(read_table(spark, t.silver("demo")))
+    quarantine = _counts(read_table(spark, t.quarantine("demo")))
+    assert None in bronze and None not in silver  # hostile ids only ever reach quarantine
+    for tenant, n in bronze.items():
+        assert silver.get(tenant, 0) + quarantine.get(tenant, 0) == n, tenant
+    reasons = {r["_reason"] for r in read_table(spark, t.quarantine("demo")).select("_reason").distinct().collect()}
+    assert any("is not a number" in r for r in reasons)
+    assert any("label 'churned' is null" in r for r in reasons)
+    assert any("duplicate entity key" in r for r in reasons)
+
+
+def test_no_path_is_named_after_a_hostile_tenant(run: dict[str, Any]) -> None:
+    names = {p.name for p in Path(run["data_dir"]).rglob("*")}
+    assert not any(n.startswith("tenant_id=") and ("%" in n or " " in n or ".." in n) for n in names
+                   if "HIVE_DEFAULT" not in n)
+    assert not (Path(run["data_dir"]).parent / "etc").exists()
+
+
+def test_reruns_replace_and_never_duplicate(spark: Any, run: dict[str, Any]) -> None:
+    ctx, t = run["ctx"], run["ctx"].tables
+    before = {name: read_table(spark, ref).count() for name, ref in
+              {"bronze": t.bronze("demo"), "silver": t.silver("demo"), "pred": t.predictions("demo")}.items()}
+    run_step(ctx, "ingest", dataset="demo")  # the same files: the same batch
+    run_step(ctx, "validate", dataset="demo")
+    run_step(ctx, "score", dataset="demo")
+    after = {name: read_table(spark, ref).count() for name, ref in
+             {"bronze": t.bronze("demo"), "silver": t.silver("demo"), "pred": t.predictions("demo")}.items()}
+    assert after == before
+    preds = read_table(spark, t.predictions("demo"))
+    assert preds.select("tenant_id", "entity_key").distinct().count() == preds.count()
+
+
+def test_champions_load_by_standard_uri_and_match_scores(spark: Any, run: dict[str, Any]) -> None:
+    import mlflow
+    import pandas as pd
+
+    ctx = run["ctx"]
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    mlflow.set_registry_uri(ctx.registry_uri)
+    model = mlflow.pyfunc.load_model("models:/demo__t001@champion")
+    silver = read_table(spark, ctx.tables.silver("demo")).where("tenant_id = 't001'").limit(50).toPandas()
+    out = model.predict(silver)
+    assert list(out.columns) == ["score", "prediction"] and len(out) == 50
+    assert out["score"].between(0, 1).all()
+    preds = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't001'").toPandas()
+    merged = pd.DataFrame({"entity_key": silver["customer_id"], "uri_score": out["score"]}).merge(
+        preds, on="entity_key")
+    assert len(merged) == 50
+    assert (merged["uri_score"] - merged["score"]).abs().max() < 1e-5
+    mv = ctx.mlflow.get_model_version_by_alias("demo__t001", "champion")
+    assert mv.tags["tenant_id"] == "t001" and mv.tags["strategy"] == "tenant"
+    assert {"delta_version", "git_commit", "config_hash"} <= set(mv.tags)
+
+
+def test_mlflow_run_holds_per_tenant_metrics_and_tags(run: dict[str, Any]) -> None:
+    ctx = run["ctx"]
+    mrun = ctx.mlflow.get_run(run["results"]["train"].mlflow_run_id)
+    assert mrun.info.status == "FINISHED"
+    assert {"t000.auc", "t000.baseline_auc", "t003.auc"} <= set(mrun.data.metrics)
+    assert mrun.data.tags["tenant.t000"] == "ok" and mrun.data.tags["tenant.t005"] == "skipped" \
+        if "tenant.t005" in mrun.data.tags else mrun.data.tags["tenant.t000"] == "ok"
+    assert mrun.data.params["delta_version"] == str(run["results"]["train"].summary["silver_version"])
+    for tenant in ("t000", "t001", "t002", "t003"):
+        assert mrun.data.metrics[f"{tenant}.auc"] > mrun.data.metrics[f"{tenant}.baseline_auc"]
+
+
+def test_run_log_records_every_step_and_tenant(spark: Any, run: dict[str, Any]) -> None:
+    ctx = run["ctx"]
+    log = read_table(spark, ctx.tables.run_log).where(f"run_id = '{ctx.run_id}'").toPandas()
+    assert set(log["step"]) == {"ingest", "validate", "train", "score"}
+    train = log[log["step"] == "train"].set_index("tenant_id")
+    assert train.loc[DIRTY_TENANT, "status"] == "blocked"
+    assert train.loc["t000", "status"] == "ok" and train.loc["t000", "seconds"] > 0
+    assert (log.groupby(["step", "tenant_id"], dropna=False).size() == 1).all()
+
+
+def test_scoring_refuses_another_tenants_model(spark: Any, run: dict[str, Any]) -> None:
+    """Point t002's champion alias at a version built from t003's model: t002 must not be scored."""
+    ctx = run["ctx"]
+    client = ctx.mlflow
+    other = client.get_model_version_by_alias("demo__t003", "champion")
+    mv = client.create_model_version("demo__t002", source=other.source, run_id=other.run_id,
+                                     tags={**other.tags})
+    client.set_registered_model_alias("demo__t002", "champion", mv.version)
+    before = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't002'").toPandas()
+    try:
+        result = run_step(ctx, "score", dataset="demo")
+        outcome = {t.tenant_id: t for t in result.tenants}
+        assert outcome["t002"].status == "failed" and "trained for tenant 't003'" in outcome["t002"].error
+        assert outcome["t003"].status == "ok" and result.status == "partial" and result.exit_code == 3
+        after = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't002'").toPandas()
+        assert len(after) == len(before) and set(after["model_name"]) == {"demo__t002"}
+    finally:
+        prev = [v for v in client.search_model_versions("name = 'demo__t002'") if v.version != mv.version]
+        client.set_registered_model_alias("demo__t002", "champion", max(int(v.version) for v in prev))
