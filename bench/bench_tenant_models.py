@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     bins = max(1, min(tcfg.parallelism or parallelism, n))
     loads = task_loads(row_counts, dict(zip(results["tenant_id"], results["seconds"], strict=True)), bins)
     fixed_overhead = m_warm.wall - float(warm_again["seconds"].max())
+    from tenantml.training.tenant_models import partition_keys
+
+    with Meter("train diag partition_keys") as m_keys:
+        partition_keys(spark, bins)
     diag_train = {
         "task_train_seconds": [round(x, 2) for x in loads],
         "critical_path_s": round(max(loads), 2), "ideal_balanced_s": round(plat_secs / procs, 2),
@@ -390,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         "per_model_ms_platform": round(plat_secs * 1000 / max(1, len(results)), 1),
         "per_model_ms_limit": round(limit_secs * 1000 / max(1, len(limit_rows)), 1),
         "limit_outside_training_s": round(m_limit.wall - limit_secs / procs, 2),
-        "python_worker_start_s": round(m_udf.wall, 2),
+        "python_worker_start_s": round(m_udf.wall, 2), "partition_keys_job_s": round(m_keys.wall, 2),
     }
     say(f"  breakdown: per-task training seconds {[round(x, 1) for x in loads]} (tasks packed by rows; "
         f"balanced would be {plat_secs / procs:.1f}s each); wall - slowest task = "
         f"{diag_train['outside_training_s']:.1f}s outside training; fixed cost of one call (warm "
-        f"{len(warm)}-tenant run minus its training) {fixed_overhead:.1f}s; per-model training "
+        f"{len(warm)}-tenant run minus its training) {fixed_overhead:.1f}s, of which the partition_keys "
+        f"job {m_keys.wall:.2f}s; per-model training "
         f"{diag_train['per_model_ms_platform']:.0f} ms in Spark workers vs "
         f"{diag_train['per_model_ms_limit']:.0f} ms in the pool")
     fig["training"] = {
@@ -460,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
     import mlflow.pytorch
+
+    for name in ("mlflow", "mlflow.pytorch", "mlflow.models", "mlflow.utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # mlflow sets its loggers' levels on import
 
     tiny = next(iter(models.values())).net
     with mlflow.start_run(experiment_id=ctx.experiment_id(), run_name="bench-naive-log-model"):
@@ -564,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "prediction": z, "score": z, "model_name": "m", "model_version": "1",
                                 "strategy": "tenant", "mlflow_run_id": "r", "run_id": "r"}, columns=out_cols)
 
+    with Meter("score diag read") as m_read:
+        score_input.where(F.col("tenant_id").isin(list(serving))).write.format("noop").mode("overwrite").save()
+    with Meter("score diag read+shuffle") as m_shuffle:
+        scoped.write.format("noop").mode("overwrite").save()
     with Meter("score diag drain") as m_drain:
         scoped.mapInPandas(drain, "rows long").write.format("noop").mode("overwrite").save()
     with Meter("score diag fake output") as m_fake:
@@ -586,13 +598,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in score_batches(iter(batches), _Preloaded(), key, spec.task, ctx.run_id):  # type: ignore[arg-type]
             pass
     diag_score = {
+        "spark_read_s": round(m_read.wall, 2), "spark_read_shuffle_s": round(m_shuffle.wall, 2),
         "spark_read_shuffle_arrow_in_s": round(m_drain.wall, 2),
         "plus_9_column_output_no_models_s": round(m_fake.wall, 2),
         "rows_per_partition": [part_rows.get(p, 0) for p in range(parts)],
         "model_load_ms": round(load_ms, 2), "score_batches_in_process_1thread_s": round(m_py.wall, 2),
         "predict_only_1thread_s": round(base[1].wall, 2),
     }
-    say(f"  breakdown: same Spark plan, Python only counts rows {m_drain.wall:.2f}s; plus building and shipping "
+    say(f"  breakdown (each a full pass, cumulative): Delta read {m_read.wall:.2f}s; + repartition shuffle "
+        f"{m_shuffle.wall:.2f}s; + Arrow into Python that only counts rows {m_drain.wall:.2f}s; + building and shipping "
         f"the 9-column output without models {m_fake.wall:.2f}s; rows per task {diag_score['rows_per_partition']}; "
         f"model load {load_ms:.1f} ms each; score_batches' Python in one process, no Spark, 1 thread "
         f"{m_py.wall:.2f}s vs predict alone {base[1].wall:.2f}s")

@@ -47,6 +47,8 @@ class SourceSpec(_Strict):
             raise ValueError("give exactly one of 'path' or 'table'")
         if self.table is not None and self.format not in ("table", "delta"):
             raise ValueError("a 'table' source needs format 'table' or 'delta'")
+        if self.path is not None and self.format == "table":
+            raise ValueError("format 'table' needs 'table' (a catalog name), not 'path'")
         return self
 
 

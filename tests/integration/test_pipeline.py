@@ -149,3 +149,30 @@ def test_scoring_refuses_another_tenants_model(spark: Any, run: dict[str, Any]) 
     finally:
         prev = [v for v in client.search_model_versions("name = 'demo__t002'") if v.version != mv.version]
         client.set_registered_model_alias("demo__t002", "champion", max(int(v.version) for v in prev))
+
+
+def test_a_later_batch_supersedes_earlier_rows_without_quarantining_them(spark: Any, run: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    import pandas as pd
+
+    ctx, t = run["ctx"], run["ctx"].tables
+    first = pd.concat(pd.read_csv(p, dtype=str) for p in sorted(ctx.source_path("demo").glob("*.csv")))
+    update = first[(first["tenant"] == "t001") & first["churned"].notna()].drop_duplicates("customer_id").head(10)
+    update = update.assign(churned=(1 - update["churned"].astype(float).astype(int)).astype(str))
+    (tmp_path / "batch2").mkdir()
+    update.to_csv(tmp_path / "batch2" / "part-0000.csv", index=False)
+    silver_before = _counts(read_table(spark, t.silver("demo")))
+    quarantine_before = _counts(read_table(spark, t.quarantine("demo")))
+    bronze_before = read_table(spark, t.bronze("demo")).count()
+
+    ing = run_step(ctx, "ingest", dataset="demo", source_path=str(tmp_path / "batch2"))
+    val = run_step(ctx, "validate", dataset="demo")
+
+    assert read_table(spark, t.bronze("demo")).count() == bronze_before + 10
+    assert ing.summary["batch_id"] != run["results"]["ingest"].summary["batch_id"]
+    assert _counts(read_table(spark, t.silver("demo"))) == silver_before
+    assert _counts(read_table(spark, t.quarantine("demo"))) == quarantine_before
+    assert val.summary["rows_superseded"] == 10
+    current = read_table(spark, t.silver("demo")).where("tenant_id = 't001'").toPandas().set_index("customer_id")
+    flipped = update.set_index("customer_id")["churned"].astype(float)
+    assert (current.loc[flipped.index, "churned"] == flipped).all()

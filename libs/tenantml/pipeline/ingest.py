@@ -46,15 +46,35 @@ def batch_id_for(files: Sequence[Path], dataset: str) -> str:
     return h.hexdigest()[:24]
 
 
+def _read_table_source(spark: SparkSession, ctx: JobContext, dataset: str,
+                       spec: DatasetSpec) -> tuple[DataFrame, str]:
+    """A table source's batch is its Delta version: the same snapshot ingested twice is one batch."""
+    from tenantml.io import table_exists, table_version
+    from tenantml.tables import TableRef
+
+    src = spec.source
+    location = src.table or str(ctx.resolve_path(src.path or ""))
+    ref = TableRef(name=dataset, fqn=src.table) if src.table else TableRef(name=dataset, path=location)
+    try:
+        exists = table_exists(spark, ref)
+    except Exception:
+        exists = False
+    if not exists:
+        raise SourceError(f"dataset {dataset!r}: source table {location} does not exist or is not Delta")
+    version = table_version(spark, ref)
+    df = spark.read.table(src.table) if src.table else spark.read.format("delta").load(location)
+    batch = hashlib.sha256(f"{dataset}:{location}:v{version}".encode()).hexdigest()[:24]
+    return df, batch
+
+
 def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: DatasetSpec,
                 path_override: str | None = None) -> tuple[DataFrame, str]:
     """Read the raw source with every declared column as a string; bronze keeps values as given."""
     from pyspark.sql import functions as F
 
     src = spec.source
-    if src.table and not path_override:
-        df = spark.read.table(src.table) if src.format == "table" else spark.read.format("delta").load(src.table)
-        batch = hashlib.sha256(f"{dataset}:{src.table}:{time.time_ns()}".encode()).hexdigest()[:24]
+    if src.format in ("table", "delta") and not path_override:
+        df, batch = _read_table_source(spark, ctx, dataset, spec)
     else:
         raw_path = str(ctx.resolve_path(path_override or src.path or ""))
         path = Path(raw_path)
@@ -88,7 +108,7 @@ def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: Datase
     if extra:
         log.warning("dataset %s: ignoring undeclared source columns %s", dataset, extra)
     if "_source" not in df.columns:
-        df = df.withColumn("_source", F.lit(src.table))
+        df = df.withColumn("_source", F.lit(src.table or src.path))
     return df, batch
 
 

@@ -56,11 +56,18 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
     ctx.progress.phase(f"validate {name}: reading bronze")
     bronze, include_invalid = _scoped_bronze(ctx, name, tenants)
 
-    # Latest row per (tenant, key) wins; earlier copies are quarantined as duplicates.
+    # The latest batch holding a (tenant, key) is its current state: rows of earlier batches are
+    # superseded history (kept in bronze, left out of silver and quarantine); a key repeated
+    # within the latest batch is a duplicate, and all but the last copy are quarantined.
     order = Window.partitionBy(RAW_TENANT, spec.entity_key).orderBy(
         F.col("_ingested_at").desc(), F.col("_row_number").desc())
-    ranked = bronze.withColumn(DUP_RANK, F.when(F.col(spec.entity_key).isNull(), F.lit(1))
-                               .otherwise(F.row_number().over(order)))
+    keyed = F.col(spec.entity_key).isNotNull()
+    ranked = (bronze
+              .withColumn(DUP_RANK, F.when(keyed, F.row_number().over(order)).otherwise(F.lit(1)))
+              .withColumn("_superseded", keyed & (F.col("_batch_id") != F.first("_batch_id").over(order))))
+    superseded = {r["tenant_id"]: int(r["n"]) for r in ranked.where("_superseded").groupBy("tenant_id")
+                  .agg(F.count(F.lit(1)).alias("n")).collect()}
+    ranked = ranked.where(~F.col("_superseded")).drop("_superseded")
     range_cols = [F.expr(f"try_cast(trim(`{c}`) AS DOUBLE)").alias(f"{c}__typed") for c in spec.rules.ranges]
     frame = ranked.select("*", F.monotonically_increasing_id().alias(ROW_ID), *range_cols)
     # Row ids must not change between the rule jobs and the split below: materialise once.
@@ -106,7 +113,7 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
             rows_quarantined=bad,
             error=(f"tenant {t!r}: {share:.1%} of rows rejected, above the "
                    f"{threshold:.0%} threshold: blocked from training and scoring") if is_blocked else None,
-            detail={"rejected_fraction": round(share, 4)}))
+            detail={"rejected_fraction": round(share, 4), "rows_superseded": superseded.get(t, 0)}))
 
     ctx.progress.phase(f"validate {name}: writing silver, quarantine and quality tables")
     replace_tenants(silver, ctx.tables.silver(name), tenant_ids)
@@ -126,5 +133,5 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
         tables_written=[ctx.tables.silver(name).display, ctx.tables.quarantine(name).display,
                         ctx.tables.quality(name).display],
         seconds=time.perf_counter() - started,
-        summary={"tenants_blocked_ids": blocked, "rules": len(rules), "rule_failures": rule_summary},
+        summary={"tenants_blocked_ids": blocked, "rows_superseded": sum(superseded.values()), "rules": len(rules), "rule_failures": rule_summary},
     )
