@@ -26,7 +26,7 @@ class RichProgress:
     def __init__(self, enabled: bool) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, log_path=False)
         self.enabled = enabled
         self._bar: Any = None
         self._task: Any = None
@@ -48,6 +48,10 @@ class RichProgress:
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.advance(self._task, n)
+
+    def update(self, completed: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, total=total)
 
     def done(self) -> None:
         if self._bar is not None:
@@ -122,17 +126,18 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
         return worst
     console = Console()
     table = Table(title="tenantml summary", show_lines=False)
-    for col in ("step", "status", "tenants ok/skip/block/fail", "rows in", "rows out", "quarantined",
-                "seconds", "detail"):
-        table.add_column(col)
+    for col in ("step", "status", "ok", "skip", "block", "fail", "rows in", "rows out", "quarant.", "s"):
+        table.add_column(col, justify="left" if col in ("step", "status") else "right")
+    for r in results:
+        d = r.to_dict()
+        table.add_row(r.step, r.status, *(str(d[f"tenants_{k}"]) for k in ("ok", "skipped", "blocked", "failed")),
+                      str(d["rows_in"]), str(d["rows_out"]), str(d["rows_quarantined"]), f"{r.seconds:.0f}")
+    console.print(table)
     for r in results:
         d = r.to_dict()
         detail = {k: d[k] for k in ("batch_id", "models_trained", "rows_scored", "mlflow_run_id") if d.get(k)}
-        table.add_row(r.step, r.status, f"{d['tenants_ok']}/{d['tenants_skipped']}/{d['tenants_blocked']}/"
-                      f"{d['tenants_failed']}", str(d["rows_in"]), str(d["rows_out"]),
-                      str(d["rows_quarantined"]), f"{r.seconds:.1f}",
-                      ", ".join(f"{k}={v}" for k, v in detail.items()))
-    console.print(table)
+        if detail:
+            console.print(f"{r.step}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
     for r in results:
         for t in r.tenants:
             if t.status in ("failed", "blocked"):
@@ -199,6 +204,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("TENANTML_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "py4j", "great_expectations", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = RichProgress(enabled=not args.quiet)
     try:
         ctx = _context(args, progress)

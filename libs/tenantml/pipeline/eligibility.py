@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.errors import UnknownTenantError
 from tenantml.io import read_table, table_exists
-from tenantml.pipeline.result import ExcludedStatus
+from tenantml.pipeline.result import ExcludedStatus, TenantOutcome
 from tenantml.tenancy import validate_tenant_ids
 
 if TYPE_CHECKING:
@@ -54,3 +54,10 @@ def eligible_tenants(ctx: JobContext, dataset: str, silver: DataFrame,
                 excluded[r["tenant_id"]] = ("skipped", f"tenant {r['tenant_id']!r} has status {r['status']!r}")
     eligible = sorted(t for t in rows if t not in excluded)
     return Eligibility(rows=rows, eligible=eligible, excluded=excluded)
+
+
+def excluded_outcomes(elig: Eligibility) -> list[TenantOutcome]:
+    """Blocked tenants carry their reason as the error (it shows in summaries); skipped ones in detail."""
+    return [TenantOutcome(tenant_id=t, status=st, rows_in=elig.rows.get(t, 0),
+                          error=why if st == "blocked" else None, detail={"reason": why})
+            for t, (st, why) in sorted(elig.excluded.items())]

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tenantml.io import read_table, replace_tenants, table_version
-from tenantml.pipeline.eligibility import eligible_tenants
+from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
 from tenantml.pipeline.result import StepResult, TenantOutcome
+from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models
 from tenantml.registry.tracking import champion_versions
 from tenantml.scoring.batch import ServingModel, score_frame
@@ -40,8 +41,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     version = table_version(spark, silver_ref)
     silver = read_table(spark, silver_ref, version=version)
     elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes = [TenantOutcome(tenant_id=t, status=st, rows_in=elig.rows.get(t, 0), error=why if st == "blocked" else None,
-                              detail={"reason": why}) for t, (st, why) in sorted(elig.excluded.items())]
+    outcomes = excluded_outcomes(elig)
     ctx.progress.phase(f"score {name}: looking up champions for {len(elig.eligible)} tenants")
     champions = champion_versions(ctx, name, elig.eligible)
     wanted: dict[str, tuple[str, str]] = {}
@@ -74,7 +74,8 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
         preds = score_frame(spark, silver, models, key=spec.entity_key, task=spec.task, run_id=ctx.run_id,
                             device=ctx.config.scoring.device, partitions=parts)
         preds = preds.withColumn("scored_at", F.current_timestamp())
-        replace_tenants(preds, pred_ref, list(models))
+        with SparkTaskProgress(spark, ctx.progress, "scoring tasks"):
+            replace_tenants(preds, pred_ref, list(models))
         written = read_table(spark, pred_ref).where(F.col("tenant_id").isin(list(models)))
         scored_counts = {r["tenant_id"]: int(r["n"]) for r in
                          written.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 from tenantml.context import git_commit
 from tenantml.io import read_table, table_version
-from tenantml.pipeline.eligibility import eligible_tenants
+from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
 from tenantml.pipeline.result import StepResult, TenantOutcome
+from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import write_models
 from tenantml.registry.tracking import track_training
 from tenantml.training.tenant_models import train_tenant_models
@@ -29,9 +30,7 @@ def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     version = table_version(spark, silver_ref)  # pinned: every task reads the same snapshot
     silver = read_table(spark, silver_ref, version=version)
     elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes: list[TenantOutcome] = [
-        TenantOutcome(tenant_id=t, status=st, rows_in=elig.rows.get(t, 0), error=why if st == "blocked" else None,
-                      detail={"reason": why}) for t, (st, why) in sorted(elig.excluded.items())]
+    outcomes = excluded_outcomes(elig)
     trainable: dict[str, int] = {}
     for t in elig.eligible:
         n = elig.rows[t]
@@ -42,8 +41,9 @@ def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
             trainable[t] = n
     ctx.progress.phase(f"train {name}: {len(trainable)} tenant models on "
                        f"{spark.sparkContext.defaultParallelism} cores (silver v{version})")
-    results = train_tenant_models(spark, silver.where(silver.tenant_id.isin(list(trainable))) if trainable
-                                  else silver.limit(0), trainable, spec, cfg)
+    with SparkTaskProgress(spark, ctx.progress, "training tasks"):
+        results = train_tenant_models(spark, silver.where(silver.tenant_id.isin(list(trainable)))
+                                      if trainable else silver.limit(0), trainable, spec, cfg)
     lineage = {"delta_table": silver_ref.display, "delta_version": version, "git_commit": git_commit(),
                "config_hash": ctx.config.config_hash()}
     params = {"dataset": name, "strategy": STRATEGY, "task": spec.task, "min_rows": cfg.min_rows,
