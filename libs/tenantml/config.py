@@ -114,6 +114,10 @@ class DatasetSpec(_Strict):
         leaked = sorted(set(self.pii_columns) & set(feats))
         if leaked:
             raise ValueError(f"PII columns {leaked} cannot be model features")
+        declared = set(self.declared_columns)
+        undeclared = sorted({*self.rules.not_null, *self.rules.ranges, *self.rules.allowed_values} - declared)
+        if undeclared:
+            raise ValueError(f"rules name undeclared column(s) {undeclared}")
         if self.task == "regression" and self.positive_label is not None:
             raise ValueError("positive_label only applies to task 'binary'")
         return self

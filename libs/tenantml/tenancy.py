@@ -11,8 +11,9 @@ from tenantml.errors import InvalidTenantIdError
 # names and MLflow metric keys alike. Case is kept (ids are data), length is bounded.
 TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _TENANT_ID_RE = re.compile(TENANT_ID_PATTERN)
-# The same rule for Spark's `rlike` (Java regex) so rows can be checked where they live.
-TENANT_ID_JAVA_REGEX = TENANT_ID_PATTERN
+# The same rule for Spark's `rlike` (Java regex) so rows can be checked where they live. Java's `$`
+# also matches before a final line break, so the end anchor is `\z` there.
+TENANT_ID_JAVA_REGEX = TENANT_ID_PATTERN[:-1] + r"\z"
 
 
 def is_valid_tenant_id(value: object) -> bool:

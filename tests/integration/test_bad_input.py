@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from pyspark.errors import AnalysisException
 
 from tenantml import cli
 from tenantml.context import JobContext
@@ -215,8 +214,8 @@ def messy_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
     for j, tenant in enumerate(HOSTILE_IN_DATA):
         for k in range(2):
             bad(tenant, f"H{j}-{k}", TENANT_REASON)
-    # omega: below training.min_rows, so never trained; one value overflows a double (see the
-    # strict xfail test_numeric_overflow_is_quarantined); other tests only check that it reconciles.
+    # omega: below training.min_rows, so never trained; one value overflows a double (see
+    # test_numeric_overflow_is_quarantined); other tests only check that it reconciles.
     rows += [good_row(rng, "omega", f"O{i:03d}") for i in range(4)]
     rows.append({**good_row(rng, "omega", OVERFLOW_CUSTOMER), "tenure_months": "1e999"})
     return rows, expected
@@ -283,11 +282,6 @@ def test_misspelled_source_column_is_named_with_close_match(spark: Any, tmp_path
     assert not table_exists(spark, ctx.tables.bronze("acct")), "a partial bronze was written"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "pipeline/ingest.py read_source names `src.path or src.table` (the configured, unresolved "
-    "'${data_dir}/sources/acct') in the missing-column error even when source_path/--source "
-    "overrides it, so the message points at a file that was not read. Fix: use raw_path (the resolved "
-    "path actually read) in that message"))
 def test_missing_column_error_names_the_overriding_source(spark: Any, tmp_path: Path) -> None:
     rng = random.Random(3)
     rows = [good_row(rng, "alpha", f"A{i}") for i in range(3)]
@@ -362,9 +356,8 @@ def test_hostile_tenant_ids_in_data_are_quarantined_and_never_become_paths(messy
     assert len(invalid) == 2 * len(HOSTILE_IN_DATA)
     assert invalid["_reason"].str.contains(TENANT_REASON, regex=False).all()
     raw = {None if pd.isna(v) else v for v in invalid["_tenant_raw"]}
-    # CSV reads an empty field as NULL; every other raw id is kept as given (except the one with
-    # a double quote, which Spark's CSV defaults mangle: see test_csv_doubled_quotes_...).
-    assert raw - {'"say""hi"'} == {None if h == "" else h for h in HOSTILE_IN_DATA} - {'say"hi'}
+    # CSV reads an empty field as NULL; every other raw id is kept exactly as given.
+    assert raw == {None if h == "" else h for h in HOSTILE_IN_DATA}
     # Ingest reported the NULL group instead of dropping it.
     assert outcome(messy.results["ingest"], None).rows_in == 2 * len(HOSTILE_IN_DATA)
 
@@ -445,14 +438,6 @@ def test_hostile_tenant_argument_raises_invalid_tenant_id(spark: Any, messy: Mes
     assert after == before
 
 
-NO_EARLY_CHECK = (
-    "tenants= is validated only after Spark work: ingest() reads the source (read_source) before "
-    "validate_tenant_ids (pipeline/ingest.py, after to_bronze); validate() reads bronze in _scoped_bronze "
-    "first; train()/score() call table_version()/read_table() before eligible_tenants() validates"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=SparkTouched, reason=NO_EARLY_CHECK)
 @pytest.mark.parametrize("step", ["ingest", "validate", "train", "score"])
 def test_hostile_tenant_argument_raises_before_any_spark_work(tmp_path: Path, step: str) -> None:
     rng = random.Random(5)
@@ -501,14 +486,12 @@ def test_unknown_key_in_an_env_layer_names_that_file(tmp_path: Path) -> None:
 
 def test_rules_naming_an_undeclared_column_is_a_config_error(tmp_path: Path) -> None:
     text = DATASET_YML.replace("plan: [basic, pro]", "plann: [basic, pro]")
-    no_spark = NoSpark()
-    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path, datasets={"acct": text}),
-                            data_dir=tmp_path / "data", spark=no_spark)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError) as err:
-        validate(ctx, dataset="acct")
-    assert "'acct'" in str(err.value) and "'rules'" in str(err.value) and "'plann'" in str(err.value)
+    conf = make_conf(tmp_path, datasets={"acct": text})
+    with pytest.raises(ConfigError) as err:  # at load time, before any step or Spark work
+        JobContext.create(env="local", conf_dir=conf, data_dir=tmp_path / "data")
+    assert "datasets.acct" in str(err.value) and "'plann'" in str(err.value)
+    assert str(conf / "base" / "datasets" / "acct.yml") in str(err.value)
     assert isinstance(err.value, TenantMLError) and err.value.exit_code == EXIT_USAGE
-    assert no_spark.touched == []
 
 
 # --------------------------------------------------------------------------- steps out of order
@@ -516,13 +499,8 @@ def test_rules_naming_an_undeclared_column_is_a_config_error(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("step", [
     "validate",
-    pytest.param("train", marks=pytest.mark.xfail(strict=True, raises=AnalysisException, reason=(
-        "io/delta.py table_version() calls DeltaTable.forPath without table_exists(): train before "
-        "validate raises pyspark AnalysisException [DELTA_MISSING_DELTA_TABLE], not TableNotFoundError, "
-        "and the CLI (which only catches TenantMLError) dies with a traceback"))),
-    pytest.param("score", marks=pytest.mark.xfail(strict=True, raises=AnalysisException, reason=(
-        "io/delta.py table_version() raises AnalysisException instead of TableNotFoundError "
-        "when silver does not exist yet (score before validate)"))),
+    "train",
+    "score",
 ])
 def test_step_before_its_input_table_exists_names_the_table(spark: Any, tmp_path: Path, step: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -541,11 +519,6 @@ def test_step_before_its_input_table_exists_names_the_table(spark: Any, tmp_path
 # --------------------------------------------------------------------------- values the checks must not pass
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Spark CSV defaults use escape='\\', so RFC 4180 doubled quotes (what Python's csv, pandas and "
-    "Excel write) are not unescaped: a field like \"say \"\"hi\"\", there\" splits in two and every later "
-    "column shifts by one (the label gets ' there\"', the real label is silently dropped). "
-    "pipeline/ingest.py read_source: add 'escape': '\"' to the default csv options"))
 def test_csv_doubled_quotes_keep_values_in_their_columns(spark: Any, tmp_path: Path) -> None:
     rng = random.Random(4)
     rows = [good_row(rng, "alpha", f"A{i}") for i in range(3)]
@@ -563,11 +536,6 @@ def test_csv_doubled_quotes_keep_values_in_their_columns(spark: Any, tmp_path: P
             r["plan"], r["tenure_months"], r["monthly_spend"], r["churned"]), r["customer_id"]
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidTenantIdError, reason=(
-    "tenancy.py TENANT_ID_JAVA_REGEX reuses the Python pattern ending in '$'; Java's '$' also matches "
-    "before a final line terminator, so rlike accepts 'evil\\n' in to_bronze(): the row gets tenant_id "
-    "'evil\\n', bronze is written with that partition, then register_tenants() raises "
-    "InvalidTenantIdError and ingest crashes. Fix: end the Java regex with '\\z' instead of '$'"))
 def test_tenant_id_with_trailing_newline_is_quarantined(spark: Any, tmp_path: Path) -> None:
     rng = random.Random(9)
     rows = [good_row(rng, "alpha", f"A{i}") for i in range(30)]
@@ -584,11 +552,6 @@ def test_tenant_id_with_trailing_newline_is_quarantined(spark: Any, tmp_path: Pa
     assert bronze == {"alpha": 30, None: 2} and quarantine == {None: 2}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "validation/rules.py NUMBER_REGEX accepts '1e999', and typed_select's try_cast turns it into "
-    "Infinity: the row reaches silver with tenure_months=inf instead of being quarantined. Fix: also "
-    "reject non-finite typed values, e.g. a 'between' rule on a try_cast column of every numeric "
-    "feature (bounds +-1.7976931348623157e308) built in validate()"))
 def test_numeric_overflow_is_quarantined(messy: Messy) -> None:
     silver = read_table(messy.ctx.spark, messy.ctx.tables.silver("acct")).toPandas()
     assert np.isfinite(silver[["tenure_months", "monthly_spend"]].to_numpy(dtype=float)).all(), \

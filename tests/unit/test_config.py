@@ -86,7 +86,7 @@ def test_spec_consistency_errors(tmp_path: Path) -> None:
 
 def test_unknown_dataset_lists_known(tmp_path: Path) -> None:
     cfg = load_config(_conf(tmp_path, DATASET), "local")
-    with pytest.raises(ConfigError, match="unknown dataset 'nope'.*sales"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope'.*sales"):
         cfg.dataset("nope")
 
 

@@ -72,6 +72,8 @@ def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -
 
 def table_version(spark: SparkSession, ref: TableRef) -> int:
     """The current Delta version: recorded with models so training data can be time-travelled to."""
+    if not table_exists(spark, ref):
+        raise TableNotFoundError(f"table {ref.display} does not exist yet (run the step that writes it)")
     row = delta_table(spark, ref).history(1).select("version").first()
     return int(row[0]) if row else 0
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tenantml.config import DatasetSpec
+from tenantml.config import DatasetSpec, SourceSpec
 from tenantml.errors import SourceError
 from tenantml.io import replace_where
 from tenantml.pipeline.result import StepResult, TenantOutcome
@@ -67,6 +67,13 @@ def _read_table_source(spark: SparkSession, ctx: JobContext, dataset: str,
     return df, batch
 
 
+def source_location(src: SourceSpec, path_override: str | None, ctx: JobContext) -> str:
+    """The location actually read, for error messages."""
+    if path_override or src.path:
+        return str(ctx.resolve_path(path_override or src.path or ""))
+    return str(src.table)
+
+
 def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: DatasetSpec,
                 path_override: str | None = None) -> tuple[DataFrame, str]:
     """Read the raw source with every declared column as a string; bronze keeps values as given."""
@@ -86,7 +93,9 @@ def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: Datase
         empty = [str(f) for f in files if f.stat().st_size == 0]
         if empty and len(empty) == len(files):
             raise SourceError(f"dataset {dataset!r}: source files are empty: {', '.join(empty)}")
-        options = {"header": "true", "inferSchema": "false", "mode": "PERMISSIVE", **src.options} \
+        # RFC 4180 quoting ("" inside quotes) unless the dataset says otherwise.
+        options = {"header": "true", "inferSchema": "false", "mode": "PERMISSIVE", "escape": '"',
+                   "multiLine": "false", **src.options} \
             if src.format == "csv" else dict(src.options)
         reader = spark.read.format(src.format).options(**options)
         try:
@@ -96,14 +105,16 @@ def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: Datase
                               f"{str(exc).splitlines()[0]}") from exc
         batch = batch_id_for(files, dataset)
         df = df.withColumn("_source", F.col("_metadata.file_path"))
-    missing = [c for c in spec.declared_columns if c not in df.columns]
+    location = source_location(src, path_override, ctx)
+    columns = [c for c in df.columns if c != "_source"]
+    missing = [c for c in spec.declared_columns if c not in columns]
     if missing:
         hints = []
         for c in missing:
-            close = difflib.get_close_matches(c, df.columns, n=1)
+            close = difflib.get_close_matches(c, columns, n=1)
             hints.append(f"{c!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SourceError(f"dataset {dataset!r}: source {src.path or src.table} lacks declared "
-                          f"column(s) {', '.join(hints)}; it has {sorted(df.columns)}")
+        raise SourceError(f"dataset {dataset!r}: source {location} lacks declared "
+                          f"column(s) {', '.join(hints)}; it has {sorted(columns)}")
     extra = sorted(set(df.columns) - set(spec.declared_columns) - {"_source"})
     if extra:
         log.warning("dataset %s: ignoring undeclared source columns %s", dataset, extra)
@@ -136,6 +147,7 @@ def ingest(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] |
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
+    ids = validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
     name, spec = ctx.config.dataset(dataset)
     spark = ctx.spark
     bronze_ref = ctx.tables.bronze(name)
@@ -143,8 +155,7 @@ def ingest(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] |
     df, batch_id = read_source(spark, ctx, name, spec, source_path)
     bronze = to_bronze(df, spec, batch_id)
     predicate = f"_batch_id = '{batch_id}'"
-    if tenants:
-        ids = validate_tenant_ids(tenants, where="--tenants")
+    if ids:
         bronze = bronze.where(F.col("tenant_id").isin(ids))
         from tenantml.tenancy import tenant_in_predicate
 

@@ -33,8 +33,11 @@ STEPS = ("ingest", "validate", "train", "score")
 def run_step(ctx: JobContext, step: str, dataset: str | None = None,
              tenants: Sequence[str] | None = None, **kwargs: object) -> StepResult:
     """Run one step and record it; a step that raises is logged as failed, then re-raised."""
+    from tenantml.tenancy import validate_tenant_ids
+
     fn = _steps()[step]
     name, _ = ctx.config.dataset(dataset)
+    tenants = validate_tenant_ids(tenants, where="--tenants") if tenants else None
     started = time.perf_counter()
     try:
         result = fn(ctx, dataset=name, tenants=tenants, **kwargs)

@@ -13,6 +13,7 @@ from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models
 from tenantml.registry.tracking import champion_versions
 from tenantml.scoring.batch import ServingModel, score_frame
+from tenantml.tenancy import validate_tenant_ids
 
 if TYPE_CHECKING:
     from tenantml.context import JobContext
@@ -35,6 +36,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
+    validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
     name, spec = ctx.config.dataset(dataset)
     spark = ctx.spark
     silver_ref = ctx.tables.silver(name)

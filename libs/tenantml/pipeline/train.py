@@ -13,6 +13,7 @@ from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import write_models
 from tenantml.registry.tracking import track_training
+from tenantml.tenancy import validate_tenant_ids
 from tenantml.training.tenant_models import train_tenant_models
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ STRATEGY = "tenant"
 
 def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None) -> StepResult:
     started = time.perf_counter()
+    validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
     name, spec = ctx.config.dataset(dataset)
     cfg = ctx.config.training
     spark = ctx.spark

@@ -19,7 +19,14 @@ from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.tenancy import validate_tenant_ids
 from tenantml.tenants import list_tenant_ids
 from tenantml.validation.gx_rules import run_rules
-from tenantml.validation.rules import DUP_RANK, ROW_ID, build_rules, referenced_columns, typed_select
+from tenantml.validation.rules import (
+    DUP_RANK,
+    ROW_ID,
+    build_rules,
+    referenced_columns,
+    typed_check_columns,
+    typed_select,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -47,6 +54,7 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
     from pyspark.sql import types as T
 
     started = time.perf_counter()
+    validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
     name, spec = ctx.config.dataset(dataset)
     undeclared = sorted(set(referenced_columns(spec)) - set(spec.declared_columns))
     if undeclared:
@@ -68,7 +76,8 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
     superseded = {r["tenant_id"]: int(r["n"]) for r in ranked.where("_superseded").groupBy("tenant_id")
                   .agg(F.count(F.lit(1)).alias("n")).collect()}
     ranked = ranked.where(~F.col("_superseded")).drop("_superseded")
-    range_cols = [F.expr(f"try_cast(trim(`{c}`) AS DOUBLE)").alias(f"{c}__typed") for c in spec.rules.ranges]
+    range_cols = [F.expr(f"try_cast(trim(`{c}`) AS DOUBLE)").alias(f"{c}__typed")
+                  for c in typed_check_columns(spec)]
     frame = ranked.select("*", F.monotonically_increasing_id().alias(ROW_ID), *range_cols)
     # Row ids must not change between the rule jobs and the split below: materialise once.
     frame = frame.localCheckpoint(eager=True)

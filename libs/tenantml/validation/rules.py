@@ -14,6 +14,7 @@ NUMBER_REGEX = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 DATE_REGEX = r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
 BINARY_LABELS = ("0", "1", "0.0", "1.0", "true", "false", "True", "False", "TRUE", "FALSE")
 DUP_RANK = "_dup_rank"
+MAX_FINITE = 1.7976931348623157e308
 ROW_ID = "_row_id"
 
 
@@ -71,13 +72,24 @@ def build_rules(spec: DatasetSpec, registered_tenants: list[str] | None = None) 
                           f"event time {spec.event_time!r} is not an ISO date/timestamp", regex=DATE_REGEX))
     for c in spec.rules.not_null:
         rules.append(Rule("not_null", c, f"column {c!r} is null"))
-    for c, rng in spec.rules.ranges.items():
-        bounds = f"[{'-inf' if rng.min is None else rng.min}, {'inf' if rng.max is None else rng.max}]"
-        rules.append(Rule("between", f"{c}__typed", f"column {c!r} is outside {bounds}",
-                          min_value=rng.min, max_value=rng.max))
+    for c in typed_check_columns(spec):
+        rng = spec.rules.ranges.get(c)
+        lo = rng.min if rng and rng.min is not None else None
+        hi = rng.max if rng and rng.max is not None else None
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        # Overflowing literals (1e999) parse to infinity: the finite bounds catch them.
+        rules.append(Rule("between", f"{c}__typed",
+                          f"column {c!r} is outside {bounds}" if rng else f"column {c!r} is not a finite number",
+                          min_value=-MAX_FINITE if lo is None else lo, max_value=MAX_FINITE if hi is None else hi))
     for c, values in spec.rules.allowed_values.items():
         rules.append(Rule("in_set", c, f"column {c!r} is not one of {values}", value_set=tuple(values)))
     return rules
+
+
+def typed_check_columns(spec: DatasetSpec) -> list[str]:
+    """Columns checked as numbers: numeric features, a regression label, and every ranged column."""
+    cols = [*spec.numeric_features, *([spec.label] if spec.task == "regression" else []), *spec.rules.ranges]
+    return list(dict.fromkeys(cols))
 
 
 def referenced_columns(spec: DatasetSpec) -> list[str]:
