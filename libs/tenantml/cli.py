@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tenantml.errors import EXIT_FAILURE, EXIT_OK, TenantMLError
+from tenantml.errors import EXIT_FAILURE, EXIT_OK, ConfigError, TenantMLError
 
 if TYPE_CHECKING:
     from tenantml.context import JobContext
@@ -78,8 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[scoped], help="source -> bronze Delta (idempotent per batch)")
     ing.add_argument("--source", default=None, help="override the dataset's source path")
     sub.add_parser("validate", parents=[scoped], help="bronze -> silver + quarantine (Great Expectations)")
-    sub.add_parser("train", parents=[scoped], help="train one model per tenant, track and register them")
-    sub.add_parser("score", parents=[scoped], help="score every eligible tenant with its champion")
+    for name, text in (("train", "train one model per tenant, track and register them"),
+                       ("score", "score every eligible tenant with its champion")):
+        step = sub.add_parser(name, parents=[scoped], help=text)
+        step.add_argument("--resume", action="store_true",
+                          help="with --run-id: rerun only the tenants that failed this step in that run")
     pipe = sub.add_parser("pipeline", parents=[scoped], help="ingest -> validate -> train -> score")
     pipe.add_argument("--source", default=None, help="override the dataset's source path")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
@@ -235,6 +238,19 @@ def run(argv: Sequence[str] | None = None) -> int:
             tenants = _tenants(args)
             results.append(run_step(ctx, "ingest", dataset=args.dataset, tenants=tenants, source_path=args.source))
             results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=("validate", "train", "score"))
+        elif getattr(args, "resume", False):
+            from tenantml.pipeline.result import failed_tenants
+
+            if not args.run_id:
+                raise ConfigError("--resume needs --run-id: the run whose failed tenants to rerun")
+            name, _ = ctx.config.dataset(args.dataset)
+            failed = failed_tenants(ctx.spark, ctx.tables.run_log, args.run_id, args.command, name)
+            if not failed:
+                progress.phase(f"run {args.run_id}: no tenant failed {args.command} of {name}; nothing to resume")
+                results = []
+            else:
+                progress.phase(f"resuming {args.command} for {len(failed)} failed tenant(s): {', '.join(failed)}")
+                results = [run_step(ctx, args.command, dataset=name, tenants=failed)]
         else:
             kwargs: dict[str, Any] = {"source_path": args.source} if args.command == "ingest" else {}
             results = [run_step(ctx, args.command, dataset=args.dataset, tenants=_tenants(args), **kwargs)]

@@ -178,8 +178,18 @@ class ValidationConfig(_Strict):
     max_rejected_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
 
 
+class TenantQuota(_Strict):
+    """Per-tenant limits that keep one tenant from holding a training task for long."""
+
+    max_rows: int | None = Field(default=None, ge=2)
+    max_epochs: int | None = Field(default=None, ge=1)
+
+
 class TrainingConfig(_Strict):
     min_rows: int = Field(default=200, ge=2)
+    max_rows_per_tenant: int | None = Field(default=None, ge=2)
+    retries: int = Field(default=1, ge=0)
+    tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
     max_epochs: int = Field(default=40, ge=1)
@@ -194,6 +204,23 @@ class TrainingConfig(_Strict):
     torch_threads: int = Field(default=1, ge=1)
     parallelism: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+    @field_validator("tenant_quotas")
+    @classmethod
+    def _quota_ids(cls, v: dict[str, TenantQuota]) -> dict[str, TenantQuota]:
+        from tenantml.tenancy import is_valid_tenant_id
+
+        bad = [t for t in v if not is_valid_tenant_id(t)]
+        if bad:
+            raise ValueError(f"invalid tenant id(s) {bad}")
+        return v
+
+    def quota(self, tenant_id: str) -> tuple[int | None, int]:
+        """(max rows, max epochs) for a tenant: its own quota, else the platform defaults."""
+        q = self.tenant_quotas.get(tenant_id)
+        rows = q.max_rows if q and q.max_rows is not None else self.max_rows_per_tenant
+        epochs = q.max_epochs if q and q.max_epochs is not None else self.max_epochs
+        return rows, epochs
 
 
 class ScoringConfig(_Strict):

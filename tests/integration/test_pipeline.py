@@ -176,3 +176,54 @@ def test_a_later_batch_supersedes_earlier_rows_without_quarantining_them(spark: 
     current = read_table(spark, t.silver("demo")).where("tenant_id = 't001'").toPandas().set_index("customer_id")
     flipped = update.set_index("customer_id")["churned"].astype(float)
     assert (current.loc[flipped.index, "churned"] == flipped).all()
+
+
+def _ctx_with(run: dict[str, Any], tmp_path: Path, override: str, run_id: str | None = None) -> JobContext:
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_CONF, conf)
+    (conf / "local" / "test.yml").write_text(override)
+    return JobContext.create(conf_dir=conf, data_dir=run["data_dir"], spark=run["ctx"].spark, run_id=run_id)
+
+
+def test_quota_samples_a_giant_tenant_and_caps_epochs(spark: Any, run: dict[str, Any], tmp_path: Path) -> None:
+    ctx = _ctx_with(run, tmp_path, "training: {min_rows: 100, max_epochs: 6, patience: 2,"
+                                   " tenant_quotas: {t000: {max_rows: 300, max_epochs: 2}}}\n")
+    result = run_step(ctx, "train", dataset="demo", tenants=["t000", "t001"])
+    out = {t.tenant_id: t for t in result.tenants}
+    silver = _counts(read_table(spark, ctx.tables.silver("demo")))
+    assert out["t000"].detail["sampled_from"] == silver["t000"] and out["t000"].rows_in == 300
+    assert out["t000"].detail["epochs"] <= 2
+    assert "sampled_from" not in out["t001"].detail and out["t001"].rows_in == silver["t001"]
+
+
+def test_resume_reruns_only_the_tenants_that_failed(spark: Any, run: dict[str, Any], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import torch
+
+    from tenantml.cli import run as cli_run
+
+    if torch.cuda.is_available():
+        pytest.skip("the failure is induced by asking for CUDA on a machine without it")
+    run_id = "resume-test-1"
+    ok_ctx = _ctx_with(run, tmp_path / "ok", "training: {min_rows: 100, max_epochs: 3}\n", run_id)
+    bad_ctx = _ctx_with(run, tmp_path / "bad", "training: {min_rows: 100, max_epochs: 3, device: cuda,"
+                                               " retries: 2}\n", run_id)
+    first = run_step(ok_ctx, "train", dataset="demo", tenants=["t000"])
+    failed = run_step(bad_ctx, "train", dataset="demo", tenants=["t001", "t002"])
+    assert failed.status == "failed" and all(t.detail["attempts"] == 3 for t in failed.tenants)
+    log = read_table(spark, ok_ctx.tables.run_log).where(f"run_id = '{run_id}'").toPandas()
+    assert dict(zip(log["tenant_id"], log["status"], strict=True)) == {"t000": "ok", "t001": "failed",
+                                                                     "t002": "failed"}
+    t000_version = first.tenants[0].detail["version"]
+
+    code = cli_run(["train", "--resume", "--run-id", run_id, "--json", "--quiet", "--conf-dir",
+                    str(tmp_path / "ok" / "conf"), "--data-dir", str(run["data_dir"])])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["steps"][0]["tenants_processed"] == 2
+    log = read_table(spark, ok_ctx.tables.run_log).where(f"run_id = '{run_id}'").toPandas()
+    assert set(log["status"]) == {"ok"} and len(log) == 3
+    champion = ok_ctx.mlflow.get_model_version_by_alias("demo__t000", "champion")
+    assert str(champion.version) == t000_version  # t000 was not retrained
+    spark.conf.set("spark.sql.shuffle.partitions", "2")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tenantml.errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL
 from tenantml.io import replace_where
 from tenantml.tables import TableRef
+from tenantml.tenancy import tenant_in_predicate
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -116,7 +117,27 @@ def write_run_log(spark: SparkSession, ref: TableRef, result: StepResult) -> Non
         raise ValueError(f"invalid step/dataset name {result.step!r}/{result.dataset!r}")
     predicate = (f"run_id = '{result.run_id}' AND step = '{result.step}' "
                  f"AND dataset = '{result.dataset}'")
-    replace_where(df, ref, predicate)
+    ids = [t.tenant_id for t in result.tenants if t.tenant_id is not None]
+    # Only this result's tenants are replaced, so a resumed step keeps the rows of the tenants it
+    # did not rerun; a step-level failure row (tenant NULL) is always superseded.
+    scope = f"{tenant_in_predicate(ids)} OR tenant_id IS NULL" if ids else "tenant_id IS NULL"
+    replace_where(df, ref, f"{predicate} AND ({scope})")
+
+
+def failed_tenants(spark: SparkSession, ref: TableRef, run_id: str, step: str, dataset: str) -> list[str]:
+    """Tenants whose ``step`` failed in ``run_id``: what `--resume` reruns."""
+    from pyspark.sql import functions as F
+
+    from tenantml.io import read_table, table_exists
+
+    if not table_exists(spark, ref):
+        return []
+    rows = (read_table(spark, ref)
+            .where((F.col("run_id") == validate_run_id(run_id)) & (F.col("step") == step)
+                   & (F.col("dataset") == dataset) & (F.col("status") == "failed")
+                   & F.col("tenant_id").isNotNull())
+            .select("tenant_id").distinct().collect())
+    return sorted(r[0] for r in rows)
 
 
 def outcome_dict(o: TenantOutcome) -> dict[str, Any]:

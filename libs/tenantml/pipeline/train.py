@@ -58,7 +58,8 @@ def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     for r in results.itertuples(index=False):
         if r.status != "ok":
             outcomes.append(TenantOutcome(tenant_id=r.tenant_id, status="failed", rows_in=int(r.rows),
-                                          seconds=float(r.seconds), error=r.error))
+                                          seconds=float(r.seconds), error=r.error,
+                                          detail={"attempts": int(r.attempts)}))
             continue
         reg = tracked.registered[r.tenant_id]
         store_rows.append({
@@ -72,6 +73,9 @@ def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
             tenant_id=r.tenant_id, status="ok", rows_in=int(r.rows), rows_out=int(r.train_rows),
             seconds=float(r.seconds),
             detail={"model": f"models:/{reg.name}@{ctx.config.tracking.champion_alias}",
+                    "attempts": int(r.attempts),
+                    **({"sampled_from": int(r.sampled_from)} if r.sampled_from == r.sampled_from
+                       and r.sampled_from is not None else {}),
                     "version": reg.version, r.metric_name: round(float(r.metric), 4),
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
     write_models(spark, ctx.tables.model_store, store_rows, name, ctx.run_id)

@@ -27,7 +27,7 @@ BIN_COL = "_task_bin"
 RESULT_SCHEMA = (
     "tenant_id string, status string, error string, rows long, train_rows long, test_rows long, "
     "metric_name string, metric double, baseline_metric double, metrics_json string, epochs int, "
-    "best_epoch int, seconds double, n_parameters long, model binary"
+    "best_epoch int, seconds double, n_parameters long, attempts int, sampled_from long, model binary"
 )
 
 
@@ -43,6 +43,8 @@ class TrainJob:
     test_fraction: float
     params: dict[str, Any]
     torch_threads: int
+    retries: int = 0
+    quotas: dict[str, tuple[int | None, int]] | None = None  # tenant -> (max rows, max epochs)
 
     @classmethod
     def from_config(cls, spec: DatasetSpec, cfg: TrainingConfig) -> TrainJob:
@@ -56,7 +58,12 @@ class TrainJob:
         return cls(label=spec.label, numeric=tuple(spec.numeric_features),
                    categorical=tuple(spec.categorical_features), task=spec.task,
                    event_time=spec.event_time, test_fraction=cfg.test_fraction, params=params,
-                   torch_threads=cfg.torch_threads)
+                   torch_threads=cfg.torch_threads, retries=cfg.retries)
+
+    def with_quotas(self, cfg: TrainingConfig, tenants: Iterable[str]) -> TrainJob:
+        from dataclasses import replace
+
+        return replace(self, quotas={t: cfg.quota(t) for t in tenants})
 
 
 def _short_error(exc: BaseException) -> str:
@@ -66,7 +73,37 @@ def _short_error(exc: BaseException) -> str:
 
 
 def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[str, Any]:
-    """Holdout split, fit with early stopping, evaluate against a constant baseline; never raises."""
+    """Quota, holdout split, fit with early stopping, evaluate against a constant baseline.
+
+    Never raises: a failure is retried ``job.retries`` times, then returned as status 'failed'.
+    """
+    from tenantml.models import primary_metric, stable_seed
+
+    started = time.perf_counter()
+    metric_name, _ = primary_metric(job.task)  # type: ignore[arg-type]
+    max_rows, max_epochs = (job.quotas or {}).get(tenant_id, (None, int(job.params["max_epochs"])))
+    row: dict[str, Any] = {"tenant_id": tenant_id, "rows": len(pdf), "metric_name": metric_name,
+                           "sampled_from": None, "attempts": 0}
+    if max_rows is not None and len(pdf) > max_rows:
+        # Quota: a seeded sample keeps the run reproducible; the original size is recorded.
+        row["sampled_from"] = len(pdf)
+        pdf = pdf.sample(n=max_rows, random_state=stable_seed(tenant_id, "quota") % (2**31))
+        row["rows"] = len(pdf)
+    for attempt in range(1, job.retries + 2):
+        row["attempts"] = attempt
+        try:
+            _fit_and_evaluate(tenant_id, pdf, job, max_epochs, attempt, row)
+            break
+        except Exception as exc:  # one tenant's failure is recorded, never propagated
+            row.update(status="failed", error=_short_error(exc), train_rows=0, test_rows=0, metric=None,
+                       baseline_metric=None, metrics_json=None, epochs=0, best_epoch=0, n_parameters=0,
+                       model=None)
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_epochs: int, attempt: int,
+                      row: dict[str, Any]) -> None:
     from tenantml.models import (
         FeatureSpec,
         TrainParams,
@@ -74,38 +111,31 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
         evaluate,
         fit_tabular,
         holdout_split,
-        primary_metric,
         stable_seed,
     )
 
-    started = time.perf_counter()
-    metric_name, _ = primary_metric(job.task)  # type: ignore[arg-type]
-    row: dict[str, Any] = {"tenant_id": tenant_id, "rows": len(pdf), "metric_name": metric_name}
-    try:
-        seed = stable_seed(tenant_id, int(job.params["seed"]))
-        train, test = holdout_split(pdf, job.test_fraction, seed, job.event_time)
-        spec = FeatureSpec(numeric=job.numeric, categorical=job.categorical, task=job.task)  # type: ignore[arg-type]
-        params = TrainParams(**{**job.params, "seed": seed})
-        fit = fit_tabular(train, job.label, spec, params)
-        y_test = test[job.label].to_numpy(dtype=np.float64)
-        pred = fit.model.predict(test)
-        base = baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test), job.task)  # type: ignore[arg-type]
-        metrics = evaluate(y_test, pred, job.task)  # type: ignore[arg-type]
-        base_metrics = evaluate(y_test, base, job.task)  # type: ignore[arg-type]
-        row.update(
-            status="ok", error=None, train_rows=len(train), test_rows=len(test),
-            metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
-            metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
-                                     "best_val_loss": fit.best_val_loss}),
-            epochs=fit.epochs_run, best_epoch=fit.best_epoch, n_parameters=fit.model.n_parameters,
-            model=fit.model.to_bytes(),
-        )
-    except Exception as exc:  # one tenant's failure is recorded, never propagated
-        row.update(status="failed", error=_short_error(exc), train_rows=0, test_rows=0, metric=None,
-                   baseline_metric=None, metrics_json=None, epochs=0, best_epoch=0, n_parameters=0,
-                   model=None)
-    row["seconds"] = time.perf_counter() - started
-    return row
+    metric_name = row["metric_name"]
+    seed = stable_seed(tenant_id, int(job.params["seed"]))
+    train, test = holdout_split(pdf, job.test_fraction, seed, job.event_time)
+    spec = FeatureSpec(numeric=job.numeric, categorical=job.categorical, task=job.task)  # type: ignore[arg-type]
+    # A retry changes only the optimisation seed, never the holdout, so metrics stay comparable.
+    params = TrainParams(**{**job.params, "seed": seed + attempt - 1, "max_epochs": max_epochs})
+    fit = fit_tabular(train, job.label, spec, params)
+    y_test = test[job.label].to_numpy(dtype=np.float64)
+    pred = fit.model.predict(test)
+    base = baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test), job.task)  # type: ignore[arg-type]
+    metrics = evaluate(y_test, pred, job.task)  # type: ignore[arg-type]
+    base_metrics = evaluate(y_test, base, job.task)  # type: ignore[arg-type]
+    if not np.isfinite(pred).all():
+        raise FloatingPointError(f"tenant {tenant_id!r}: model produced non-finite predictions (diverged)")
+    row.update(
+        status="ok", error=None, train_rows=len(train), test_rows=len(test),
+        metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
+        metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
+                                 "best_val_loss": fit.best_val_loss}),
+        epochs=fit.epochs_run, best_epoch=fit.best_epoch, n_parameters=fit.model.n_parameters,
+        model=fit.model.to_bytes(),
+    )
 
 
 def train_partition(batches: Iterable[pd.DataFrame], job: TrainJob) -> Iterator[pd.DataFrame]:
@@ -148,7 +178,7 @@ def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict
 
     if not row_counts:
         return pd.DataFrame(columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
-    job = TrainJob.from_config(spec, cfg)
+    job = TrainJob.from_config(spec, cfg).with_quotas(cfg, row_counts)
     bins = max(1, min(parallelism or cfg.parallelism or spark.sparkContext.defaultParallelism,
                       len(row_counts)))
     plan = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
