@@ -172,6 +172,12 @@ class TenantsConfig(_Strict):
     default_strategy: Literal["auto", "tenant", "shared", "tuned"] = "auto"
     default_consent_share_data: bool = False
     default_consent_shared_inference: bool = True
+    budget_seconds_per_month: float | None = Field(default=None, gt=0)
+    budgets: dict[str, float] = Field(default_factory=dict)  # tenant -> compute seconds per month
+    budget_action: Literal["warn", "stop"] = "warn"
+
+    def budget(self, tenant_id: str) -> float | None:
+        return self.budgets.get(tenant_id, self.budget_seconds_per_month)
 
 
 class ValidationConfig(_Strict):

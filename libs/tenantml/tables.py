@@ -56,8 +56,8 @@ class Tables:
         return self.ref("model_store")
 
     @property
-    def model_metrics(self) -> TableRef:
-        return self.ref("model_metrics")
+    def cost_ledger(self) -> TableRef:
+        return self.ref("cost_ledger")
 
     # Per-dataset tables.
     def bronze(self, dataset: str) -> TableRef:

@@ -72,6 +72,22 @@ def test_no_path_is_named_after_a_hostile_tenant(run: dict[str, Any]) -> None:
     assert not (Path(run["data_dir"]).parent / "etc").exists()
 
 
+def test_cost_ledger_measures_train_and_score_per_tenant(spark: Any, run: dict[str, Any]) -> None:
+    ctx = run["ctx"]
+    ledger = read_table(spark, ctx.tables.cost_ledger).where(f"run_id = '{ctx.run_id}'").toPandas()
+    by_step = {s: g.set_index("tenant_id") for s, g in ledger.groupby("step")}
+    assert set(by_step) == {"ingest", "validate", "train", "score"}
+    for step in ("train", "score"):
+        assert set(by_step[step]["method"]) == {"measured"}
+        assert set(by_step[step].index) == {"t000", "t001", "t002", "t003"}
+        assert (by_step[step]["compute_seconds"] > 0).all()
+    trained = {t.tenant_id: t.seconds for t in run["results"]["train"].tenants if t.status == "ok"}
+    assert by_step["train"]["compute_seconds"].to_dict() == pytest.approx(trained)
+    assert set(by_step["validate"]["method"]) == {"allocated"}
+    scored = {t.tenant_id: t.rows_in for t in run["results"]["score"].tenants if t.status == "ok"}
+    assert by_step["score"]["rows"].to_dict() == scored
+
+
 def test_reruns_replace_and_never_duplicate(spark: Any, run: dict[str, Any]) -> None:
     ctx, t = run["ctx"], run["ctx"].tables
     before = {name: read_table(spark, ref).count() for name, ref in
@@ -227,3 +243,16 @@ def test_resume_reruns_only_the_tenants_that_failed(spark: Any, run: dict[str, A
     champion = ok_ctx.mlflow.get_model_version_by_alias("demo__t000", "champion")
     assert str(champion.version) == t000_version  # t000 was not retrained
     spark.conf.set("spark.sql.shuffle.partitions", "2")
+
+
+def test_budget_stop_leaves_an_over_budget_tenant_out(spark: Any, run: dict[str, Any], tmp_path: Path) -> None:
+    ctx = _ctx_with(run, tmp_path, "training: {min_rows: 100, max_epochs: 2}\n"
+                                   "tenants: {budgets: {t001: 0.001}, budget_action: stop}\n")
+    result = run_step(ctx, "train", dataset="demo", tenants=["t001", "t002"])
+    out = {t.tenant_id: t for t in result.tenants}
+    assert out["t001"].status == "skipped" and "over its budget" in out["t001"].detail["reason"]
+    assert out["t002"].status == "ok"
+    warn = _ctx_with(run, tmp_path / "w", "training: {min_rows: 100, max_epochs: 2}\n"
+                                          "tenants: {budgets: {t001: 0.001}}\n")
+    assert {t.tenant_id: t.status for t in run_step(warn, "train", dataset="demo", tenants=["t001"]).tenants} \
+        == {"t001": "ok"}

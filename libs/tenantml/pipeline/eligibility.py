@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -10,6 +11,8 @@ from tenantml.errors import UnknownTenantError
 from tenantml.io import read_table, table_exists
 from tenantml.pipeline.result import ExcludedStatus, TenantOutcome
 from tenantml.tenancy import validate_tenant_ids
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -52,8 +55,30 @@ def eligible_tenants(ctx: JobContext, dataset: str, silver: DataFrame,
         for r in read_table(ctx.spark, ctx.tables.tenants).where("status != 'active'").collect():
             if r["tenant_id"] in rows:
                 excluded[r["tenant_id"]] = ("skipped", f"tenant {r['tenant_id']!r} has status {r['status']!r}")
+    _apply_budgets(ctx, rows, excluded)
     eligible = sorted(t for t in rows if t not in excluded)
     return Eligibility(rows=rows, eligible=eligible, excluded=excluded)
+
+
+def _apply_budgets(ctx: JobContext, rows: dict[str, int], excluded: dict[str, tuple[ExcludedStatus, str]]) -> None:
+    """Over-budget tenants get a warning, or are left out when `tenants.budget_action` is 'stop'."""
+    from tenantml.pipeline.ledger import spent_this_month
+
+    cfg = ctx.config.tenants
+    budgeted = [t for t in rows if t not in excluded and cfg.budget(t) is not None]
+    if not budgeted:
+        return
+    spent = spent_this_month(ctx.spark, ctx.tables.cost_ledger, budgeted)
+    for t in budgeted:
+        budget = cfg.budget(t) or 0.0
+        used = spent.get(t, 0.0)
+        if used <= budget:
+            continue
+        why = f"tenant {t!r} used {used:.1f}s of compute this month, over its budget of {budget:.1f}s"
+        log.warning(why)
+        ctx.progress.phase(f"warning: {why}")
+        if cfg.budget_action == "stop":
+            excluded[t] = ("skipped", why + ": stopped (tenants.budget_action = stop)")
 
 
 def excluded_outcomes(elig: Eligibility) -> list[TenantOutcome]:

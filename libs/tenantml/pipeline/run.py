@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from tenantml.errors import TenantMLError
+from tenantml.pipeline.ledger import write_cost_ledger
 from tenantml.pipeline.result import StepResult, TenantOutcome, write_run_log
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def run_step(ctx: JobContext, step: str, dataset: str | None = None,
                         started)
         raise
     write_run_log(ctx.spark, ctx.tables.run_log, result)
+    write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result)
     return result
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.io import read_table, replace_tenants, table_version
 from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.pipeline.ledger import dict_sum_param
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models
@@ -69,21 +70,25 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
                                             f"{ctx.tables.model_store.display}"))
     pred_ref = ctx.tables.predictions(name)
     scored_counts: dict[str, int] = {}
+    task_seconds: dict[str, float] = {}
     if models:
         ctx.progress.phase(f"score {name}: scoring {sum(elig.rows[t] for t in models)} rows "
                            f"of {len(models)} tenants")
         parts = ctx.config.scoring.parallelism or spark.sparkContext.defaultParallelism
+        costs = spark.sparkContext.accumulator({}, dict_sum_param())
         preds = score_frame(spark, silver, models, key=spec.entity_key, task=spec.task, run_id=ctx.run_id,
-                            device=ctx.config.scoring.device, partitions=parts)
+                            device=ctx.config.scoring.device, partitions=parts, cost_accumulator=costs)
         preds = preds.withColumn("scored_at", F.current_timestamp())
         with SparkTaskProgress(spark, ctx.progress, "scoring tasks"):
             replace_tenants(preds, pred_ref, list(models))
         written = read_table(spark, pred_ref).where(F.col("tenant_id").isin(list(models)))
         scored_counts = {r["tenant_id"]: int(r["n"]) for r in
                          written.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
+        task_seconds = dict(costs.value)
     for t, m in sorted(models.items()):
         n = scored_counts.get(t, 0)
         outcomes.append(TenantOutcome(tenant_id=t, status="ok", rows_in=elig.rows[t], rows_out=n,
+                                      seconds=task_seconds.get(t, 0.0),
                                       detail={"model": f"{m.model_name}/{m.model_version}",
                                               "strategy": m.strategy}))
     outcomes.sort(key=lambda o: o.tenant_id or "")

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
+    from pyspark.accumulators import Accumulator
     from pyspark.sql import DataFrame, SparkSession
 
 PREDICTION_SCHEMA = (
@@ -56,12 +57,19 @@ class ModelCache:
 
 
 def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, task: str,
-                  run_id: str, threshold: float = 0.5) -> Iterator[pd.DataFrame]:
+                  run_id: str, threshold: float = 0.5,
+                  costs: dict[str, float] | None = None) -> Iterator[pd.DataFrame]:
+    """Score tenant by tenant within each Arrow batch; ``costs`` collects seconds per tenant."""
+    import time
+
     for batch in batches:
         for tenant_id, rows in batch.groupby("tenant_id", sort=False):
+            started = time.perf_counter()
             meta, model = cache.get(str(tenant_id))
             # The model reads only its own features; tenant id and key never reach it.
             score = model.predict(rows)
+            if costs is not None:
+                costs[str(tenant_id)] = costs.get(str(tenant_id), 0.0) + time.perf_counter() - started
             pred = (score >= threshold).astype(np.float64) if task == "binary" else score
             yield pd.DataFrame({
                 "tenant_id": str(tenant_id), "entity_key": rows[key].astype(str).to_numpy(),
@@ -72,8 +80,12 @@ def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, 
 
 
 def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingModel], *, key: str,
-                task: str, run_id: str, device: str, partitions: int) -> DataFrame:
-    """Rows of tenants in ``models`` only; others are filtered out before any model is touched."""
+                task: str, run_id: str, device: str, partitions: int,
+                cost_accumulator: Accumulator[dict[str, float]] | None = None) -> DataFrame:
+    """Rows of tenants in ``models`` only; others are filtered out before any model is touched.
+
+    With ``cost_accumulator`` each task adds the seconds it spent per tenant once it finishes.
+    """
     from pyspark.sql import functions as F
 
     bmodels = spark.sparkContext.broadcast(models)
@@ -85,9 +97,10 @@ def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingM
 
         torch.set_num_threads(1)
         cache = ModelCache(bmodels.value, resolve_device(device))
-        yield from score_batches(batches, cache, key, task, run_id)
-
-
+        costs: dict[str, float] = {}
+        yield from score_batches(batches, cache, key, task, run_id, costs=costs)
+        if cost_accumulator is not None:
+            cost_accumulator.add(costs)
 
     scoped = data.where(F.col("tenant_id").isin(list(models))).repartition(partitions, "tenant_id")
     return scoped.mapInPandas(run, schema=PREDICTION_SCHEMA)
