@@ -230,7 +230,7 @@ class TrainingConfig(_Strict):
 
 
 class ScoringConfig(_Strict):
-    arrow_batch_size: int = Field(default=10_000, ge=1)
+    arrow_batch_size: int = Field(default=50_000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallelism: int | None = Field(default=None, ge=1)
 

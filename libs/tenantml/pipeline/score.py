@@ -77,7 +77,9 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
         parts = ctx.config.scoring.parallelism or spark.sparkContext.defaultParallelism
         costs = spark.sparkContext.accumulator({}, dict_sum_param())
         preds = score_frame(spark, silver, models, key=spec.entity_key, task=spec.task, run_id=ctx.run_id,
-                            device=ctx.config.scoring.device, partitions=parts, cost_accumulator=costs)
+                            device=ctx.config.scoring.device, partitions=parts, cost_accumulator=costs,
+                            features=spec.feature_columns)
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ctx.config.scoring.arrow_batch_size))
         preds = preds.withColumn("scored_at", F.current_timestamp())
         with SparkTaskProgress(spark, ctx.progress, "scoring tasks"):
             replace_tenants(preds, pred_ref, list(models))

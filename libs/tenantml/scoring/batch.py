@@ -21,6 +21,9 @@ PREDICTION_SCHEMA = (
     "tenant_id string, entity_key string, prediction double, score double, model_name string, "
     "model_version string, strategy string, mlflow_run_id string, run_id string"
 )
+# What the Python workers return; the per-model constants are joined on in the JVM, which is
+# cheaper than materialising them in every pandas output frame.
+WORKER_SCHEMA = "tenant_id string, entity_key string, prediction double, score double"
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,12 @@ class ModelCache:
 
 
 def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, task: str,
-                  run_id: str, threshold: float = 0.5,
-                  costs: dict[str, float] | None = None) -> Iterator[pd.DataFrame]:
-    """Score tenant by tenant within each Arrow batch; ``costs`` collects seconds per tenant."""
+                  run_id: str, threshold: float = 0.5, costs: dict[str, float] | None = None,
+                  lean: bool = False) -> Iterator[pd.DataFrame]:
+    """Score tenant by tenant within each Arrow batch; ``costs`` collects seconds per tenant.
+
+    ``lean`` yields only tenant, key, prediction and score (WORKER_SCHEMA).
+    """
     import time
 
     for batch in batches:
@@ -71,19 +77,21 @@ def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, 
             if costs is not None:
                 costs[str(tenant_id)] = costs.get(str(tenant_id), 0.0) + time.perf_counter() - started
             pred = (score >= threshold).astype(np.float64) if task == "binary" else score
-            yield pd.DataFrame({
-                "tenant_id": str(tenant_id), "entity_key": rows[key].astype(str).to_numpy(),
-                "prediction": pred, "score": score.astype(np.float64), "model_name": meta.model_name,
-                "model_version": meta.model_version, "strategy": meta.strategy,
-                "mlflow_run_id": meta.mlflow_run_id, "run_id": run_id,
-            })
+            out = {"tenant_id": str(tenant_id), "entity_key": rows[key].astype(str).to_numpy(),
+                   "prediction": pred, "score": score.astype(np.float64)}
+            if not lean:
+                out.update(model_name=meta.model_name, model_version=meta.model_version,
+                           strategy=meta.strategy, mlflow_run_id=meta.mlflow_run_id, run_id=run_id)
+            yield pd.DataFrame(out)
 
 
 def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingModel], *, key: str,
                 task: str, run_id: str, device: str, partitions: int,
-                cost_accumulator: Accumulator[dict[str, float]] | None = None) -> DataFrame:
+                cost_accumulator: Accumulator[dict[str, float]] | None = None,
+                features: list[str] | None = None) -> DataFrame:
     """Rows of tenants in ``models`` only; others are filtered out before any model is touched.
 
+    Only tenant, key and ``features`` travel to the Python workers (labels and PII never do).
     With ``cost_accumulator`` each task adds the seconds it spent per tenant once it finishes.
     """
     from pyspark.sql import functions as F
@@ -98,9 +106,16 @@ def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingM
         torch.set_num_threads(1)
         cache = ModelCache(bmodels.value, resolve_device(device))
         costs: dict[str, float] = {}
-        yield from score_batches(batches, cache, key, task, run_id, costs=costs)
+        yield from score_batches(batches, cache, key, task, run_id, costs=costs, lean=True)
         if cost_accumulator is not None:
             cost_accumulator.add(costs)
 
-    scoped = data.where(F.col("tenant_id").isin(list(models))).repartition(partitions, "tenant_id")
-    return scoped.mapInPandas(run, schema=PREDICTION_SCHEMA)
+    scoped = data.where(F.col("tenant_id").isin(list(models)))
+    if features is not None:
+        scoped = scoped.select("tenant_id", F.col(f"`{key}`"), *[F.col(f"`{c}`") for c in features])
+    meta = spark.createDataFrame(
+        [(m.tenant_id, m.model_name, m.model_version, m.strategy, m.mlflow_run_id) for m in models.values()],
+        "tenant_id string, model_name string, model_version string, strategy string, mlflow_run_id string")
+    scored = scoped.repartition(partitions, "tenant_id").mapInPandas(run, schema=WORKER_SCHEMA)
+    out = scored.join(F.broadcast(meta), on="tenant_id", how="inner").withColumn("run_id", F.lit(run_id))
+    return out.select(*[c.split()[0] for c in PREDICTION_SCHEMA.split(", ")])
