@@ -242,6 +242,8 @@ def test_resume_reruns_only_the_tenants_that_failed(spark: Any, run: dict[str, A
     assert set(log["status"]) == {"ok"} and len(log) == 3
     champion = ok_ctx.mlflow.get_model_version_by_alias("demo__t000", "champion")
     assert str(champion.version) == t000_version  # t000 was not retrained
+    store = read_table(spark, ok_ctx.tables.model_store).where(f"run_id = '{run_id}'").toPandas()
+    assert sorted(store["tenant_id"]) == ["t000", "t001", "t002"]  # the resume kept t000's model
     spark.conf.set("spark.sql.shuffle.partitions", "2")
 
 
@@ -256,3 +258,25 @@ def test_budget_stop_leaves_an_over_budget_tenant_out(spark: Any, run: dict[str,
                                           "tenants: {budgets: {t001: 0.001}}\n")
     assert {t.tenant_id: t.status for t in run_step(warn, "train", dataset="demo", tenants=["t001"]).tenants} \
         == {"t001": "ok"}
+
+
+def test_concurrent_runs_on_disjoint_tenants_both_succeed(spark: Any, run: dict[str, Any], tmp_path: Path) -> None:
+    """Two scoring runs at once, each on its own tenants: Delta commits race, retries resolve them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ctx_a = _ctx_with(run, tmp_path / "a", "training: {min_rows: 100}\n", run_id="concurrent-a")
+    ctx_b = _ctx_with(run, tmp_path / "b", "training: {min_rows: 100}\n", run_id="concurrent-b")
+    t = ctx_a.tables
+    before = read_table(spark, t.predictions("demo")).toPandas()
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(run_step, ctx_a, "score", "demo", ["t000", "t001"])
+        fb = pool.submit(run_step, ctx_b, "score", "demo", ["t002", "t003"])
+        ra, rb = fa.result(timeout=600), fb.result(timeout=600)
+    assert ra.status == rb.status == "ok", (ra.to_dict()["failures"], rb.to_dict()["failures"])
+    after = read_table(spark, t.predictions("demo")).toPandas()
+    assert len(after) == len(before)
+    assert after.duplicated(["tenant_id", "entity_key"]).sum() == 0
+    runs = after.groupby("tenant_id")["run_id"].first().to_dict()
+    assert {runs["t000"], runs["t001"]} == {"concurrent-a"} and {runs["t002"], runs["t003"]} == {"concurrent-b"}
+    log = read_table(spark, t.run_log).where("run_id LIKE 'concurrent-%'").toPandas()
+    assert sorted(log["tenant_id"]) == ["t000", "t001", "t002", "t003"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tenantml.io import read_table, replace_where, table_exists
 from tenantml.pipeline.result import validate_run_id
 from tenantml.tables import TableRef
-from tenantml.tenancy import validate_tenant_ids
+from tenantml.tenancy import tenant_in_predicate, validate_tenant_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +28,8 @@ STORE_SCHEMA = (
 
 def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]], dataset: str,
                  run_id: str) -> None:
-    """Idempotent per (run, dataset): a rerun of the same run replaces its rows."""
+    """Idempotent per (run, dataset, tenant): a rerun replaces its own tenants' rows only, so a
+    resumed run keeps the models its first attempt registered for the other tenants."""
     validate_run_id(run_id)
     if not rows:
         return
@@ -36,7 +37,9 @@ def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]],
     cols = [c.split()[0] for c in STORE_SCHEMA.split(", ")]
     data = [tuple({**r, "created_at": now}[c] for c in cols) for r in rows]
     df = spark.createDataFrame(data, STORE_SCHEMA)
-    replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}'", partition_by=("tenant_id",))
+    tenants = tenant_in_predicate([r["tenant_id"] for r in rows])
+    replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}' AND {tenants}",
+                  partition_by=("tenant_id",))
 
 
 def load_models(spark: SparkSession, ref: TableRef, wanted: dict[str, tuple[str, str]]) -> pd.DataFrame:
