@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
     models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
     sub.add_parser("runs", parents=[common], help="show the run_log of the latest run (or --run-id)")
+    gov = sub.add_parser("governance", parents=[scoped],
+                         help="print Unity Catalog row filters and per-tenant views for the published tables")
+    gov.add_argument("--catalog", default=None, help="default: tables.catalog from config")
+    gov.add_argument("--schema", default=None, help="default: tables.schema from config")
     return p
 
 
@@ -203,6 +207,27 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
     return EXIT_OK
 
 
+def _governance(args: argparse.Namespace, ctx: JobContext) -> int:
+    from tenantml.governance import AccessPolicy, governance_sql
+    from tenantml.tenants import list_tenant_ids
+
+    catalog = args.catalog or ctx.config.tables.catalog
+    schema = args.schema or ctx.config.tables.schema_
+    if not catalog or not schema:
+        raise ConfigError("governance needs a catalog and schema: set tables.catalog/tables.schema "
+                          "(conf/<env>) or pass --catalog and --schema")
+    name, _ = ctx.config.dataset(args.dataset)
+    tenants = _tenants(args) or list_tenant_ids(ctx.spark, ctx.tables.tenants)
+    tables = [ctx.tables.predictions(name).name, ctx.tables.silver(name).name,
+              ctx.tables.quarantine(name).name, ctx.tables.quality(name).name]
+    stmts = governance_sql(AccessPolicy(catalog, schema), tables, tenants)
+    if args.json:
+        print(json.dumps({"status": "ok", "statements": stmts}, indent=2))
+    else:
+        print(";\n".join(stmts) + ";")
+    return EXIT_OK
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("TENANTML_LOG_LEVEL", "WARNING"),
@@ -218,6 +243,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             out = export_sample(args.name, ctx.source_path(args.name))
             print(json.dumps({"status": "ok", "written": str(out)}) if args.json else f"wrote {out}")
             return EXIT_OK
+        if args.command == "governance":
+            return _governance(args, ctx)
         if args.command in ("tenants", "models", "runs"):
             return _table_command(args, ctx)
         from tenantml.pipeline import run_pipeline, run_step
