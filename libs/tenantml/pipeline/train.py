@@ -12,7 +12,7 @@ from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import write_models
-from tenantml.registry.tracking import track_training
+from tenantml.registry.tracking import promote, track_training
 from tenantml.tenancy import validate_tenant_ids
 from tenantml.training.tenant_models import train_tenant_models
 
@@ -79,6 +79,7 @@ def train(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
                     "version": reg.version, r.metric_name: round(float(r.metric), 4),
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
     write_models(spark, ctx.tables.model_store, store_rows, name, ctx.run_id)
+    promote(ctx, tracked.registered.values())
     outcomes.sort(key=lambda o: o.tenant_id or "")
     return StepResult(
         step="train", dataset=name, run_id=ctx.run_id, tenants=outcomes,

@@ -82,7 +82,7 @@ def existing_models(client: MlflowClient, prefix: str) -> set[str]:
 
 def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
                    params: dict[str, Any], lineage: dict[str, Any]) -> TrainingRun:
-    """One MLflow run for the job; every trained tenant's model logged, registered and aliased."""
+    """One MLflow run for the job; every trained tenant's model logged and registered (see promote)."""
     import math
 
     from mlflow.entities import RunStatus
@@ -92,7 +92,6 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
     client = ctx.mlflow
     spec = ctx.config.datasets[dataset]
     prefix = ctx.config.tracking.model_name_prefix
-    alias = ctx.config.tracking.champion_alias
     run = client.create_run(ctx.experiment_id(), run_name=f"train-{dataset}-{strategy}-{ctx.run_id}",
                             tags={"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset,
                                   "tenantml.step": "train", "tenantml.strategy": strategy})
@@ -145,7 +144,6 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
                       "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
                       "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
                       **{k: str(v) for k, v in lineage.items()}})
-            client.set_registered_model_alias(name, alias, mv.version)
             out.registered[r.tenant_id] = Registered(r.tenant_id, name, str(mv.version), source)
             ctx.progress.advance()
         ctx.progress.done()
@@ -154,6 +152,17 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
         client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
         raise
     return out
+
+
+def promote(ctx: JobContext, registered: Iterable[Registered]) -> None:
+    """Point each tenant's champion alias at its new version.
+
+    Called only after the versions' bytes are in the model store: a crash before this leaves the
+    old champions serving, never an alias whose model the scorer cannot find.
+    """
+    alias = ctx.config.tracking.champion_alias
+    for reg in registered:
+        ctx.mlflow.set_registered_model_alias(reg.name, alias, reg.version)
 
 
 def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:
