@@ -93,7 +93,8 @@ def test_every_champion_is_in_the_model_store_and_served(spark: Any, dirs: dict[
     import mlflow
 
     data = dirs["crashed"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # other tests move the global URIs
     store = _table(spark, data, "model_store").toPandas()
     preds = _table(spark, data, "predictions_demo").toPandas()
     served = preds.groupby("tenant_id")["model_version"].first().to_dict()
