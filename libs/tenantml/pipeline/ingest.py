@@ -83,7 +83,7 @@ def read_source(spark: SparkSession, ctx: JobContext, dataset: str, spec: Datase
     if src.format in ("table", "delta") and not path_override:
         df, batch = _read_table_source(spark, ctx, dataset, spec)
     else:
-        raw_path = str(ctx.resolve_path(path_override or src.path or ""))
+        raw_path = source_location(src, path_override, ctx)
         path = Path(raw_path)
         if not path.exists():
             raise SourceError(f"dataset {dataset!r}: source path {raw_path} does not exist")

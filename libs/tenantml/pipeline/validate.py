@@ -73,14 +73,15 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
     ranked = (bronze
               .withColumn(DUP_RANK, F.when(keyed, F.row_number().over(order)).otherwise(F.lit(1)))
               .withColumn("_superseded", keyed & (F.col("_batch_id") != F.first("_batch_id").over(order))))
-    superseded = {r["tenant_id"]: int(r["n"]) for r in ranked.where("_superseded").groupBy("tenant_id")
-                  .agg(F.count(F.lit(1)).alias("n")).collect()}
-    ranked = ranked.where(~F.col("_superseded")).drop("_superseded")
     range_cols = [F.expr(f"try_cast(trim(`{c}`) AS DOUBLE)").alias(f"{c}__typed")
                   for c in typed_check_columns(spec)]
-    frame = ranked.select("*", F.monotonically_increasing_id().alias(ROW_ID), *range_cols)
-    # Row ids must not change between the rule jobs and the split below: materialise once.
-    frame = frame.localCheckpoint(eager=True)
+    # Row ids must not change between the rule jobs and the split below, and the window must not
+    # be evaluated once per job: materialise once, then count and drop the superseded rows.
+    checkpointed = ranked.select("*", F.monotonically_increasing_id().alias(ROW_ID), *range_cols) \
+        .localCheckpoint(eager=True)
+    superseded = {r["tenant_id"]: int(r["n"]) for r in checkpointed.where("_superseded")
+                  .groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
+    frame = checkpointed.where(~F.col("_superseded")).drop("_superseded")
 
     registered = None if ctx.config.tenants.auto_register else list_tenant_ids(ctx.spark, ctx.tables.tenants)
     rules = build_rules(spec, registered)
@@ -134,7 +135,7 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
         "rejected_fraction double, blocked boolean, threshold double",
     ).withColumn("validated_at", now)
     replace_tenants(quality, ctx.tables.quality(name), tenant_ids)
-    frame.unpersist()
+    checkpointed.unpersist()
 
     rule_summary = {r.rule.reason: r.unexpected_count for r in results if r.unexpected_count}
     return StepResult(
