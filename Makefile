@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tenantml-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup horovod demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m tenantml.sparksession
 	touch $(STAMP)
+
+# Opt-in, not part of setup: compiles Horovod 0.28.1 from source (CPU, Gloo, PyTorch only); ~3 min on 2 cores.
+horovod: setup
+	VENV=$(VENV) bash .ci/build-horovod.sh
 
 demo: setup
 	$(VENV)/bin/tenantml demo

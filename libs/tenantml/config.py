@@ -191,7 +191,40 @@ class TenantQuota(_Strict):
     max_epochs: int | None = Field(default=None, ge=1)
 
 
+class SharedTrainingConfig(_Strict):
+    """The shared model: one network over every consenting tenant's de-identified rows."""
+
+    backend: Literal["torch_distributor", "horovod"] = "torch_distributor"
+    num_processes: int = Field(default=2, ge=1)
+    local_mode: bool = True            # TorchDistributor: processes on the driver (torchrun)
+    use_gpu: Literal["auto", True, False] = False  # NCCL when on GPU, gloo on CPU
+    min_tenants: int = Field(default=2, ge=1)   # fewer consenting tenants: no shared model
+    max_epochs: int = Field(default=20, ge=1)
+    patience: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    hidden_units: list[int] | None = None   # default: training.hidden_units
+    preprocess_sample_rows: int = Field(default=200_000, ge=100)
+    checkpoint_dir: str | None = None  # default <data_dir>/checkpoints; resumes an interrupted run
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class TunedTrainingConfig(_Strict):
+    """Fine-tuning the shared champion on one tenant: what is frozen and how hard it trains."""
+
+    min_rows: int = Field(default=30, ge=2)
+    freeze: list[str] = Field(default_factory=lambda: ["embeddings"])  # parameter-name prefixes
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    max_epochs: int = Field(default=15, ge=1)
+    patience: int = Field(default=3, ge=1)
+
+
 class TrainingConfig(_Strict):
+    strategies: list[Literal["tenant", "shared", "tuned"]] = Field(
+        default_factory=lambda: ["tenant", "shared", "tuned"])  # type: ignore[arg-type]  # candidates trained each run
+    promotion_margin: float = Field(default=0.005, ge=0.0)  # challenger must beat champion by this
+    shared: SharedTrainingConfig = Field(default_factory=SharedTrainingConfig)
+    tuned: TunedTrainingConfig = Field(default_factory=TunedTrainingConfig)
     min_rows: int = Field(default=200, ge=2)
     max_rows_per_tenant: int | None = Field(default=None, ge=2)
     retries: int = Field(default=1, ge=0)
@@ -229,6 +262,25 @@ class TrainingConfig(_Strict):
         return rows, epochs
 
 
+class PrivacyConfig(_Strict):
+    """How PII leaves a tenant for shared training: dropped, or replaced by a keyed hash."""
+
+    pii_action: Literal["hash", "drop"] = "hash"
+    # A secret reference, never the salt itself: env:NAME, file:PATH (relative to data_dir),
+    # or secret:SCOPE/KEY (a Databricks secret scope).
+    pii_salt: str = "env:TENANTML_PII_SALT"
+    generate_local_salt: bool = False  # file: references only; creates a random salt once (0600)
+
+    @field_validator("pii_salt")
+    @classmethod
+    def _salt_reference(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if kind not in ("env", "file", "secret") or not rest:
+            raise ValueError("must be a secret reference env:NAME, file:PATH or secret:SCOPE/KEY, "
+                             "never the salt value itself")
+        return v
+
+
 class ScoringConfig(_Strict):
     arrow_batch_size: int = Field(default=50_000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -244,6 +296,7 @@ class Config(_Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
 
     @field_validator("datasets")

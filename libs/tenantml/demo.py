@@ -112,3 +112,14 @@ def write_demo_source(target: Path, spec: DemoSpec = DemoSpec()) -> Path:
     df.iloc[:half].to_csv(target / "part-0000.csv", index=False)
     df.iloc[half:].to_csv(target / "part-0001.csv", index=False)
     return target
+
+
+# Consent in the demo: most tenants share, one refuses to contribute data, one refuses to be
+# served by models trained on other tenants' data (so both refusals are visible in a run).
+DEMO_NO_SHARE = "t003"
+DEMO_NO_SHARED_INFERENCE = "t005"
+
+
+def demo_consents(tenant_ids: list[str]) -> dict[str, tuple[bool, bool]]:
+    """tenant -> (consent_share_data, consent_shared_inference) for the demo's tenants."""
+    return {t: (t != DEMO_NO_SHARE, t != DEMO_NO_SHARED_INFERENCE) for t in tenant_ids}

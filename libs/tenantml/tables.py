@@ -59,6 +59,11 @@ class Tables:
     def cost_ledger(self) -> TableRef:
         return self.ref("cost_ledger")
 
+    @property
+    def promotions(self) -> TableRef:
+        """Every champion/challenger decision: who, against whom, metrics, why."""
+        return self.ref("promotions")
+
     # Per-dataset tables.
     def bronze(self, dataset: str) -> TableRef:
         return self.ref(f"bronze_{dataset.lower()}")
@@ -74,3 +79,7 @@ class Tables:
 
     def predictions(self, dataset: str) -> TableRef:
         return self.ref(f"predictions_{dataset.lower()}")
+
+    def shared_trainset(self, dataset: str) -> TableRef:
+        """De-identified rows of consenting tenants, sharded for data-parallel training."""
+        return self.ref(f"shared_train_{dataset.lower()}")

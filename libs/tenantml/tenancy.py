@@ -40,9 +40,14 @@ def validate_tenant_ids(values: Iterable[object], *, where: str = "") -> list[st
     return [validate_tenant_id(v, where=where) for v in values]
 
 
-def tenant_in_predicate(tenants: Iterable[str], column: str = "tenant_id") -> str:
-    """A Delta ``replaceWhere`` predicate; ids are re-validated here because this builds SQL text."""
-    ids = sorted(set(validate_tenant_ids(tenants, where="a table predicate")))
+def tenant_in_predicate(tenants: Iterable[str], column: str = "tenant_id", allow: tuple[str, ...] = ()) -> str:
+    """A Delta ``replaceWhere`` predicate; ids are re-validated here because this builds SQL text.
+
+    ``allow`` names platform constants (like the shared model's "_shared") accepted verbatim.
+    """
+    items = list(tenants)
+    ids = sorted(set(validate_tenant_ids([t for t in items if t not in allow], where="a table predicate"))
+                 | {t for t in items if t in allow})
     if not ids:
         raise ValueError("tenant_in_predicate needs at least one tenant")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", column):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -79,3 +80,68 @@ def tenants_frame(spark: SparkSession, ref: TableRef) -> pd.DataFrame:
         return pd.DataFrame(columns=TENANT_COLUMNS)
     df: pd.DataFrame = read_table(spark, ref).toPandas()
     return df.sort_values("tenant_id").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What a tenant allows: which strategies may serve it and whether its rows may be shared."""
+
+    tenant_id: str
+    strategy: str
+    consent_share_data: bool
+    consent_shared_inference: bool
+
+    def allows(self, strategy: str) -> bool:
+        """Whether a model of ``strategy`` may serve this tenant (its setting and its consent)."""
+        if strategy in ("shared", "tuned") and not self.consent_shared_inference:
+            return False
+        return self.strategy in ("auto", strategy)
+
+
+def tenant_policies(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str],
+                    defaults: TenantsConfig) -> dict[str, TenantPolicy]:
+    """Policies from the tenants table; tenants missing there get the configured defaults."""
+    ids = validate_tenant_ids(list(tenant_ids), where="tenant policies")
+    found: dict[str, TenantPolicy] = {}
+    if ids and table_exists(spark, ref):
+        from pyspark.sql import functions as F
+
+        for r in read_table(spark, ref).where(F.col("tenant_id").isin(ids)).collect():
+            found[r["tenant_id"]] = TenantPolicy(r["tenant_id"], r["strategy"], bool(r["consent_share_data"]),
+                                                 bool(r["consent_shared_inference"]))
+    for t in ids:
+        found.setdefault(t, TenantPolicy(t, defaults.default_strategy, defaults.default_consent_share_data,
+                                         defaults.default_consent_shared_inference))
+    return found
+
+
+def update_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str], *,
+                   strategy: str | None = None, consent_share_data: bool | None = None,
+                   consent_shared_inference: bool | None = None, status: str | None = None) -> int:
+    """Change settings of registered tenants in one MERGE; returns how many rows matched."""
+    from pyspark.sql import functions as F
+
+    from tenantml.errors import UnknownTenantError
+
+    ids = sorted(set(validate_tenant_ids(list(tenant_ids), where="tenants update")))
+    if strategy is not None and strategy not in ("auto", "tenant", "shared", "tuned"):
+        raise ValueError(f"strategy must be auto, tenant, shared or tuned, got {strategy!r}")
+    if status is not None and status not in ("active", "paused"):
+        raise ValueError(f"status must be active or paused, got {status!r}")
+    known = set(list_tenant_ids(spark, ref))
+    missing = [t for t in ids if t not in known]
+    if missing:
+        raise UnknownTenantError(f"{ref.display}: tenant(s) {missing} are not registered")
+    sets: dict[str, object] = {"updated_at": F.current_timestamp()}
+    for col, value in (("strategy", strategy), ("consent_share_data", consent_share_data),
+                       ("consent_shared_inference", consent_shared_inference), ("status", status)):
+        if value is not None:
+            sets[col] = F.lit(value)
+    keys = spark.createDataFrame([(t,) for t in ids], "tenant_id string")
+
+    def write() -> None:
+        (delta_table(spark, ref).alias("t").merge(keys.alias("s"), "t.tenant_id = s.tenant_id")
+         .whenMatchedUpdate(set=sets).execute())  # type: ignore[arg-type]
+
+    with_conflict_retries(write, what=ref.display)
+    return len(ids)

@@ -21,6 +21,7 @@ import pytest
 from tenantml import cli
 from tenantml.context import JobContext
 from tenantml.io import read_table
+from tenantml.pipeline import STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -98,7 +99,7 @@ def test_sample_and_pipeline_succeed(churn: dict[str, Any]) -> None:
     assert code == 0, payload
     assert payload["status"] == "ok" and payload["exit_code"] == 0
     steps = _steps(payload)
-    assert list(steps) == ["ingest", "validate", "train", "score"]
+    assert list(steps) == list(STEPS)
     assert len({s["run_id"] for s in steps.values()}) == 1
     assert all(s["tenants_failed"] == 0 for s in steps.values()), payload
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tenantml.pipeline import STEPS
+
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,10 +42,12 @@ def demo(workdir: Path) -> dict[str, Any]:
 
 def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -> None:
     steps = {s["step"]: s for s in demo["steps"]}
-    assert demo["status"] == "ok" and list(steps) == ["ingest", "validate", "train", "score"]
+    assert demo["status"] == "ok" and list(steps) == list(STEPS)
     assert steps["ingest"]["rows_in"] == steps["validate"]["rows_out"] + steps["validate"]["rows_quarantined"]
     assert steps["validate"]["tenants_blocked"] == 1
     assert steps["train"]["models_trained"] >= 3 and steps["train"]["mlflow_run_id"]
+    # The demo's consents: every tenant but t003 contributes, so a shared model and tuned ones exist.
+    assert steps["train_shared"]["models_trained"] == 1 and steps["train_tuned"]["models_trained"] >= 3
     assert steps["score"]["rows_scored"] > 0
     assert any("predictions_demo" in t for t in steps["score"]["tables_written"])
     assert len({s["run_id"] for s in demo["steps"]}) == 1
@@ -53,11 +57,16 @@ def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -
 def test_listing_commands(demo: dict[str, Any], workdir: Path) -> None:
     models = json.loads(_cli("models", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
     assert {m["tenant_id"] for m in models} >= {"t000", "t001", "t002"}
-    assert all(m["champion"] and m["strategy"] == "tenant" for m in models)
+    assert all(m["champion"] and m["strategy"] in ("tenant", "tuned", "shared") for m in models)
+    decisions = json.loads(_cli("decisions", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
+    by_tenant = {d["tenant_id"]: d for d in decisions}
+    assert {"t000", "t001", "t002"} <= set(by_tenant)
+    assert all(by_tenant[t]["decision"] == "promoted" and by_tenant[t]["tenant"] is not None
+               and by_tenant[t]["tuned"] is not None for t in ("t000", "t001", "t002"))
     tenants = json.loads(_cli("tenants", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
     assert "t-dirty" in {t["tenant_id"] for t in tenants}
     runs = json.loads(_cli("runs", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
-    assert {r["step"] for r in runs} == {"ingest", "validate", "train", "score"}
+    assert {r["step"] for r in runs} == set(STEPS)
 
 
 def test_hostile_tenant_argument_is_a_usage_error(workdir: Path) -> None:

@@ -10,7 +10,7 @@ from tenantml.models.metrics import (
     rmse,
     roc_auc,
 )
-from tenantml.models.split import holdout_split, stable_seed
+from tenantml.models.split import holdout_split, stable_seed, tenant_split
 from tenantml.models.tabular import (
     FORMAT_VERSION,
     MAX_VOCABULARY,
@@ -22,6 +22,7 @@ from tenantml.models.tabular import (
     Task,
     TrainParams,
     embedding_dim,
+    fine_tune,
     fit_tabular,
     resolve_device,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "baseline_predictions",
     "embedding_dim",
     "evaluate",
+    "fine_tune",
     "fit_tabular",
     "holdout_split",
     "log_loss",
@@ -49,4 +51,5 @@ __all__ = [
     "rmse",
     "roc_auc",
     "stable_seed",
+    "tenant_split",
 ]

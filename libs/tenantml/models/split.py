@@ -49,3 +49,32 @@ def holdout_split(
     is_test = np.zeros(n, dtype=bool)
     is_test[test_pos] = True
     return df.iloc[np.flatnonzero(~is_test)], df.iloc[np.flatnonzero(is_test)]
+
+
+def tenant_split(
+    pdf: pd.DataFrame,
+    tenant_id: str,
+    key: str,
+    *,
+    test_fraction: float,
+    seed: int,
+    event_time: str | None = None,
+    max_rows: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, int | None]:
+    """(train, holdout, sampled_from) for one tenant, independent of the order rows arrived in.
+
+    Every strategy (tenant, shared, tuned) and the promotion step call this with the same
+    arguments, so every candidate is judged on exactly the same holdout rows, and the shared
+    training set can exclude them. Rows are ordered by entity key first; a row quota samples
+    with a tenant-derived seed (``sampled_from`` is the size before sampling, else None).
+    """
+    if key not in pdf.columns:
+        raise ValueError(f"entity key column {key!r} is missing")
+    ordered = pdf.sort_values(key, kind="stable").reset_index(drop=True)
+    sampled_from = None
+    if max_rows is not None and len(ordered) > max_rows:
+        sampled_from = len(ordered)
+        ordered = ordered.sample(n=max_rows, random_state=stable_seed(tenant_id, "quota") % (2**31))
+        ordered = ordered.sort_values(key, kind="stable").reset_index(drop=True)
+    train, test = holdout_split(ordered, test_fraction, stable_seed(tenant_id, seed), event_time)
+    return train, test, sampled_from

@@ -424,12 +424,41 @@ def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: Trai
             net.head.bias.zero_()
     loss_fn: nn.Module = nn.BCEWithLogitsLoss() if spec.task == "binary" else nn.MSELoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
-    generator = torch.Generator(device=device).manual_seed(params.seed)
+    loop = _train_loop(net, optimizer, loss_fn, (xn_tr, xc_tr, y_tr), (xn_va, xc_va, y_va),
+                       max_epochs=params.max_epochs, patience=params.patience, batch_size=params.batch_size,
+                       seed=params.seed, device=device, initial_best=math.inf)
+    best_loss, best_epoch, epochs_run, best_state = loop
+    net.load_state_dict(best_state)
+    model = TabularModel(spec, params, preprocessor, net, target_mean, target_std, device)
+    return FitResult(
+        model=model,
+        epochs_run=epochs_run,
+        best_epoch=best_epoch,
+        best_val_loss=best_loss,
+        train_rows=len(tr_pos),
+        val_rows=len(va_pos),
+        seconds=time.perf_counter() - start_time,
+    )
 
-    n_tr, batch_size = len(tr_pos), params.batch_size
-    best_loss, best_epoch, epochs_run = math.inf, 0, 0
+
+def _train_loop(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, max_epochs: int, patience: int,
+                batch_size: int, seed: int, device: str,
+                initial_best: float) -> tuple[float, int, int, dict[str, torch.Tensor]]:
+    """Mini-batch epochs with early stopping on validation loss; returns the best epoch's state.
+
+    ``initial_best`` is the loss the starting weights must beat (inf for a fresh model, the
+    base model's loss when fine-tuning, so a tuned model is never worse than its base on val).
+    A non-finite validation loss stops training: a diverged model is never kept.
+    """
+    xn_tr, xc_tr, y_tr = train
+    xn_va, xc_va, y_va = val
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_tr = len(y_tr)
+    best_loss, best_epoch, epochs_run = initial_best, 0, 0
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    for epoch in range(1, params.max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):
         epochs_run = epoch
         net.train()
         if n_tr <= batch_size:  # full batch: shuffling would not change the gradient
@@ -450,17 +479,67 @@ def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: Trai
         if val_loss < best_loss - 1e-7:
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        elif epoch - best_epoch >= params.patience:
+        elif epoch - best_epoch >= patience:
             break
+    return best_loss, best_epoch, epochs_run, best_state
 
+
+def frozen_parameters(net: nn.Module, freeze: Sequence[str]) -> list[str]:
+    """Names of the parameters matched by the ``freeze`` prefixes (e.g. "embeddings", "mlp.0").
+
+    An unknown prefix is an error: a typo would otherwise silently fine-tune everything.
+    """
+    names = [n for n, _ in net.named_parameters()]
+    unknown = [p for p in freeze if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unknown:
+        raise ValueError(f"freeze prefix(es) {unknown} match no parameter; parameters are {names}")
+    return [n for n in names if any(n == p or n.startswith(p + ".") for p in freeze)]
+
+
+def fine_tune(base: TabularModel, train: pd.DataFrame, label: str, *, freeze: Sequence[str],
+              learning_rate: float, max_epochs: int, patience: int, batch_size: int, val_fraction: float,
+              seed: int, weight_decay: float = 0.0) -> FitResult:
+    """Continue training a copy of ``base`` on one tenant's rows.
+
+    The base preprocessor (vocabularies, scaling, target scale) is kept, so the tuned model reads
+    features exactly like its base; frozen layers keep the knowledge shared across tenants.
+    """
+    import copy
+
+    start_time = time.perf_counter()
+    if len(train) == 0:
+        raise ValueError("fine-tuning frame is empty")
+    spec = base.spec
+    y = _labels(train, label, spec.task)
+    device = base.device
+    torch.manual_seed(seed)
+    tr_pos, va_pos = _validation_split(len(train), val_fraction, np.random.default_rng(seed))
+    x_num_all, x_cat_all = base.preprocessor.transform(train)
+    y_all = torch.from_numpy(((y - base.target_mean) / base.target_std).astype(np.float32))
+    tr_idx = torch.from_numpy(tr_pos)
+    va_idx = torch.from_numpy(va_pos) if len(va_pos) else tr_idx
+    tr = tuple(t[tr_idx].to(device) for t in (x_num_all, x_cat_all, y_all))
+    va = tuple(t[va_idx].to(device) for t in (x_num_all, x_cat_all, y_all))
+
+    net = copy.deepcopy(base.net).to(device)
+    frozen = set(frozen_parameters(net, freeze))
+    trainable = [p for n, p in net.named_parameters() if n not in frozen]
+    for n, p in net.named_parameters():
+        p.requires_grad_(n not in frozen)
+    if not trainable:
+        raise ValueError(f"freeze={list(freeze)} freezes every parameter: nothing left to fine-tune")
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if spec.task == "binary" else nn.MSELoss()
+    net.eval()
+    with torch.no_grad():
+        base_loss = float(loss_fn(net(va[0], va[1]), va[2]))
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    best_loss, best_epoch, epochs_run, best_state = _train_loop(
+        net, optimizer, loss_fn, tr, va, max_epochs=max_epochs, patience=patience,  # type: ignore[arg-type]
+        batch_size=batch_size, seed=seed, device=device,
+        initial_best=base_loss if math.isfinite(base_loss) else math.inf)
     net.load_state_dict(best_state)
-    model = TabularModel(spec, params, preprocessor, net, target_mean, target_std, device)
-    return FitResult(
-        model=model,
-        epochs_run=epochs_run,
-        best_epoch=best_epoch,
-        best_val_loss=best_loss,
-        train_rows=len(tr_pos),
-        val_rows=len(va_pos),
-        seconds=time.perf_counter() - start_time,
-    )
+    for p in net.parameters():
+        p.requires_grad_(True)
+    model = TabularModel(spec, base.params, base.preprocessor, net, base.target_mean, base.target_std, device)
+    return FitResult(model=model, epochs_run=epochs_run, best_epoch=best_epoch, best_val_loss=best_loss,
+                     train_rows=len(tr_pos), val_rows=len(va_pos), seconds=time.perf_counter() - start_time)

@@ -21,14 +21,18 @@ Step = Callable[..., StepResult]
 
 def _steps() -> dict[str, Step]:
     from tenantml.pipeline.ingest import ingest
+    from tenantml.pipeline.promote import promote
     from tenantml.pipeline.score import score
-    from tenantml.pipeline.train import train
+    from tenantml.pipeline.train import train, train_tuned
+    from tenantml.pipeline.train_shared import train_shared
     from tenantml.pipeline.validate import validate
 
-    return {"ingest": ingest, "validate": validate, "train": train, "score": score}
+    return {"ingest": ingest, "validate": validate, "train_shared": train_shared, "train": train,
+            "train_tuned": train_tuned, "promote": promote, "score": score}
 
 
-STEPS = ("ingest", "validate", "train", "score")
+# Tenant and tuned candidates are independent of each other; tuned needs the shared champion.
+STEPS = ("ingest", "validate", "train_shared", "train", "train_tuned", "promote", "score")
 
 
 def run_step(ctx: JobContext, step: str, dataset: str | None = None,
@@ -66,7 +70,7 @@ def _record_failure(ctx: JobContext, step: str, dataset: str, error: str, starte
 
 def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None,
                  steps: Sequence[str] = STEPS) -> list[StepResult]:
-    """ingest -> validate -> train -> score under one run id; tenants failing a step don't stop others."""
+    """Every step under one run id; tenants failing a step don't stop the others."""
     results = []
     for step in steps:
         results.append(run_step(ctx, step, dataset=dataset, tenants=tenants))

@@ -12,24 +12,37 @@ from tenantml.pipeline.ledger import dict_sum_param
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models
-from tenantml.registry.tracking import champion_versions
+from tenantml.registry.tracking import champion_versions, shared_model_name
 from tenantml.scoring.batch import ServingModel, score_frame
 from tenantml.tenancy import validate_tenant_ids
+from tenantml.tenants import TenantPolicy, tenant_policies
 
 if TYPE_CHECKING:
     from tenantml.context import JobContext
 
 
-def entitled(tenant_id: str, version_tags: dict[str, str]) -> str | None:
+def entitled(tenant_id: str, version_tags: dict[str, str], policy: TenantPolicy | None = None,
+             shared_name: str | None = None) -> str | None:
     """None when the tenant may be served by this version, else why not.
 
-    A tenant-specific model serves only the tenant it was trained for, whatever the registry's
-    alias says: an alias pointed at another tenant's version is refused here.
+    Checked at scoring time whatever the registry's alias says: a version registered for another
+    tenant is refused; a shared or tuned-shared version is refused for a tenant that does not
+    consent to models trained on other tenants' data; a "shared" version must derive from the
+    dataset's shared model.
     """
     owner = version_tags.get("tenant_id")
     strategy = version_tags.get("strategy", "tenant")
-    if strategy == "tenant" and owner != tenant_id:
-        return f"champion of tenant {tenant_id!r} was trained for tenant {owner!r}: refused"
+    if owner != tenant_id:
+        return f"champion of tenant {tenant_id!r} was registered for tenant {owner!r}: refused"
+    if strategy not in ("tenant", "shared", "tuned"):
+        return f"champion of tenant {tenant_id!r} has unknown strategy {strategy!r}: refused"
+    if strategy in ("shared", "tuned"):
+        if policy is not None and not policy.consent_shared_inference:
+            return (f"champion of tenant {tenant_id!r} is a {strategy} model, but the tenant does not consent "
+                    f"to models trained on other tenants' data (consent_shared_inference=false): refused")
+        if shared_name is not None and version_tags.get("base_model") != shared_name:
+            return (f"champion of tenant {tenant_id!r} claims strategy {strategy!r} but derives from "
+                    f"{version_tags.get('base_model')!r}, not {shared_name!r}: refused")
     return None
 
 
@@ -47,6 +60,8 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     outcomes = excluded_outcomes(elig)
     ctx.progress.phase(f"score {name}: looking up champions for {len(elig.eligible)} tenants")
     champions = champion_versions(ctx, name, elig.eligible)
+    policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
+    shared_name = shared_model_name(ctx.config.tracking.model_name_prefix, name)
     wanted: dict[str, tuple[str, str]] = {}
     for t in elig.eligible:
         mv = champions.get(t)
@@ -54,7 +69,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
             outcomes.append(TenantOutcome(tenant_id=t, status="skipped", rows_in=elig.rows[t],
                                           detail={"reason": "no champion model registered"}))
             continue
-        refusal = entitled(t, dict(mv.tags))
+        refusal = entitled(t, dict(mv.tags), policies[t], shared_name)
         if refusal:
             outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t], error=refusal))
             continue
@@ -62,9 +77,15 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     stored = load_models(spark, ctx.tables.model_store, wanted)
     models: dict[str, ServingModel] = {}
     for r in stored.itertuples(index=False):
+        if r.strategy != dict(champions[r.tenant_id].tags).get("strategy", "tenant"):
+            outcomes.append(TenantOutcome(tenant_id=r.tenant_id, status="failed", rows_in=elig.rows[r.tenant_id],
+                                          error=f"model store row of {r.model_name} v{r.model_version} says "
+                                                f"strategy {r.strategy!r}, the registry disagrees: refused"))
+            continue
         models[r.tenant_id] = ServingModel(r.tenant_id, r.model_name, r.model_version, r.strategy,
                                            r.mlflow_run_id, bytes(r.model))
-    for t in sorted(set(wanted) - set(models)):
+    refused_now = {o.tenant_id for o in outcomes if o.status == "failed"}
+    for t in sorted(set(wanted) - set(models) - refused_now):
         outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t],
                                       error=f"champion {wanted[t][0]} v{wanted[t][1]} is missing from "
                                             f"{ctx.tables.model_store.display}"))

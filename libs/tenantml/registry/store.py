@@ -14,6 +14,8 @@ from tenantml.pipeline.result import validate_run_id
 from tenantml.tables import TableRef
 from tenantml.tenancy import tenant_in_predicate, validate_tenant_ids
 
+SHARED_ID = "_shared"  # the shared model's row; tenant ids never start with "_"
+
 if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import SparkSession
@@ -27,18 +29,21 @@ STORE_SCHEMA = (
 
 
 def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]], dataset: str,
-                 run_id: str) -> None:
-    """Idempotent per (run, dataset, tenant): a rerun replaces its own tenants' rows only, so a
-    resumed run keeps the models its first attempt registered for the other tenants."""
+                 run_id: str, strategy: str) -> None:
+    """Idempotent per (run, dataset, strategy, tenant): a rerun replaces its own tenants' rows
+    only, so a resumed run keeps the models its first attempt registered for the other tenants."""
     validate_run_id(run_id)
+    if strategy not in ("tenant", "shared", "tuned"):
+        raise ValueError(f"unknown strategy {strategy!r}")
     if not rows:
         return
     now = datetime.now(UTC).replace(tzinfo=None)
     cols = [c.split()[0] for c in STORE_SCHEMA.split(", ")]
     data = [tuple({**r, "created_at": now}[c] for c in cols) for r in rows]
     df = spark.createDataFrame(data, STORE_SCHEMA)
-    tenants = tenant_in_predicate([r["tenant_id"] for r in rows])
-    replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}' AND {tenants}",
+    tenants = tenant_in_predicate([r["tenant_id"] for r in rows], allow=(SHARED_ID,))
+    replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}' AND strategy = '{strategy}' "
+                           f"AND {tenants}",
                   partition_by=("tenant_id",))
 
 
@@ -49,7 +54,8 @@ def load_models(spark: SparkSession, ref: TableRef, wanted: dict[str, tuple[str,
 
     if not wanted or not table_exists(spark, ref):
         return pd.DataFrame(columns=[c.split()[0] for c in STORE_SCHEMA.split(", ")])
-    tenants = validate_tenant_ids(wanted, where="the model store")
+    tenants = [t for t in wanted if t == SHARED_ID] + validate_tenant_ids(
+        [t for t in wanted if t != SHARED_ID], where="the model store")
     keys = spark.createDataFrame([(t, n, v) for t, (n, v) in wanted.items()],
                                  "tenant_id string, model_name string, model_version string")
     df = (read_table(spark, ref).where(F.col("tenant_id").isin(tenants))

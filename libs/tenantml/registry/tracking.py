@@ -27,9 +27,28 @@ log = logging.getLogger(__name__)
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 
 
+SHARED_ID = "_shared"  # tenant ids never start with "_", so this cannot collide with a tenant
+
+
 def model_name(prefix: str, dataset: str, tenant_id: str) -> str:
-    """One registered model per (dataset, tenant): a champion lookup is one alias read."""
+    """One registered model per (dataset, tenant): a champion lookup is one alias read.
+
+    Every strategy's versions for a tenant live here (tags say which), so `@champion` is always
+    the one model that serves the tenant, whichever strategy produced it.
+    """
     return f"{prefix}{dataset}__{validate_tenant_id(tenant_id)}"
+
+
+def shared_model_name(prefix: str, dataset: str) -> str:
+    return f"{prefix}{dataset}__{SHARED_ID}"
+
+
+def ensure_registered_model(client: MlflowClient, name: str, tags: dict[str, str]) -> None:
+    try:
+        client.create_registered_model(name, tags=tags)
+    except Exception as exc:  # registered before, or concurrently
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            raise
 
 
 @dataclass
@@ -81,7 +100,8 @@ def existing_models(client: MlflowClient, prefix: str) -> set[str]:
 
 
 def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
-                   params: dict[str, Any], lineage: dict[str, Any]) -> TrainingRun:
+                   params: dict[str, Any], lineage: dict[str, Any],
+                   version_tags: dict[str, str] | None = None) -> TrainingRun:
     """One MLflow run for the job; every trained tenant's model logged and registered (see promote)."""
     import math
 
@@ -132,18 +152,14 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
         for r in ok.itertuples(index=False):
             name = model_name(prefix, dataset, r.tenant_id)
             if name not in known:
-                try:
-                    client.create_registered_model(name, tags={"tenant_id": r.tenant_id, "dataset": dataset})
-                except Exception as exc:  # registered concurrently
-                    if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                        raise
+                ensure_registered_model(client, name, {"tenant_id": r.tenant_id, "dataset": dataset})
             source = f"{run.info.artifact_uri}/models/{r.tenant_id}"
             mv = client.create_model_version(
                 name, source=source, run_id=rid,
                 tags={"tenant_id": r.tenant_id, "dataset": dataset, "strategy": strategy,
                       "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
                       "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
-                      **{k: str(v) for k, v in lineage.items()}})
+                      **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
             out.registered[r.tenant_id] = Registered(r.tenant_id, name, str(mv.version), source)
             ctx.progress.advance()
         ctx.progress.done()
@@ -154,8 +170,8 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
     return out
 
 
-def promote(ctx: JobContext, registered: Iterable[Registered]) -> None:
-    """Point each tenant's champion alias at its new version.
+def set_champions(ctx: JobContext, registered: Iterable[Registered]) -> None:
+    """Point each tenant's champion alias at its chosen version.
 
     Called only after the versions' bytes are in the model store: a crash before this leaves the
     old champions serving, never an alias whose model the scorer cannot find.
@@ -163,6 +179,75 @@ def promote(ctx: JobContext, registered: Iterable[Registered]) -> None:
     alias = ctx.config.tracking.champion_alias
     for reg in registered:
         ctx.mlflow.set_registered_model_alias(reg.name, alias, reg.version)
+
+
+def track_shared(ctx: JobContext, dataset: str, blob: bytes, *, params: dict[str, Any],
+                 metrics: dict[str, float], lineage: dict[str, Any], artifacts: dict[str, Any]) -> TrainingRun:
+    """One MLflow run for the shared model: its params, figures, consent snapshot, PII policy and
+    read manifest as JSON artifacts, and one registered version (not yet champion)."""
+    from mlflow.entities import RunStatus
+
+    from tenantml.registry.model_dir import write_model_dir
+
+    client = ctx.mlflow
+    spec = ctx.config.datasets[dataset]
+    name = shared_model_name(ctx.config.tracking.model_name_prefix, dataset)
+    run = client.create_run(ctx.experiment_id(), run_name=f"train-{dataset}-shared-{ctx.run_id}",
+                            tags={"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset,
+                                  "tenantml.step": "train_shared", "tenantml.strategy": "shared"})
+    rid = run.info.run_id
+    out = TrainingRun(mlflow_run_id=rid, artifact_uri=run.info.artifact_uri)
+    try:
+        flat = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in {**params, **lineage}.items()]
+        log_batches(client, rid, list(metrics.items()), flat, [])
+        with tempfile.TemporaryDirectory(prefix="tenantml-shared-") as tmp:
+            stage = Path(tmp)
+            write_model_dir(stage / "models" / SHARED_ID, blob, run_id=rid, artifact_path=f"models/{SHARED_ID}",
+                            numeric=spec.numeric_features, categorical=spec.categorical_features,
+                            metadata={"dataset": dataset, "strategy": "shared", "tenantml_run_id": ctx.run_id})
+            for fname, payload in artifacts.items():
+                (stage / fname).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+            client.log_artifacts(rid, str(stage))
+        ensure_registered_model(client, name, {"dataset": dataset, "strategy": "shared"})
+        source = f"{run.info.artifact_uri}/models/{SHARED_ID}"
+        mv = client.create_model_version(name, source=source, run_id=rid, tags={
+            "dataset": dataset, "strategy": "shared", "tenant_id": SHARED_ID, "tenantml_run_id": ctx.run_id,
+            **{k: str(v) for k, v in lineage.items()}})
+        out.registered[SHARED_ID] = Registered(SHARED_ID, name, str(mv.version), source)
+        client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException:
+        client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    return out
+
+
+def shared_champion(ctx: JobContext, dataset: str) -> Any | None:
+    """ModelVersion of the shared model's champion, or None."""
+    name = shared_model_name(ctx.config.tracking.model_name_prefix, dataset)
+    try:
+        return ctx.mlflow.get_model_version_by_alias(name, ctx.config.tracking.champion_alias)
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def register_serving_version(ctx: JobContext, dataset: str, tenant_id: str, source: Registered,
+                             tags: dict[str, str]) -> Registered:
+    """A version of the tenant's own registered model that points at a shared model's artifacts,
+    so `models:/<dataset>__<tenant>@champion` stays the one URI whatever strategy serves it."""
+    client = ctx.mlflow
+    name = model_name(ctx.config.tracking.model_name_prefix, dataset, tenant_id)
+    ensure_registered_model(client, name, {"tenant_id": tenant_id, "dataset": dataset})
+    run_id = None
+    try:
+        run_id = client.get_model_version(source.name, source.version).run_id
+    except Exception:
+        run_id = None
+    mv = client.create_model_version(name, source=source.source, run_id=run_id, tags={
+        **tags, "tenant_id": tenant_id, "dataset": dataset, "base_model": source.name,
+        "base_version": source.version, "tenantml_run_id": ctx.run_id})
+    return Registered(tenant_id, name, str(mv.version), source.source)
 
 
 def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:

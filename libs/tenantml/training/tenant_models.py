@@ -36,6 +36,7 @@ class TrainJob:
     """Everything a worker needs, shipped once per task in the closure."""
 
     label: str
+    key: str
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
     task: str
@@ -45,6 +46,17 @@ class TrainJob:
     torch_threads: int
     retries: int = 0
     quotas: dict[str, tuple[int | None, int]] | None = None  # tenant -> (max rows, max epochs)
+    # Tuned-shared: fine-tune this base model instead of training from scratch.
+    base_model: bytes | None = None
+    tune: dict[str, Any] | None = None  # freeze, learning_rate, max_epochs, patience, min_rows
+
+    def tuned(self, base_model: bytes, cfg: TrainingConfig) -> TrainJob:
+        from dataclasses import replace
+
+        t = cfg.tuned
+        return replace(self, base_model=base_model, tune={
+            "freeze": list(t.freeze), "learning_rate": t.learning_rate, "max_epochs": t.max_epochs,
+            "patience": t.patience, "min_rows": t.min_rows})
 
     @classmethod
     def from_config(cls, spec: DatasetSpec, cfg: TrainingConfig) -> TrainJob:
@@ -55,7 +67,7 @@ class TrainJob:
             "patience": cfg.patience, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
             "device": cfg.device,
         }
-        return cls(label=spec.label, numeric=tuple(spec.numeric_features),
+        return cls(label=spec.label, key=spec.entity_key, numeric=tuple(spec.numeric_features),
                    categorical=tuple(spec.categorical_features), task=spec.task,
                    event_time=spec.event_time, test_fraction=cfg.test_fraction, params=params,
                    torch_threads=cfg.torch_threads, retries=cfg.retries)
@@ -77,22 +89,17 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
 
     Never raises: a failure is retried ``job.retries`` times, then returned as status 'failed'.
     """
-    from tenantml.models import primary_metric, stable_seed
+    from tenantml.models import primary_metric
 
     started = time.perf_counter()
     metric_name, _ = primary_metric(job.task)  # type: ignore[arg-type]
     max_rows, max_epochs = (job.quotas or {}).get(tenant_id, (None, int(job.params["max_epochs"])))
     row: dict[str, Any] = {"tenant_id": tenant_id, "rows": len(pdf), "metric_name": metric_name,
                            "sampled_from": None, "attempts": 0}
-    if max_rows is not None and len(pdf) > max_rows:
-        # Quota: a seeded sample keeps the run reproducible; the original size is recorded.
-        row["sampled_from"] = len(pdf)
-        pdf = pdf.sample(n=max_rows, random_state=stable_seed(tenant_id, "quota") % (2**31))
-        row["rows"] = len(pdf)
     for attempt in range(1, job.retries + 2):
         row["attempts"] = attempt
         try:
-            _fit_and_evaluate(tenant_id, pdf, job, max_epochs, attempt, row)
+            _fit_and_evaluate(tenant_id, pdf, job, max_rows, max_epochs, attempt, row)
             break
         except Exception as exc:  # one tenant's failure is recorded, never propagated
             row.update(status="failed", error=_short_error(exc), train_rows=0, test_rows=0, metric=None,
@@ -102,25 +109,39 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
     return row
 
 
-def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_epochs: int, attempt: int,
-                      row: dict[str, Any]) -> None:
+def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows: int | None,
+                      max_epochs: int, attempt: int, row: dict[str, Any]) -> None:
     from tenantml.models import (
         FeatureSpec,
         TrainParams,
         baseline_predictions,
         evaluate,
         fit_tabular,
-        holdout_split,
         stable_seed,
+        tenant_split,
     )
 
     metric_name = row["metric_name"]
     seed = stable_seed(tenant_id, int(job.params["seed"]))
-    train, test = holdout_split(pdf, job.test_fraction, seed, job.event_time)
+    # Quota sampling and the holdout come from the one function every strategy uses.
+    train, test, sampled_from = tenant_split(pdf, tenant_id, job.key, test_fraction=job.test_fraction,
+                                             seed=int(job.params["seed"]), event_time=job.event_time,
+                                             max_rows=max_rows)
+    row.update(sampled_from=sampled_from, rows=len(train) + len(test))
     spec = FeatureSpec(numeric=job.numeric, categorical=job.categorical, task=job.task)  # type: ignore[arg-type]
     # A retry changes only the optimisation seed, never the holdout, so metrics stay comparable.
     params = TrainParams(**{**job.params, "seed": seed + attempt - 1, "max_epochs": max_epochs})
-    fit = fit_tabular(train, job.label, spec, params)
+    if job.base_model is not None and job.tune is not None:
+        from tenantml.models import TabularModel, fine_tune
+
+        start = TabularModel.from_bytes(job.base_model)
+        fit = fine_tune(start, train, job.label, freeze=job.tune["freeze"],
+                        learning_rate=float(job.tune["learning_rate"]),
+                        max_epochs=min(int(job.tune["max_epochs"]), max_epochs),
+                        patience=int(job.tune["patience"]), batch_size=params.batch_size,
+                        val_fraction=params.val_fraction, seed=params.seed)
+    else:
+        fit = fit_tabular(train, job.label, spec, params)
     y_test = test[job.label].to_numpy(dtype=np.float64)
     pred = fit.model.predict(test)
     base = baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test), job.task)  # type: ignore[arg-type]
@@ -172,20 +193,27 @@ def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
 
 
 def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int],
-                        spec: DatasetSpec, cfg: TrainingConfig, parallelism: int | None = None) -> pd.DataFrame:
-    """Train every tenant in ``row_counts`` in parallel; returns one result row per tenant."""
+                        spec: DatasetSpec, cfg: TrainingConfig, parallelism: int | None = None,
+                        base_model: bytes | None = None) -> pd.DataFrame:
+    """Train every tenant in ``row_counts`` in parallel; returns one result row per tenant.
+
+    With ``base_model`` each tenant's model is that model fine-tuned on the tenant's rows
+    (tuned-shared), under the same packing, quotas, retries and holdout.
+    """
     from pyspark.sql import functions as F
 
     if not row_counts:
         return pd.DataFrame(columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
     job = TrainJob.from_config(spec, cfg).with_quotas(cfg, row_counts)
+    if base_model is not None:
+        job = job.tuned(base_model, cfg)
     bins = max(1, min(parallelism or cfg.parallelism or spark.sparkContext.defaultParallelism,
                       len(row_counts)))
     plan = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
     keys = partition_keys(spark, bins)
     plan_df = spark.createDataFrame(sorted((t, keys[b]) for t, b in plan.items()),
                                     f"tenant_id string, {BIN_COL} long")
-    cols: Sequence[str] = ["tenant_id", spec.label, *spec.numeric_features, *spec.categorical_features]
+    cols: Sequence[str] = ["tenant_id", spec.entity_key, spec.label, *spec.numeric_features, *spec.categorical_features]
     if spec.event_time:
         cols = [*cols, spec.event_time]
     data = (silver.select(*[F.col(f"`{c}`") for c in cols])

@@ -1,0 +1,194 @@
+"""Train the shared model on every consenting tenant's de-identified rows, data-parallel.
+
+Consent is read from the tenants table at run time and snapshotted with the run, together with
+the PII policy applied, the pinned training-set version and what each process actually read.
+The new version becomes the shared champion only when it beats the current one on the
+contributing tenants' holdouts by the promotion margin; that decision is recorded too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tenantml.context import git_commit
+from tenantml.io import read_table, table_version
+from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.pipeline.result import StepResult, TenantOutcome
+from tenantml.privacy import PiiPolicy, resolve_salt, salt_id
+from tenantml.registry.decisions import write_decisions
+from tenantml.registry.store import SHARED_ID, load_models, write_models
+from tenantml.registry.tracking import Registered, set_champions, shared_champion, track_shared
+from tenantml.tenancy import validate_tenant_ids
+from tenantml.tenants import tenant_policies
+from tenantml.training.evaluate import evaluate_candidates
+from tenantml.training.shared import train_shared_model
+from tenantml.training.shared_data import build_shared_trainset
+
+if TYPE_CHECKING:
+    from tenantml.context import JobContext
+
+
+def _dbutils(ctx: JobContext) -> Any:
+    try:
+        from pyspark.dbutils import DBUtils  # type: ignore[import-not-found]
+
+        return DBUtils(ctx.spark)
+    except ImportError:
+        return None
+
+
+def train_shared(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None) -> StepResult:
+    from tenantml.models import primary_metric
+
+    started = time.perf_counter()
+    validate_tenant_ids(tenants or [], where="--tenants")
+    name, spec = ctx.config.dataset(dataset)
+    cfg = ctx.config.training
+    sh = cfg.shared
+    spark = ctx.spark
+    silver_ref = ctx.tables.silver(name)
+    version = table_version(spark, silver_ref)
+    silver = read_table(spark, silver_ref, version=version)
+    elig = eligible_tenants(ctx, name, silver, tenants)
+    outcomes = excluded_outcomes(elig)
+    policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
+    contributors = [t for t in elig.eligible if policies[t].consent_share_data]
+    refused = [t for t in elig.eligible if not policies[t].consent_share_data]
+    for t in refused:
+        outcomes.append(TenantOutcome(tenant_id=t, status="skipped", rows_in=elig.rows[t], detail={
+            "reason": "tenant did not consent to contribute data to shared models (consent_share_data=false)"}))
+
+    def finish(reason: str | None, **summary: Any) -> StepResult:
+        if reason:
+            outcomes.extend(TenantOutcome(tenant_id=t, status="skipped", rows_in=elig.rows[t],
+                                          detail={"reason": reason}) for t in contributors)
+        outcomes.sort(key=lambda o: o.tenant_id or "")
+        return StepResult(step="train_shared", dataset=name, run_id=ctx.run_id, tenants=outcomes,
+                          seconds=time.perf_counter() - started, mlflow_run_id=summary.pop("mlflow_run_id", None),
+                          tables_written=summary.pop("tables_written", []),
+                          summary={"reason": reason, **summary} if reason else summary)
+
+    if "shared" not in cfg.strategies:
+        return finish("strategy 'shared' is not in training.strategies", models_trained=0)
+    if len(contributors) < sh.min_tenants:
+        return finish(f"{len(contributors)} consenting tenant(s), below training.shared.min_tenants="
+                      f"{sh.min_tenants}", models_trained=0)
+
+    salt = resolve_salt(ctx.config.privacy, ctx.data_dir, dbutils=_dbutils(ctx))
+    policy = PiiPolicy(columns=tuple(spec.pii_columns), action=ctx.config.privacy.pii_action,
+                       salt_reference=ctx.config.privacy.pii_salt, salt_id=salt_id(salt))
+    ctx.progress.phase(f"train_shared {name}: de-identifying {len(contributors)} consenting tenants' "
+                       f"training rows (silver v{version}, PII {policy.action})")
+    trainset = build_shared_trainset(spark, silver, silver_ref=silver_ref.display, silver_version=version,
+                                     spec=spec, cfg=cfg, contributors=contributors, policy=policy, salt=salt,
+                                     ref=ctx.tables.shared_trainset(name), num_shards=sh.num_processes)
+    del salt
+    ckpt_dir = ctx.resolve_path(sh.checkpoint_dir) if sh.checkpoint_dir else ctx.data_dir / "checkpoints"
+    ctx.progress.phase(f"train_shared {name}: {trainset.rows} rows (v{trainset.version}"
+                       f"{', reused' if trainset.reused else ''}) on {sh.num_processes} processes with "
+                       f"{sh.backend}")
+    result = train_shared_model(spark, trainset, spec, cfg, ckpt_dir, name)
+    fig = result.figures
+    consent_snapshot = {t: {"consent_share_data": policies[t].consent_share_data,
+                            "consent_shared_inference": policies[t].consent_shared_inference,
+                            "strategy": policies[t].strategy} for t in elig.eligible}
+    read_tenants: dict[str, int] = {}
+    for m in fig["read_manifest"]:
+        for t, n in m["tenants"].items():
+            read_tenants[t] = read_tenants.get(t, 0) + int(n)
+    leaked = sorted(set(read_tenants) - set(contributors))
+    if leaked:  # cannot happen by construction; refuse to register a model if it ever does
+        raise RuntimeError(f"shared training read rows of non-consenting tenant(s) {leaked}")
+    lineage = {"delta_table": silver_ref.display, "delta_version": version,
+               "trainset_table": trainset.ref.display, "trainset_version": trainset.version,
+               "trainset_fingerprint": trainset.fingerprint, "git_commit": git_commit(),
+               "config_hash": ctx.config.config_hash()}
+    params = {"dataset": name, "strategy": "shared", "backend": sh.backend, "comm": fig["comm"],
+              "num_processes": sh.num_processes, "local_mode": sh.local_mode, "device": fig["device"],
+              "contributors": len(contributors), "pii_action": policy.action, "pii_columns": list(policy.columns),
+              "pii_salt_reference": policy.salt_reference, "pii_salt_id": policy.salt_id,
+              "max_epochs": sh.max_epochs, "batch_size": sh.batch_size, "learning_rate": sh.learning_rate,
+              "steps_per_epoch": result.job.steps_per_epoch, "start_epoch": fig["start_epoch"],
+              "resumed": fig["resumed"]}
+    metrics = {"samples_per_second": float(fig["samples_per_second"]), "train_seconds": float(fig["train_seconds"]),
+               "epochs_run": float(fig["epochs_run"]), "best_epoch": float(fig["best_epoch"]),
+               "trainset_rows": float(trainset.rows)}
+    if math.isfinite(fig["best_val_loss"]):
+        metrics["best_val_loss"] = float(fig["best_val_loss"])
+    artifacts = {"consent_snapshot.json": consent_snapshot, "pii_policy.json": policy.to_dict(),
+                 "read_manifest.json": fig["read_manifest"],
+                 "trainset.json": {"table": trainset.ref.display, "version": trainset.version,
+                                   "contributors": trainset.contributors, "shard_rows": trainset.shard_rows,
+                                   "columns": trainset.columns}}
+    tracked = track_shared(ctx, name, result.blob, params=params, metrics=metrics, lineage=lineage,
+                           artifacts=artifacts)
+    reg = tracked.registered[SHARED_ID]
+    metric_name, higher = primary_metric(spec.task)  # type: ignore[arg-type]
+    write_models(spark, ctx.tables.model_store, [{
+        "dataset": name, "tenant_id": SHARED_ID, "strategy": "shared", "model_name": reg.name,
+        "model_version": reg.version, "mlflow_run_id": tracked.mlflow_run_id, "run_id": ctx.run_id,
+        "metric_name": metric_name, "metric": None, "baseline_metric": None,
+        "metrics_json": json.dumps({k: v for k, v in metrics.items()}), "train_rows": trainset.rows,
+        "delta_version": version, "git_commit": lineage["git_commit"], "config_hash": lineage["config_hash"],
+        "model": result.blob}], name, ctx.run_id, strategy="shared")
+
+    # Shared champion/challenger on the contributors' holdouts.
+    new_id = f"{reg.name}/{reg.version}"
+    blobs = {new_id: result.blob}
+    current = shared_champion(ctx, name)
+    cur_id = None
+    if current is not None:
+        stored = load_models(spark, ctx.tables.model_store, {SHARED_ID: (current.name, str(current.version))})
+        if not stored.empty:
+            cur_id = f"{current.name}/{current.version}"
+            blobs[cur_id] = bytes(stored.iloc[0]["model"])
+    ctx.progress.phase(f"train_shared {name}: evaluating on {len(contributors)} tenants' holdouts")
+    evals = evaluate_candidates(spark, silver, spec, cfg, {t: sorted(blobs) for t in contributors}, blobs)
+    pooled = {m: _pooled(evals[evals["model_id"] == m]) for m in blobs}
+    gain = None if cur_id is None or cur_id == new_id else (
+        (pooled[new_id] - pooled[cur_id]) * (1 if higher else -1))
+    if cur_id is None or cur_id == new_id:
+        decision, reason = "promoted", "no shared champion yet"
+    elif not math.isfinite(pooled[cur_id]) or (gain is not None and gain > 0 and gain >= cfg.promotion_margin):
+        decision, reason = "promoted", f"new shared model beats the champion by {gain:.4f} (pooled holdout)"
+    else:
+        decision, reason = "kept", f"new shared model ahead by {gain:.4f}, below margin {cfg.promotion_margin}"
+    serving = new_id if decision == "promoted" else cur_id
+    write_decisions(spark, ctx.tables.promotions, [{
+        "run_id": ctx.run_id, "dataset": name, "tenant_id": SHARED_ID, "decision": decision, "reason": reason,
+        "metric_name": metric_name, "margin": cfg.promotion_margin, "serving_model": serving,
+        "serving_strategy": "shared", "champion_before": cur_id, "champion_before_strategy": "shared" if cur_id else None,
+        "champion_before_metric": _finite(pooled.get(cur_id)) if cur_id else None, "challenger": new_id,
+        "challenger_strategy": "shared", "challenger_metric": _finite(pooled[new_id]),
+        "holdout_rows": int(evals[evals["model_id"] == new_id]["holdout_rows"].sum()),
+        "candidates_json": json.dumps({m: _finite(v) for m, v in pooled.items()})}], name, ctx.run_id)
+    if decision == "promoted":
+        set_champions(ctx, [Registered(SHARED_ID, reg.name, reg.version, reg.source)])
+    for t in contributors:
+        outcomes.append(TenantOutcome(tenant_id=t, status="ok", rows_in=elig.rows[t],
+                                      rows_out=trainset.contributors.get(t, 0),
+                                      detail={"contributed_rows": trainset.contributors.get(t, 0)}))
+    return finish(None, models_trained=1, mlflow_run_id=tracked.mlflow_run_id,
+                  tables_written=[trainset.ref.display, ctx.tables.model_store.display],
+                  model=new_id, decision=decision, shared_champion=serving,
+                  pooled_holdout_metric=_finite(pooled[new_id]), trainset_version=trainset.version,
+                  trainset_rows=trainset.rows, contributors=len(contributors), backend=sh.backend,
+                  samples_per_second=round(float(fig["samples_per_second"]), 1),
+                  epochs_run=fig["epochs_run"], start_epoch=fig["start_epoch"], resumed=fig["resumed"])
+
+
+def _pooled(rows: Any) -> float:
+    """Mean of per-tenant holdout metrics weighted by holdout rows (finite ones only)."""
+    ok = rows[rows["metric"].notna() & (rows["holdout_rows"] > 0)]
+    ok = ok[ok["metric"].map(math.isfinite)]
+    if ok.empty:
+        return math.nan
+    return float((ok["metric"] * ok["holdout_rows"]).sum() / ok["holdout_rows"].sum())
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

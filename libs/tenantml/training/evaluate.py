@@ -1,0 +1,99 @@
+"""Judge every candidate model of a tenant on that tenant's one holdout, in Spark tasks.
+
+The holdout comes from `tenant_split`, the function training used, so a tenant model, the shared
+model, a tuned model and the current champion are all scored on exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from tenantml.config import DatasetSpec, TrainingConfig
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+EVAL_SCHEMA = ("tenant_id string, model_id string, metric_name string, metric double, "
+               "baseline_metric double, holdout_rows long, metrics_json string, error string")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    label: str
+    key: str
+    task: str
+    event_time: str | None
+    test_fraction: float
+    seed: int
+    quotas: dict[str, int | None]
+    wanted: dict[str, tuple[str, ...]]  # tenant -> model ids to evaluate
+
+
+def evaluate_partition(batches: Iterable[pd.DataFrame], job: EvalJob, blobs: dict[str, bytes]) -> Iterator[pd.DataFrame]:
+    """One task: each tenant's holdout once, each model deserialised once per task."""
+    import torch
+
+    from tenantml.models import TabularModel, baseline_predictions, evaluate, primary_metric, tenant_split
+
+    torch.set_num_threads(1)
+    metric_name, _ = primary_metric(job.task)  # type: ignore[arg-type]
+    frames = [b for b in batches if len(b)]
+    if not frames:
+        return
+    data = pd.concat(frames, ignore_index=True)
+    cache: dict[str, TabularModel] = {}
+    out = []
+    for tenant, pdf in data.groupby("tenant_id", sort=True):
+        tenant = str(tenant)
+        train, test, _ = tenant_split(pdf.reset_index(drop=True), tenant, job.key,
+                                      test_fraction=job.test_fraction, seed=job.seed,
+                                      event_time=job.event_time, max_rows=job.quotas.get(tenant))
+        y = test[job.label].to_numpy(dtype=np.float64)
+        base = evaluate(y, baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test),
+                                                job.task), job.task)  # type: ignore[arg-type]
+        for model_id in job.wanted.get(tenant, ()):
+            row = {"tenant_id": tenant, "model_id": model_id, "metric_name": metric_name,
+                   "baseline_metric": base.get(metric_name, math.nan), "holdout_rows": len(test),
+                   "metric": math.nan, "metrics_json": None, "error": None}
+            try:
+                if model_id not in cache:
+                    cache[model_id] = TabularModel.from_bytes(blobs[model_id])
+                pred = cache[model_id].predict(test)
+                metrics = evaluate(y, pred, job.task)  # type: ignore[arg-type]
+                row.update(metric=float(metrics[metric_name]), metrics_json=json.dumps(metrics))
+            except Exception as exc:  # a broken candidate loses, it does not stop the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            out.append(row)
+    yield pd.DataFrame(out, columns=[c.split()[0] for c in EVAL_SCHEMA.split(", ")])
+
+
+def evaluate_candidates(spark: SparkSession, silver: DataFrame, spec: DatasetSpec, cfg: TrainingConfig,
+                        wanted: dict[str, list[str]], blobs: dict[str, bytes]) -> pd.DataFrame:
+    """One row per (tenant, model id) with the model's holdout metric and the constant baseline's."""
+    from pyspark.sql import functions as F
+
+    wanted = {t: ids for t, ids in wanted.items() if ids}
+    if not wanted:
+        return pd.DataFrame(columns=[c.split()[0] for c in EVAL_SCHEMA.split(", ")])
+    job = EvalJob(label=spec.label, key=spec.entity_key, task=spec.task, event_time=spec.event_time,
+                  test_fraction=cfg.test_fraction, seed=cfg.seed,
+                  quotas={t: cfg.quota(t)[0] for t in wanted}, wanted={t: tuple(v) for t, v in wanted.items()})
+    needed = {m for ids in wanted.values() for m in ids}
+    bblobs = spark.sparkContext.broadcast({m: blobs[m] for m in needed})
+    cols = list(dict.fromkeys(["tenant_id", spec.entity_key, spec.label, *spec.feature_columns,
+                               *([spec.event_time] if spec.event_time else [])]))
+    parts = max(1, min(spark.sparkContext.defaultParallelism, len(wanted)))
+    data = (silver.where(F.col("tenant_id").isin(list(wanted))).select(*[F.col(f"`{c}`") for c in cols])
+            .repartition(parts, "tenant_id"))
+    result = data.mapInPandas(lambda it: evaluate_partition(it, job, bblobs.value), schema=EVAL_SCHEMA)
+    try:
+        return result.toPandas()
+    finally:
+        bblobs.unpersist()
