@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--tenants", type=int, default=24)
     ap.add_argument("--largest", type=int, default=12_000)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=512,
+                    help="per-process batch; larger batches mean fewer all-reduces per sample")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="shared training on GPU (NCCL)")
     ap.add_argument("--json", action="store_true")
@@ -83,7 +85,7 @@ def main() -> int:
     ids = list_tenant_ids(spark, ctx.tables.tenants)
     update_tenants(spark, ctx.tables.tenants, ids, consent_share_data=True)
     say(f"tenantml shared-model benchmark: {args.tenants} tenants, up to {args.largest} rows each, "
-        f"{os.cpu_count()} cores{' , GPU' if args.gpu else ''}")
+        f"batch {args.batch_size}, {os.cpu_count()} cores{', GPU' if args.gpu else ''}")
 
     backends = ["torch_distributor"] + (["horovod"] if horovod_available() else [])
     figures: dict[str, Any] = {"ddp": {}, "tuned_vs_tenant": {}}
@@ -91,7 +93,7 @@ def main() -> int:
         per_n: dict[int, dict[str, float]] = {}
         for n in (1, 2):
             shared = (f"  shared: {{backend: {backend}, num_processes: {n}, max_epochs: {args.epochs}, "
-                      f"patience: 50, batch_size: 512, use_gpu: {'true' if args.gpu else 'false'}}}\n")
+                      f"patience: 50, batch_size: {args.batch_size}, use_gpu: {'true' if args.gpu else 'false'}}}\n")
             c = JobContext.create(conf_dir=_conf(root, base + shared), data_dir=root / "data", spark=spark)
             shutil.rmtree(root / "data" / "checkpoints", ignore_errors=True)  # measure training, not resume
             t0 = time.perf_counter()

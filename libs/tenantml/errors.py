@@ -51,3 +51,9 @@ class EntitlementError(TenantMLError):
 
 class TrainingError(TenantMLError):
     """Training could not run at all (as opposed to one tenant failing)."""
+
+
+class TenantIsolationError(TenantMLError):
+    """Code acting for one tenant tried to reach another tenant's rows, models, runs or files."""
+
+    exit_code = EXIT_USAGE

@@ -14,12 +14,8 @@ from collections.abc import Sequence
 from tenantml.errors import TenantMLError
 
 
-def job_main(step: str, argv: Sequence[str] | None = None) -> int:
-    from tenantml.context import JobContext
-    from tenantml.pipeline import STEPS, run_pipeline, run_step
-    from tenantml.pipeline.result import validate_run_id
-    from tenantml.tenancy import validate_tenant_ids
-
+def build_parser(step: str) -> argparse.ArgumentParser:
+    """The arguments every job accepts; workflow validation parses task parameters with this parser."""
     p = argparse.ArgumentParser(prog=f"tenantml-job-{step}")
     p.add_argument("--conf-dir", default="conf")
     p.add_argument("--env", default=None)
@@ -27,7 +23,16 @@ def job_main(step: str, argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dataset", default=None)
     p.add_argument("--tenants", default="", help="comma-separated tenant ids; empty for all")
     p.add_argument("--run-id", default=None, help="shared by every task of one workflow run")
-    args = p.parse_args(argv)
+    return p
+
+
+def job_main(step: str, argv: Sequence[str] | None = None) -> int:
+    from tenantml.context import JobContext
+    from tenantml.pipeline import STEPS, run_pipeline, run_step
+    from tenantml.pipeline.result import validate_run_id
+    from tenantml.tenancy import validate_tenant_ids
+
+    args = build_parser(step).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         ctx = JobContext.create(conf_dir=args.conf_dir, env=args.env, data_dir=args.data_dir,

@@ -83,7 +83,10 @@ def get_or_build_spark(**kwargs: object) -> SparkSession:
 
 
 if __name__ == "__main__":  # `python -m tenantml.sparksession`: resolve the Delta jars once (setup)
+    from tenantml.sql_endpoint import require_thrift_server
+
     session = build_local_spark(app_name="tenantml-setup")
     session.range(1).write.format("noop").mode("overwrite").save()
-    print(f"Spark {session.version} with Delta Lake is ready", file=sys.stderr)
+    require_thrift_server(session)  # `serve-sql`: shipped in PySpark's jars, nothing to fetch; fail set-up if not
+    print(f"Spark {session.version} with Delta Lake and the Thrift JDBC/ODBC server is ready", file=sys.stderr)
     session.stop()

@@ -83,3 +83,20 @@ class Tables:
     def shared_trainset(self, dataset: str) -> TableRef:
         """De-identified rows of consenting tenants, sharded for data-parallel training."""
         return self.ref(f"shared_train_{dataset.lower()}")
+
+    # Gold tables for BI (a star schema written by `publish`; see docs/data-contracts.md).
+    @property
+    def gold_tenant_dim(self) -> TableRef:
+        """One row per tenant, shared by every dataset's facts."""
+        return self.ref("gold_tenant_dim")
+
+    @property
+    def gold_date_dim(self) -> TableRef:
+        """Calendar days covering every scoring date, shared by every dataset's facts."""
+        return self.ref("gold_date_dim")
+
+    def gold_model_dim(self, dataset: str) -> TableRef:
+        return self.ref(f"gold_{dataset.lower()}_model_dim")
+
+    def gold_prediction_fact(self, dataset: str) -> TableRef:
+        return self.ref(f"gold_{dataset.lower()}_prediction_fact")

@@ -20,6 +20,7 @@ KILL_POINTS = [
     ("ingest demo: writing batch", 0.5),
     ("validate demo: writing silver", 1.0),
     ("logging", 0.2),  # train: artifacts logged, registration under way
+    ("promote demo: evaluating", 1.0),  # promote: candidates judged, aliases about to move
     ("score demo: scoring", 1.0),
 ]
 ARGS = ["--tenants-count", "5", "--largest", "900", "--smallest", "20"]

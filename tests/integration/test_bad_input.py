@@ -238,7 +238,8 @@ def messy(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mess
     rows, expected = messy_rows()
     write_csv(data / "sources" / "acct" / "batch1.csv", rows)
     ctx = JobContext.create(env="local", conf_dir=conf, data_dir=data, spark=spark)
-    results = {step: run_step(ctx, step, dataset="acct") for step in ("ingest", "validate", "train", "score")}
+    results = {step: run_step(ctx, step, dataset="acct")
+               for step in ("ingest", "validate", "train", "promote", "score")}
     yield Messy(conf, data, ctx, expected, results)
 
 
@@ -558,3 +559,339 @@ def test_numeric_overflow_is_quarantined(messy: Messy) -> None:
         silver[silver["customer_id"] == OVERFLOW_CUSTOMER]
     q = quarantine_frame(messy.ctx, "acct").set_index("customer_id")
     assert OVERFLOW_CUSTOMER in q.index and "tenure_months" in q.loc[OVERFLOW_CUSTOMER, "_reason"]
+
+
+# --------------------------------------------------------------------------- truncated files
+
+JSON_YML = """\
+datasets:
+  acctjs:
+    source: {path: "${data_dir}/sources/acctjs", format: json}
+    tenant_column: tenant
+    entity_key: customer_id
+    label: churned
+    task: binary
+    numeric_features: [tenure_months, monthly_spend]
+    categorical_features: [plan]
+"""
+MALFORMED_REASON = "malformed source line"
+
+
+def tenant_rows(tenant: str, prefix: str, n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [good_row(rng, tenant, f"{prefix}{i:03d}") for i in range(n)]
+
+
+def truncate(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], dtypes: dict[str, Any] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)[COLUMNS].astype(dtypes or {})
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def write_csv_gz(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import gzip
+
+    plain = write_csv(path.with_suffix(""), rows)
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    return path
+
+
+def bronze_state(ctx: JobContext, dataset: str) -> tuple[int, dict[str | None, int]]:
+    from tenantml.io import table_version
+
+    ref = ctx.tables.bronze(dataset)
+    return table_version(ctx.spark, ref), counts(ctx.spark, ref)
+
+
+def assert_nothing_ingested(ctx: JobContext, dataset: str, before: tuple[int, dict[str | None, int]]) -> None:
+    assert bronze_state(ctx, dataset) == before, "a failed ingest changed bronze"
+
+
+@pytest.mark.parametrize("cut", ["first", "last"])
+def test_truncated_parquet_file_fails_the_ingest_naming_file_and_dataset(spark: Any, tmp_path: Path,
+                                                                         cut: str) -> None:
+    """A parquet file cut in half has no footer: nothing of it is readable, so the batch is refused."""
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path, datasets={"acctpq": PARQUET_YML}),
+                            data_dir=data, spark=spark)
+    write_parquet(data / "sources" / "acctpq" / "b1.parquet", tenant_rows("alpha", "A", 12, 1))
+    ingest(ctx, dataset="acctpq")
+    before = bronze_state(ctx, "acctpq")
+
+    batch2 = tmp_path / "batch2"
+    files = [write_parquet(batch2 / f"part-{i}.parquet", tenant_rows(t, t[0].upper(), 40, 10 + i))
+             for i, t in enumerate(["alpha", "beta", "gamma"])]
+    broken = truncate(files[0] if cut == "first" else files[-1], 0.5)
+    with pytest.raises(SourceError) as err:
+        run_step(ctx, "ingest", dataset="acctpq", source_path=str(batch2))
+    msg = str(err.value)
+    assert "'acctpq'" in msg and str(broken) in msg, msg
+    assert "not a complete parquet file" in msg and "truncated" in msg, msg
+    assert sum(str(f) in msg for f in files) == 1, "only the broken file is blamed"
+    assert isinstance(err.value, TenantMLError) and err.value.exit_code == EXIT_FAILURE
+    assert_nothing_ingested(ctx, "acctpq", before)
+    log = read_table(spark, ctx.tables.run_log).toPandas()
+    assert list(log["status"]) == ["failed"] and str(broken) in log["error"].iloc[0]
+
+
+def test_truncated_gzip_csv_fails_the_ingest_naming_file_and_dataset(spark: Any, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A gzip stream cut short is detected only when Spark reaches its end: still no partial batch."""
+    conf = make_conf(tmp_path)
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=conf, data_dir=data, spark=spark)
+    # A complete .csv.gz is a normal source file.
+    write_csv_gz(data / "sources" / "acct" / "b1.csv.gz", tenant_rows("alpha", "A", 15, 2))
+    assert ingest(ctx, dataset="acct").summary["rows_ingested"] == 15
+    before = bronze_state(ctx, "acct")
+
+    batch2 = tmp_path / "batch2"
+    write_csv(batch2 / "a.csv", tenant_rows("beta", "B", 20, 3))
+    broken = truncate(write_csv_gz(batch2 / "b.csv.gz", tenant_rows("gamma", "G", 2000, 4)), 0.6)
+    with pytest.raises(SourceError) as err:
+        ingest(ctx, dataset="acct", source_path=str(batch2))
+    msg = str(err.value)
+    assert "'acct'" in msg and str(broken) in msg and str(batch2 / "a.csv") not in msg, msg
+    assert "Unexpected end of input stream" in msg and "nothing was ingested" in msg, msg
+    assert_nothing_ingested(ctx, "acct", before)
+
+    code, payload = run_cli(capsys, "ingest", "--dataset", "acct", "--source", str(batch2),
+                            "--conf-dir", str(conf), "--data-dir", str(data))
+    assert code == EXIT_FAILURE and payload["status"] == "error", payload
+    assert str(broken) in payload["error"] and "'acct'" in payload["error"]
+    assert_nothing_ingested(ctx, "acct", before)
+
+
+def test_csv_cut_mid_line_quarantines_the_short_line_with_its_reason(spark: Any, tmp_path: Path) -> None:
+    """A CSV is readable up to the cut: the good rows go on, the cut line is quarantined as malformed."""
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=data, spark=spark)
+    src = data / "sources" / "acct"
+    alpha, beta = tenant_rows("alpha", "A", 25, 5), tenant_rows("beta", "B", 25, 6)
+    # alpha's file ends in the middle of its last line: its plan is cut short, label and notes are
+    # missing. beta's ends just before the last (undeclared) field: every declared value is
+    # present, but a line cut anywhere is not trusted (a cut "125.50" reads as "12").
+    a = write_csv(src / "alpha.csv", alpha)
+    a.write_text(a.read_text().rstrip("\n").rsplit(",", 2)[0][:-1])
+    b = write_csv(src / "beta.csv", beta)
+    b.write_text(b.read_text().rstrip("\n").rsplit(",", 1)[0])
+    ingest(ctx, dataset="acct")
+    result = validate(ctx, dataset="acct")
+
+    bronze, silver, quarantine = assert_reconciled(ctx, "acct")
+    assert bronze == {"alpha": 25, "beta": 25}
+    assert silver == {"alpha": 24, "beta": 24} and quarantine == {"alpha": 1, "beta": 1}
+    q = quarantine_frame(ctx, "acct").set_index("customer_id")
+    for cut_row in (alpha[-1], beta[-1]):
+        reason = q.loc[cut_row["customer_id"], "_reason"]
+        assert f"{MALFORMED_REASON}: its number of fields does not match the header" in reason, reason
+        raw = q.loc[cut_row["customer_id"], "_malformed"]
+        assert raw.startswith(f"{cut_row['customer_id']},{cut_row['tenant']},"), raw
+    assert [n for r, n in result.summary["rule_failures"].items() if r.startswith(MALFORMED_REASON)] == [2]
+    # The rows before the cut are intact and reached silver with their values.
+    s = read_table(spark, ctx.tables.silver("acct")).toPandas().set_index("customer_id")
+    for r in alpha[:-1] + beta[:-1]:
+        assert s.loc[r["customer_id"], "monthly_spend"] == float(r["monthly_spend"])
+        assert s.loc[r["customer_id"], "plan"] == r["plan"]
+    b_ok = read_table(spark, ctx.tables.bronze("acct")).where("_malformed IS NULL").count()
+    assert b_ok == 48
+
+
+@pytest.mark.parametrize("multiline", [False, True])
+def test_truncated_json_source(spark: Any, tmp_path: Path, multiline: bool) -> None:
+    """JSON lines: the cut last line is quarantined as malformed. One multiLine JSON document that is
+    cut cannot be read in part: the ingest fails naming the file."""
+    data = tmp_path / "data"
+    text = JSON_YML.replace("format: json}", "format: json, options: {multiLine: 'true'}}") \
+        if multiline else JSON_YML
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path, datasets={"acctjs": text}),
+                            data_dir=data, spark=spark)
+    src = data / "sources" / "acctjs"
+    src.mkdir(parents=True)
+    rows = tenant_rows("alpha", "A", 20, 7)
+    good, cut = src / "a.json", src / "b.json"
+    if multiline:
+        good.write_text(json.dumps(rows[:10], indent=1))
+        cut.write_text(json.dumps(rows[10:], indent=1))
+        truncate(cut, 0.5)
+        with pytest.raises(SourceError) as err:
+            ingest(ctx, dataset="acctjs")
+        msg = str(err.value)
+        assert "'acctjs'" in msg and str(cut) in msg and str(good) not in msg, msg
+        assert "not valid JSON" in msg, msg
+        assert not table_exists(spark, ctx.tables.bronze("acctjs"))
+        return
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    cut.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    cut.write_text(cut.read_text()[:-25])
+    ingest(ctx, dataset="acctjs")
+    validate(ctx, dataset="acctjs")
+    bronze, silver, quarantine = assert_reconciled(ctx, "acctjs")
+    # The broken line has no readable tenant: it is kept in the NULL group with its raw text.
+    assert bronze == {"alpha": 19, None: 1} and silver == {"alpha": 19} and quarantine == {None: 1}
+    q = quarantine_frame(ctx, "acctjs")
+    assert f"{MALFORMED_REASON}: it is not valid JSON" in q["_reason"].iloc[0]
+    assert q["_malformed"].iloc[0].startswith(json.dumps(rows[-1])[:20])
+
+
+# --------------------------------------------------------------------------- schema drift between batches
+
+
+def batch_frame(ctx: JobContext, dataset: str, batch_id: str) -> pd.DataFrame:
+    df = read_table(ctx.spark, ctx.tables.bronze(dataset)).where(f"_batch_id = '{batch_id}'").toPandas()
+    return df.drop(columns=["_ingested_at"]).sort_values("_row_number").reset_index(drop=True)
+
+
+def assert_reconciled_with_history(ctx: JobContext, dataset: str, result: StepResult) -> dict[str | None, int]:
+    """With several batches, bronze = silver + quarantine + rows superseded by a later batch."""
+    bronze = counts(ctx.spark, ctx.tables.bronze(dataset))
+    silver = counts(ctx.spark, ctx.tables.silver(dataset))
+    quarantine = counts(ctx.spark, ctx.tables.quarantine(dataset))
+    superseded = {o.tenant_id: o.detail["rows_superseded"] for o in result.tenants}
+    mismatched = {t: (n, silver.get(t, 0), quarantine.get(t, 0), superseded.get(t, 0))
+                  for t, n in bronze.items()
+                  if n != silver.get(t, 0) + quarantine.get(t, 0) + superseded.get(t, 0)}
+    assert not mismatched, f"tenant -> (bronze, silver, quarantine, superseded) {mismatched}"
+    return superseded
+
+
+def second_batch_dir(tmp_path: Path, data: Path, dataset: str, layout: str) -> tuple[Path, str | None]:
+    """Where batch 2 lands: its own folder (``--source``) or next to batch 1 in the dataset's folder."""
+    if layout == "own_folder":
+        return tmp_path / "batch2", str(tmp_path / "batch2")
+    return data / "sources" / dataset, None
+
+
+@pytest.mark.parametrize("layout", ["own_folder", "same_folder"])
+def test_batch_with_an_added_column_keeps_every_value_in_its_column(spark: Any, tmp_path: Path,
+                                                                     layout: str) -> None:
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=data, spark=spark)
+    batch1 = tenant_rows("alpha", "A", 20, 8) + tenant_rows("beta", "B", 20, 9)
+    write_csv(data / "sources" / "acct" / "batch1.csv", batch1)
+    first = ingest(ctx, dataset="acct")
+    kept1 = batch_frame(ctx, "acct", first.summary["batch_id"])
+
+    # Batch 2 gains a column in the middle and reorders the others; it re-sends 5 alpha keys with
+    # new values and adds 10 new beta rows.
+    rng = random.Random(12)
+    resent = [{**r, "monthly_spend": f"{150 + i}.25", "plan": "pro", "region": "emea"}
+              for i, r in enumerate(batch1[:5])]
+    new = [{**good_row(rng, "beta", f"B{100 + i}"), "region": "apac"} for i in range(10)]
+    columns = ["tenant", "region", "churned", "customer_id", "plan", "monthly_spend", "notes", "tenure_months"]
+    folder, override = second_batch_dir(tmp_path, data, "acct", layout)
+    write_csv(folder / "batch2.csv", resent + new, columns)
+    second = ingest(ctx, dataset="acct", source_path=override)
+    result = validate(ctx, dataset="acct")
+
+    pd.testing.assert_frame_equal(batch_frame(ctx, "acct", first.summary["batch_id"]), kept1)
+    superseded = assert_reconciled_with_history(ctx, "acct", result)
+    quarantine = quarantine_frame(ctx, "acct")
+    if layout == "own_folder":
+        assert superseded == {"alpha": 5, "beta": 0} and quarantine.empty
+    else:
+        # The folder's second batch is both files: every batch-1 row is re-sent (superseding the
+        # first batch), and the 5 keys batch2.csv re-sends are duplicates within it: the later
+        # file's row is kept, batch1.csv's copy is quarantined.
+        assert superseded == {"alpha": 20, "beta": 20}
+        assert sorted(quarantine["customer_id"]) == sorted(r["customer_id"] for r in resent)
+        assert quarantine["_reason"].str.contains("duplicate entity key 'customer_id'").all()
+        assert (quarantine["_source"].str.endswith("batch1.csv")).all()
+    silver = read_table(spark, ctx.tables.silver("acct")).toPandas().set_index("customer_id")
+    assert len(silver) == 50 and silver.index.is_unique
+    for r in resent + new:
+        got = silver.loc[r["customer_id"]]
+        assert (got["tenant_id"], got["plan"], got["monthly_spend"], got["tenure_months"], got["churned"]) == (
+            r["tenant"], r["plan"], float(r["monthly_spend"]), float(r["tenure_months"]),
+            float(r["churned"])), r["customer_id"]
+    for r in batch1[5:]:
+        assert silver.loc[r["customer_id"], "monthly_spend"] == float(r["monthly_spend"])
+    # The added column is ignored, and said so.
+    assert second.summary["columns_ignored"] == ["notes", "region"]
+    assert "region" not in read_table(spark, ctx.tables.bronze("acct")).columns
+
+
+@pytest.mark.parametrize("layout", ["own_folder", "same_folder"])
+def test_batch_missing_a_feature_column_fails_naming_file_and_column(spark: Any, tmp_path: Path,
+                                                                      layout: str) -> None:
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=data, spark=spark)
+    batch1 = tenant_rows("alpha", "A", 20, 13)
+    b1 = write_csv(data / "sources" / "acct" / "batch1.csv", batch1)
+    ingest(ctx, dataset="acct")
+    validate(ctx, dataset="acct")
+    before = bronze_state(ctx, "acct")
+    silver_before = read_table(spark, ctx.tables.silver("acct")).toPandas().sort_values("customer_id")
+
+    folder, override = second_batch_dir(tmp_path, data, "acct", layout)
+    b2 = write_csv(folder / "batch2.csv", tenant_rows("alpha", "A", 20, 14),
+                   [c for c in COLUMNS if c != "plan"])
+    with pytest.raises(SourceError) as err:
+        ingest(ctx, dataset="acct", source_path=override)
+    msg = str(err.value)
+    assert "'acct'" in msg and "lacks declared column(s) 'plan'" in msg, msg
+    assert str(b2) in msg or (layout == "own_folder" and str(folder) in msg), msg
+    assert str(b1) not in msg, "the batch-1 file is not at fault"
+    assert_nothing_ingested(ctx, "acct", before)
+    after = read_table(spark, ctx.tables.silver("acct")).toPandas().sort_values("customer_id")
+    pd.testing.assert_frame_equal(after.reset_index(drop=True), silver_before.reset_index(drop=True))
+
+
+@pytest.mark.parametrize("layout", ["own_folder", "same_folder"])
+def test_batch_with_changed_column_types_is_cast_or_quarantined(spark: Any, tmp_path: Path,
+                                                                layout: str) -> None:
+    """Parquet batch 2 retypes columns: int -> double (key, tenure, label), double -> string (spend).
+    Lossless changes are cast; a value that is no longer a number is quarantined naming its column."""
+    data = tmp_path / "data"
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path, datasets={"acctpq": PARQUET_YML}),
+                            data_dir=data, spark=spark)
+    rng = random.Random(15)
+    batch1 = [{**good_row(rng, "alpha" if i % 2 else "beta", str(1000 + i))} for i in range(30)]
+    typed = {"customer_id": "int64", "tenure_months": "int64", "monthly_spend": "float64", "churned": "int64"}
+    write_parquet(data / "sources" / "acctpq" / "batch1.parquet", batch1, typed)
+    first = ingest(ctx, dataset="acctpq")
+    kept1 = batch_frame(ctx, "acctpq", first.summary["batch_id"])
+
+    # Re-send keys 1000-1005 with new values, add 1100-1103; spend arrives as text, one not a number.
+    batch2 = [{**r, "tenure_months": str(int(r["tenure_months"]) + 1), "monthly_spend": f"{20 + i}.5"}
+              for i, r in enumerate(batch1[:6])]
+    batch2 += [{**good_row(rng, "alpha", str(1100 + i))} for i in range(4)]
+    batch2[-1]["monthly_spend"] = "abc"
+    retyped = {"customer_id": "float64", "tenure_months": "float64", "monthly_spend": "str",
+               "churned": "float64"}
+    folder, override = second_batch_dir(tmp_path, data, "acctpq", layout)
+    write_parquet(folder / "batch2.parquet", batch2, retyped)
+    ingest(ctx, dataset="acctpq", source_path=override)
+    result = validate(ctx, dataset="acctpq")
+
+    pd.testing.assert_frame_equal(batch_frame(ctx, "acctpq", first.summary["batch_id"]), kept1)
+    superseded = assert_reconciled_with_history(ctx, "acctpq", result)
+    q = quarantine_frame(ctx, "acctpq").set_index("customer_id")
+    assert q.loc["1103", "monthly_spend"] == "abc"
+    assert "column 'monthly_spend' is not a number" in q.loc["1103", "_reason"]
+    # The re-sent keys still match batch 1 ("1000", not "1000.0"): superseded, not duplicated.
+    if layout == "own_folder":
+        assert superseded == {"alpha": 3, "beta": 3} and list(q.index) == ["1103"]
+    else:
+        # Both files form the second batch: batch1.parquet's copies of the re-sent keys are
+        # duplicates within it (batch2.parquet's row is kept).
+        assert superseded == {"alpha": 15, "beta": 15}
+        dups = q.drop(index="1103")
+        assert sorted(dups.index) == sorted(r["customer_id"] for r in batch2[:6])
+        assert dups["_reason"].str.contains("duplicate entity key").all()
+    silver = read_table(spark, ctx.tables.silver("acctpq")).toPandas().set_index("customer_id")
+    assert silver.index.is_unique and len(silver) == 30 + 3
+    for r in batch2[:-1]:
+        got = silver.loc[r["customer_id"]]
+        assert (got["tenure_months"], got["monthly_spend"], got["churned"]) == (
+            float(r["tenure_months"]), float(r["monthly_spend"]), float(r["churned"])), r["customer_id"]
+    for r in batch1[6:]:
+        assert silver.loc[r["customer_id"], "tenure_months"] == float(r["tenure_months"])

@@ -10,6 +10,8 @@ import pytest
 
 from tenantml.context import JobContext
 from tenantml.demo import DIRTY_TENANT, DemoSpec, write_demo_source
+from tenantml.errors import InvalidTenantIdError, TenantIsolationError, UnknownTenantError
+from tenantml.gate import TenantGate
 from tenantml.io import read_table
 from tenantml.pipeline import STEPS, run_pipeline, run_step
 
@@ -76,7 +78,7 @@ def test_cost_ledger_measures_train_and_score_per_tenant(spark: Any, run: dict[s
     ctx = run["ctx"]
     ledger = read_table(spark, ctx.tables.cost_ledger).where(f"run_id = '{ctx.run_id}'").toPandas()
     by_step = {s: g.set_index("tenant_id") for s, g in ledger.groupby("step")}
-    assert set(by_step) == {"ingest", "validate", "train", "promote", "score"}
+    assert set(by_step) == {"ingest", "validate", "train", "promote", "score", "publish"}
     for step in ("train", "score"):
         assert set(by_step[step]["method"]) == {"measured"}
         assert set(by_step[step].index) == {"t000", "t001", "t002", "t003"}
@@ -127,13 +129,18 @@ def test_champions_load_by_standard_uri_and_match_scores(spark: Any, run: dict[s
 def test_mlflow_run_holds_per_tenant_metrics_and_tags(run: dict[str, Any]) -> None:
     ctx = run["ctx"]
     mrun = ctx.mlflow.get_run(run["results"]["train"].mlflow_run_id)
-    assert mrun.info.status == "FINISHED"
-    assert {"t000.auc", "t000.baseline_auc", "t003.auc"} <= set(mrun.data.metrics)
-    assert mrun.data.tags["tenant.t000"] == "ok" and mrun.data.tags["tenant.t005"] == "skipped" \
-        if "tenant.t005" in mrun.data.tags else mrun.data.tags["tenant.t000"] == "ok"
+    assert mrun.info.status == "FINISHED" and mrun.data.tags["tenantml.tenants_trained"] == "4"
     assert mrun.data.params["delta_version"] == str(run["results"]["train"].summary["silver_version"])
-    for tenant in ("t000", "t001", "t002", "t003"):
-        assert mrun.data.metrics[f"{tenant}.auc"] > mrun.data.metrics[f"{tenant}.baseline_auc"]
+    assert not any(k.startswith("t00") for k in mrun.data.metrics)  # tenant figures live in child runs
+    children = ctx.mlflow.search_runs([mrun.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{mrun.info.run_id}'")
+    by_tenant = {c.data.tags["tenantml.tenant_id"]: c for c in children}
+    assert set(by_tenant) == {"t000", "t001", "t002", "t003"}
+    for tenant, child in by_tenant.items():
+        assert child.info.status == "FINISHED" and child.data.tags["tenantml.status"] == "ok"
+        assert child.data.metrics["auc"] > child.data.metrics["baseline_auc"]
+        mv = ctx.mlflow.search_model_versions(f"name = 'demo__{tenant}'")
+        assert any(v.run_id == child.info.run_id for v in mv)  # the version is lineage-linked
 
 
 def test_run_log_records_every_step_and_tenant(spark: Any, run: dict[str, Any]) -> None:
@@ -203,13 +210,17 @@ def _ctx_with(run: dict[str, Any], tmp_path: Path, override: str, run_id: str | 
 
 def test_quota_samples_a_giant_tenant_and_caps_epochs(spark: Any, run: dict[str, Any], tmp_path: Path) -> None:
     ctx = _ctx_with(run, tmp_path, "training: {min_rows: 100, max_epochs: 6, patience: 2,"
-                                   " tenant_quotas: {t000: {max_rows: 300, max_epochs: 2}}}\n")
-    result = run_step(ctx, "train", dataset="demo", tenants=["t000", "t001"])
+                                   " tenant_quotas: {t000: {max_rows: 300, max_epochs: 2},"
+                                   " t002: {max_seconds: 0.000001}}}\n")
+    result = run_step(ctx, "train", dataset="demo", tenants=["t000", "t001", "t002"])
     out = {t.tenant_id: t for t in result.tenants}
     silver = _counts(read_table(spark, ctx.tables.silver("demo")))
     assert out["t000"].detail["sampled_from"] == silver["t000"] and out["t000"].rows_in == 300
     assert out["t000"].detail["epochs"] <= 2
     assert "sampled_from" not in out["t001"].detail and out["t001"].rows_in == silver["t001"]
+    # A seconds quota: no epoch starts once it is used up; the model of the first epoch is kept.
+    assert out["t002"].status == "ok" and out["t002"].detail["epochs"] == 1 and out["t002"].detail["time_quota_hit"]
+    assert "time_quota_hit" not in out["t001"].detail
 
 
 def test_resume_reruns_only_the_tenants_that_failed(spark: Any, run: dict[str, Any], tmp_path: Path,
@@ -279,3 +290,109 @@ def test_concurrent_runs_on_disjoint_tenants_both_succeed(spark: Any, run: dict[
     assert {runs["t000"], runs["t001"]} == {"concurrent-a"} and {runs["t002"], runs["t003"]} == {"concurrent-b"}
     log = read_table(spark, t.run_log).where("run_id LIKE 'concurrent-%'").toPandas()
     assert sorted(log["tenant_id"]) == ["t000", "t001", "t002", "t003"]
+
+
+def test_concurrent_runs_on_the_same_tenant_never_duplicate(spark: Any, run: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    """Two scoring runs on the same tenants at once: Delta serialises the commits (the loser
+    retries with backoff or fails cleanly); the table ends with exactly one run's rows per tenant."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ctx_a = _ctx_with(run, tmp_path / "a", "training: {min_rows: 100}\n", run_id="same-a")
+    ctx_b = _ctx_with(run, tmp_path / "b", "training: {min_rows: 100}\n", run_id="same-b")
+    t = ctx_a.tables
+    before = read_table(spark, t.predictions("demo")).where("tenant_id IN ('t000', 't001')").count()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_step, c, "score", "demo", ["t000", "t001"]) for c in (ctx_a, ctx_b)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=600).status)
+            except Exception as exc:  # a clean failure must name the conflict, not corrupt anything
+                assert "Concurrent" in type(exc).__name__ + str(exc), exc
+                outcomes.append("conflict")
+    assert "ok" in outcomes
+    after = read_table(spark, t.predictions("demo")).where("tenant_id IN ('t000', 't001')").toPandas()
+    assert len(after) == before and after.duplicated(["tenant_id", "entity_key"]).sum() == 0
+    per_tenant_runs = after.groupby("tenant_id")["run_id"].nunique()
+    assert (per_tenant_runs == 1).all()  # each tenant holds one whole run's predictions, never a mix
+    assert set(after["run_id"]) <= {"same-a", "same-b"}
+
+
+# --------------------------------------------------------------------------- the tenant gate
+# Tenant A acting on tenant B through the gate: every attempt is refused, nothing leaks.
+A, B = "t000", "t001"
+
+
+@pytest.fixture(scope="module")
+def gate(run: dict[str, Any]) -> TenantGate:
+    return TenantGate(run["ctx"], A)
+
+
+def test_reads_return_only_the_gates_tenant(spark: Any, run: dict[str, Any], gate: TenantGate) -> None:
+    t = run["ctx"].tables
+    for ref in (t.silver("demo"), t.predictions("demo"), t.quarantine("demo"), t.run_log, t.model_store):
+        rows = gate.read(ref).select("tenant_id").distinct().collect()
+        assert {r["tenant_id"] for r in rows} <= {A}, ref.name
+    b_keys = {r["customer_id"] for r in read_table(spark, t.silver("demo")).where(f"tenant_id = '{B}'")
+              .select("customer_id").collect()}
+    a_keys = {r["customer_id"] for r in gate.read(t.silver("demo")).select("customer_id").collect()}
+    assert a_keys and not (a_keys & b_keys)
+
+
+def test_writing_into_another_tenants_partition_is_refused(spark: Any, run: dict[str, Any],
+                                                           gate: TenantGate) -> None:
+    ref = run["ctx"].tables.predictions("demo")
+    before = read_table(spark, ref).where(f"tenant_id = '{B}'").count()
+    b_rows = read_table(spark, ref).where(f"tenant_id = '{B}'").limit(3)
+    with pytest.raises(TenantIsolationError, match=f"tenant '{A}'.*tenant\\(s\\) \\['{B}'\\].*predictions_demo"):
+        gate.write(b_rows, ref)
+    mixed = read_table(spark, ref).where(f"tenant_id IN ('{A}', '{B}')")
+    with pytest.raises(TenantIsolationError):
+        gate.write(mixed, ref)
+    assert read_table(spark, ref).where(f"tenant_id = '{B}'").count() == before
+
+
+def test_loading_or_scoring_with_another_tenants_model_is_refused(spark: Any, run: dict[str, Any],
+                                                                  gate: TenantGate) -> None:
+    for uri in (f"models:/demo__{B}@champion", f"models:/demo__{B}/1", "models:/demo__t000x/1",
+                "runs:/whatever/model", f"models:/demo__{A}/../demo__{B}/1"):
+        with pytest.raises(TenantIsolationError, match="not a version of its own model"):
+            gate.load_model("demo", uri)
+    silver = read_table(spark, run["ctx"].tables.silver("demo"))
+    b_rows = silver.where(f"tenant_id = '{B}'").limit(5).toPandas()
+    with pytest.raises(TenantIsolationError, match=f"scoring rows of tenant\\(s\\) \\['{B}'\\]"):
+        gate.score("demo", b_rows)
+    own = gate.score("demo", silver.where(f"tenant_id = '{A}'").limit(20).toPandas())
+    assert set(own["tenant_id"]) == {A} and own["score"].between(0, 1).all()
+    assert gate.champion("demo").name == f"demo__{A}"
+
+
+def test_reading_another_tenants_run_metrics_is_refused(run: dict[str, Any], gate: TenantGate) -> None:
+    ctx = run["ctx"]
+    b_version = ctx.mlflow.get_model_version_by_alias(f"demo__{B}", "champion")
+    with pytest.raises(TenantIsolationError, match=f"belongs to '{B}'"):
+        gate.run_metrics(b_version.run_id)
+    with pytest.raises(TenantIsolationError, match="not a per-tenant run"):
+        gate.run_metrics(run["results"]["train"].mlflow_run_id)  # the job run spans tenants
+    own = ctx.mlflow.get_model_version_by_alias(f"demo__{A}", "champion")
+    assert "auc" in gate.run_metrics(own.run_id)
+    assert own.run_id in gate.runs() and b_version.run_id not in gate.runs()
+
+
+@pytest.mark.parametrize("part", ["..", "../t001", "/etc/passwd", "a/../../t001", "", "x\x00y"])
+def test_path_injection_is_refused(gate: TenantGate, part: str) -> None:
+    with pytest.raises(TenantIsolationError, match="leave its folder"):
+        gate.artifact_path(part)
+    assert gate.artifact_path("exports", "scores.csv").parts[-3:] == (A, "exports", "scores.csv")
+
+
+@pytest.mark.parametrize("hostile", [f"{A}' OR '1'='1", "../t001", f"{A}/../{B}", "t000;DROP TABLE x", " t000"])
+def test_hostile_tenant_ids_never_open_a_gate(run: dict[str, Any], hostile: str) -> None:
+    with pytest.raises(InvalidTenantIdError):
+        TenantGate(run["ctx"], hostile)
+
+
+def test_unregistered_tenant_gets_no_gate(run: dict[str, Any]) -> None:
+    with pytest.raises(UnknownTenantError):
+        TenantGate(run["ctx"], "t999")

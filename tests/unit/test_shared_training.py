@@ -103,3 +103,12 @@ def test_missing_horovod_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError, match="make horovod"):
         require_backend("horovod")
     require_backend("torch_distributor")  # the default needs nothing extra
+
+
+def test_time_quota_stops_training_after_the_epoch_that_uses_it_up() -> None:
+    df = frame(2000, 9)
+    free = fit_tabular(df, "y", SPEC, TrainParams(max_epochs=30, patience=30, seed=1))
+    capped = fit_tabular(df, "y", SPEC, TrainParams(max_epochs=30, patience=30, seed=1, max_seconds=1e-6))
+    assert free.epochs_run == 30 and not free.time_quota_hit
+    assert capped.epochs_run == 1 and capped.time_quota_hit
+    assert capped.model.predict(df.head(5)).shape == (5,)

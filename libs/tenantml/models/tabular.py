@@ -65,6 +65,7 @@ class TrainParams:
     val_fraction: float = 0.15  # split off the training frame for early stopping
     seed: int = 7
     device: str = "cpu"  # "cpu", "cuda", or "auto" (cuda when available)
+    max_seconds: float | None = None  # time quota: no new epoch starts once it is used up
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
@@ -343,6 +344,7 @@ class FitResult:
     train_rows: int
     val_rows: int
     seconds: float
+    time_quota_hit: bool = False
 
 
 def _labels(train: pd.DataFrame, label: str, task: Task) -> np.ndarray:
@@ -426,7 +428,7 @@ def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: Trai
     optimizer = torch.optim.AdamW(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
     loop = _train_loop(net, optimizer, loss_fn, (xn_tr, xc_tr, y_tr), (xn_va, xc_va, y_va),
                        max_epochs=params.max_epochs, patience=params.patience, batch_size=params.batch_size,
-                       seed=params.seed, device=device, initial_best=math.inf)
+                       seed=params.seed, device=device, initial_best=math.inf, max_seconds=params.max_seconds)
     best_loss, best_epoch, epochs_run, best_state = loop
     net.load_state_dict(best_state)
     model = TabularModel(spec, params, preprocessor, net, target_mean, target_std, device)
@@ -438,14 +440,16 @@ def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: Trai
         train_rows=len(tr_pos),
         val_rows=len(va_pos),
         seconds=time.perf_counter() - start_time,
+        time_quota_hit=params.max_seconds is not None and epochs_run < params.max_epochs
+        and time.perf_counter() - start_time >= params.max_seconds,
     )
 
 
 def _train_loop(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                 train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, max_epochs: int, patience: int,
-                batch_size: int, seed: int, device: str,
-                initial_best: float) -> tuple[float, int, int, dict[str, torch.Tensor]]:
+                batch_size: int, seed: int, device: str, initial_best: float,
+                max_seconds: float | None = None) -> tuple[float, int, int, dict[str, torch.Tensor]]:
     """Mini-batch epochs with early stopping on validation loss; returns the best epoch's state.
 
     ``initial_best`` is the loss the starting weights must beat (inf for a fresh model, the
@@ -454,11 +458,14 @@ def _train_loop(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mo
     """
     xn_tr, xc_tr, y_tr = train
     xn_va, xc_va, y_va = val
+    started = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
     n_tr = len(y_tr)
     best_loss, best_epoch, epochs_run = initial_best, 0, 0
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, max_epochs + 1):
+        if max_seconds is not None and epoch > 1 and time.perf_counter() - started >= max_seconds:
+            break  # time quota: keep the best epoch so far
         epochs_run = epoch
         net.train()
         if n_tr <= batch_size:  # full batch: shuffling would not change the gradient
@@ -498,7 +505,7 @@ def frozen_parameters(net: nn.Module, freeze: Sequence[str]) -> list[str]:
 
 def fine_tune(base: TabularModel, train: pd.DataFrame, label: str, *, freeze: Sequence[str],
               learning_rate: float, max_epochs: int, patience: int, batch_size: int, val_fraction: float,
-              seed: int, weight_decay: float = 0.0) -> FitResult:
+              seed: int, weight_decay: float = 0.0, max_seconds: float | None = None) -> FitResult:
     """Continue training a copy of ``base`` on one tenant's rows.
 
     The base preprocessor (vocabularies, scaling, target scale) is kept, so the tuned model reads
@@ -536,10 +543,12 @@ def fine_tune(base: TabularModel, train: pd.DataFrame, label: str, *, freeze: Se
     best_loss, best_epoch, epochs_run, best_state = _train_loop(
         net, optimizer, loss_fn, tr, va, max_epochs=max_epochs, patience=patience,  # type: ignore[arg-type]
         batch_size=batch_size, seed=seed, device=device,
-        initial_best=base_loss if math.isfinite(base_loss) else math.inf)
+        initial_best=base_loss if math.isfinite(base_loss) else math.inf, max_seconds=max_seconds)
     net.load_state_dict(best_state)
     for p in net.parameters():
         p.requires_grad_(True)
     model = TabularModel(spec, base.params, base.preprocessor, net, base.target_mean, base.target_std, device)
+    elapsed = time.perf_counter() - start_time
     return FitResult(model=model, epochs_run=epochs_run, best_epoch=best_epoch, best_val_loss=best_loss,
-                     train_rows=len(tr_pos), val_rows=len(va_pos), seconds=time.perf_counter() - start_time)
+                     train_rows=len(tr_pos), val_rows=len(va_pos), seconds=elapsed,
+                     time_quota_hit=max_seconds is not None and epochs_run < max_epochs and elapsed >= max_seconds)

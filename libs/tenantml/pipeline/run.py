@@ -22,17 +22,18 @@ Step = Callable[..., StepResult]
 def _steps() -> dict[str, Step]:
     from tenantml.pipeline.ingest import ingest
     from tenantml.pipeline.promote import promote
+    from tenantml.pipeline.publish import publish
     from tenantml.pipeline.score import score
     from tenantml.pipeline.train import train, train_tuned
     from tenantml.pipeline.train_shared import train_shared
     from tenantml.pipeline.validate import validate
 
     return {"ingest": ingest, "validate": validate, "train_shared": train_shared, "train": train,
-            "train_tuned": train_tuned, "promote": promote, "score": score}
+            "train_tuned": train_tuned, "promote": promote, "score": score, "publish": publish}
 
 
 # Tenant and tuned candidates are independent of each other; tuned needs the shared champion.
-STEPS = ("ingest", "validate", "train_shared", "train", "train_tuned", "promote", "score")
+STEPS = ("ingest", "validate", "train_shared", "train", "train_tuned", "promote", "score", "publish")
 
 
 def run_step(ctx: JobContext, step: str, dataset: str | None = None,

@@ -124,6 +124,7 @@ def _train_candidates(ctx: JobContext, step: str, strategy: str, dataset: str | 
             detail={"model": f"{reg.name}/{reg.version}", "strategy": strategy, "attempts": int(r.attempts),
                     **({"sampled_from": int(sampled)} if sampled is not None else {}),
                     **({"base_version": base["version"]} if base else {}),
+                    **({"time_quota_hit": True} if "time_quota_hit" in (r.metrics_json or "") else {}),
                     "version": reg.version, r.metric_name: round(float(r.metric), 4),
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
     write_models(spark, ctx.tables.model_store, store_rows, name, ctx.run_id, strategy=strategy)

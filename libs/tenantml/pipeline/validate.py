@@ -21,6 +21,7 @@ from tenantml.tenants import list_tenant_ids
 from tenantml.validation.gx_rules import run_rules
 from tenantml.validation.rules import (
     DUP_RANK,
+    MALFORMED,
     ROW_ID,
     build_rules,
     referenced_columns,
@@ -63,6 +64,8 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
                  else ctx.config.validation.max_rejected_fraction)
     ctx.progress.phase(f"validate {name}: reading bronze")
     bronze, include_invalid = _scoped_bronze(ctx, name, tenants)
+    if MALFORMED not in bronze.columns:  # bronze written before ingest recorded malformed lines
+        bronze = bronze.withColumn(MALFORMED, F.lit(None).cast("string"))
 
     # The latest batch holding a (tenant, key) is its current state: rows of earlier batches are
     # superseded history (kept in bronze, left out of silver and quarantine); a key repeated

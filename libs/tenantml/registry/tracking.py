@@ -64,6 +64,7 @@ class TrainingRun:
     mlflow_run_id: str
     artifact_uri: str
     registered: dict[str, Registered] = field(default_factory=dict)
+    tenant_runs: dict[str, str] = field(default_factory=dict)  # tenant -> child run id
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -102,50 +103,64 @@ def existing_models(client: MlflowClient, prefix: str) -> set[str]:
 def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
                    params: dict[str, Any], lineage: dict[str, Any],
                    version_tags: dict[str, str] | None = None) -> TrainingRun:
-    """One MLflow run for the job; every trained tenant's model logged and registered (see promote)."""
-    import math
+    """One MLflow run for the job, one child run per tenant (its metrics and model artifacts), and
+    every trained tenant's model registered (promotion moves aliases later).
 
-    from mlflow.entities import RunStatus
+    Per-tenant child runs keep every tenant's tracking data separable: offboarding deletes a
+    tenant's runs without touching the others'.
+    """
+    import math
+    import time
+
+    from mlflow.entities import Metric, RunStatus, RunTag
 
     from tenantml.registry.model_dir import write_model_dir
 
     client = ctx.mlflow
     spec = ctx.config.datasets[dataset]
     prefix = ctx.config.tracking.model_name_prefix
-    run = client.create_run(ctx.experiment_id(), run_name=f"train-{dataset}-{strategy}-{ctx.run_id}",
-                            tags={"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset,
-                                  "tenantml.step": "train", "tenantml.strategy": strategy})
+    experiment = ctx.experiment_id()
+    base_tags = {"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset, "tenantml.step": "train",
+                 "tenantml.strategy": strategy}
+    run = client.create_run(experiment, run_name=f"train-{dataset}-{strategy}-{ctx.run_id}", tags=base_tags)
     rid = run.info.run_id
     out = TrainingRun(mlflow_run_id=rid, artifact_uri=run.info.artifact_uri)
     try:
-        metrics: list[tuple[str, float]] = []
-        tags: list[tuple[str, str]] = []
-        for r in results.itertuples(index=False):
-            tid = validate_tenant_id(r.tenant_id)
-            tags.append((f"tenant.{tid}", str(r.status)))
-            if r.status != "ok":
-                continue
-            for k, v in json.loads(r.metrics_json).items():
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    metrics.append((f"{tid}.{k}", float(v)))
-            metrics += [(f"{tid}.rows", float(r.rows)), (f"{tid}.epochs", float(r.epochs)),
-                        (f"{tid}.seconds", float(r.seconds))]
         ok = results[results["status"] == "ok"]
-        tags.append(("tenantml.tenants_trained", str(len(ok))))
         flat = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in {**params, **lineage}.items()]
-        log_batches(client, rid, metrics, flat, tags)
-
+        log_batches(client, rid, [], flat, [("tenantml.tenants_trained", str(len(ok))),
+                                            ("tenantml.tenants_failed", str(len(results) - len(ok)))])
+        ctx.progress.phase(f"logging {len(results)} tenant runs and {len(ok)} model artifacts")
+        ctx.progress.start("tenant runs", len(results))
+        now = int(time.time() * 1000)
+        child_uri: dict[str, str] = {}
         with tempfile.TemporaryDirectory(prefix="tenantml-models-") as tmp:
-            stage = Path(tmp)
-            for r in ok.itertuples(index=False):
-                write_model_dir(stage / r.tenant_id, bytes(r.model), run_id=rid,
-                                artifact_path=f"models/{r.tenant_id}", numeric=spec.numeric_features,
-                                categorical=spec.categorical_features,
-                                metadata={"tenant_id": r.tenant_id, "dataset": dataset,
-                                          "strategy": strategy, "tenantml_run_id": ctx.run_id})
-            if len(ok):
-                ctx.progress.phase(f"logging {len(ok)} model artifacts")
-                client.log_artifacts(rid, str(stage), "models")
+            for r in results.itertuples(index=False):
+                tid = validate_tenant_id(r.tenant_id)
+                child = client.create_run(experiment, run_name=f"{tid}", tags={
+                    **base_tags, "mlflow.parentRunId": rid, "tenantml.tenant_id": tid, "tenantml.status": str(r.status)})
+                cid = child.info.run_id
+                out.tenant_runs[tid] = cid
+                child_uri[tid] = child.info.artifact_uri
+                metrics: list[Metric] = []
+                tags: list[RunTag] = []
+                if r.status == "ok":
+                    values = {**json.loads(r.metrics_json), "rows": r.rows, "epochs": r.epochs, "seconds": r.seconds}
+                    metrics = [Metric(k, float(v), now, 0) for k, v in values.items()
+                               if v is not None and not (isinstance(v, float) and math.isnan(v))]
+                else:
+                    tags = [RunTag("tenantml.error", str(r.error or "")[:5000])]
+                client.log_batch(cid, metrics=metrics, tags=tags, synchronous=True)
+                if r.status == "ok":
+                    write_model_dir(Path(tmp) / tid, bytes(r.model), run_id=cid, artifact_path="model",
+                                    numeric=spec.numeric_features, categorical=spec.categorical_features,
+                                    metadata={"tenant_id": tid, "dataset": dataset, "strategy": strategy,
+                                              "tenantml_run_id": ctx.run_id})
+                    client.log_artifacts(cid, str(Path(tmp) / tid), "model")
+                client.set_terminated(cid, RunStatus.to_string(RunStatus.FINISHED if r.status == "ok"
+                                                               else RunStatus.FAILED))
+                ctx.progress.advance()
+        ctx.progress.done()
 
         known = existing_models(client, f"{prefix}{dataset}__")
         ctx.progress.start("registering models", len(ok))
@@ -153,13 +168,14 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
             name = model_name(prefix, dataset, r.tenant_id)
             if name not in known:
                 ensure_registered_model(client, name, {"tenant_id": r.tenant_id, "dataset": dataset})
-            source = f"{run.info.artifact_uri}/models/{r.tenant_id}"
+            cid = out.tenant_runs[r.tenant_id]
+            source = f"{child_uri[r.tenant_id]}/model"
             mv = client.create_model_version(
-                name, source=source, run_id=rid,
+                name, source=source, run_id=cid,
                 tags={"tenant_id": r.tenant_id, "dataset": dataset, "strategy": strategy,
                       "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
                       "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
-                      **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
+                      "job_run_id": rid, **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
             out.registered[r.tenant_id] = Registered(r.tenant_id, name, str(mv.version), source)
             ctx.progress.advance()
         ctx.progress.done()

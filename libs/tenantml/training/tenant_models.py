@@ -46,6 +46,7 @@ class TrainJob:
     torch_threads: int
     retries: int = 0
     quotas: dict[str, tuple[int | None, int]] | None = None  # tenant -> (max rows, max epochs)
+    time_quotas: dict[str, float | None] | None = None  # tenant -> training seconds
     # Tuned-shared: fine-tune this base model instead of training from scratch.
     base_model: bytes | None = None
     tune: dict[str, Any] | None = None  # freeze, learning_rate, max_epochs, patience, min_rows
@@ -75,7 +76,9 @@ class TrainJob:
     def with_quotas(self, cfg: TrainingConfig, tenants: Iterable[str]) -> TrainJob:
         from dataclasses import replace
 
-        return replace(self, quotas={t: cfg.quota(t) for t in tenants})
+        ids = list(tenants)
+        return replace(self, quotas={t: cfg.quota(t) for t in ids},
+                       time_quotas={t: cfg.seconds_quota(t) for t in ids})
 
 
 def _short_error(exc: BaseException) -> str:
@@ -130,7 +133,8 @@ def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows
     row.update(sampled_from=sampled_from, rows=len(train) + len(test))
     spec = FeatureSpec(numeric=job.numeric, categorical=job.categorical, task=job.task)  # type: ignore[arg-type]
     # A retry changes only the optimisation seed, never the holdout, so metrics stay comparable.
-    params = TrainParams(**{**job.params, "seed": seed + attempt - 1, "max_epochs": max_epochs})
+    params = TrainParams(**{**job.params, "seed": seed + attempt - 1, "max_epochs": max_epochs,
+                            "max_seconds": (job.time_quotas or {}).get(tenant_id)})
     if job.base_model is not None and job.tune is not None:
         from tenantml.models import TabularModel, fine_tune
 
@@ -139,7 +143,7 @@ def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows
                         learning_rate=float(job.tune["learning_rate"]),
                         max_epochs=min(int(job.tune["max_epochs"]), max_epochs),
                         patience=int(job.tune["patience"]), batch_size=params.batch_size,
-                        val_fraction=params.val_fraction, seed=params.seed)
+                        val_fraction=params.val_fraction, seed=params.seed, max_seconds=params.max_seconds)
     else:
         fit = fit_tabular(train, job.label, spec, params)
     y_test = test[job.label].to_numpy(dtype=np.float64)
@@ -153,7 +157,8 @@ def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows
         status="ok", error=None, train_rows=len(train), test_rows=len(test),
         metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
         metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
-                                 "best_val_loss": fit.best_val_loss}),
+                                 "best_val_loss": fit.best_val_loss,
+                                 **({"time_quota_hit": 1.0} if fit.time_quota_hit else {})}),
         epochs=fit.epochs_run, best_epoch=fit.best_epoch, n_parameters=fit.model.n_parameters,
         model=fit.model.to_bytes(),
     )

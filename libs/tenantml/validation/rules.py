@@ -14,6 +14,9 @@ NUMBER_REGEX = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 DATE_REGEX = r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
 BINARY_LABELS = ("0", "1", "0.0", "1.0", "true", "false", "True", "False", "TRUE", "FALSE")
 DUP_RANK = "_dup_rank"
+# Bronze column set by ingest: the raw text of a source line Spark could not parse as a row of the
+# source's shape (CSV: a field count other than the header's; JSON: not valid JSON), else NULL.
+MALFORMED = "_malformed"
 MAX_FINITE = 1.7976931348623157e308
 ROW_ID = "_row_id"
 
@@ -48,6 +51,7 @@ def typed_select(df: DataFrame, spec: DatasetSpec) -> list[Column]:
 def build_rules(spec: DatasetSpec, registered_tenants: list[str] | None = None) -> list[Rule]:
     """Every row check, stated once; reasons are what analysts read in the quarantine table."""
     rules: list[Rule] = [
+        Rule("in_set", MALFORMED, malformed_reason(spec), value_set=()),
         Rule("not_null", "tenant_id",
              f"tenant id in column {spec.tenant_column!r} is missing or invalid "
              "(letters, digits, '_' and '-', at most 64 characters)"),
@@ -84,6 +88,13 @@ def build_rules(spec: DatasetSpec, registered_tenants: list[str] | None = None) 
     for c, values in spec.rules.allowed_values.items():
         rules.append(Rule("in_set", c, f"column {c!r} is not one of {values}", value_set=tuple(values)))
     return rules
+
+
+def malformed_reason(spec: DatasetSpec) -> str:
+    """What a malformed source line is, in the words of the source's format."""
+    what = {"csv": "its number of fields does not match the header",
+            "json": "it is not valid JSON"}.get(spec.source.format, "it could not be parsed")
+    return f"malformed source line: {what} (truncated or broken line; raw text in {MALFORMED!r})"
 
 
 def typed_check_columns(spec: DatasetSpec) -> list[str]:

@@ -1,0 +1,148 @@
+"""The tenant-scoped gate: what code acting for one tenant may read, write, load and touch.
+
+Analyst notebooks, per-tenant exports and support tooling act for one tenant at a time; they get a
+`TenantGate` instead of raw tables and clients. Every method filters to, or checks against, the
+gate's tenant with bound values (never SQL text), and refuses anything else with a
+`TenantIsolationError` that names both tenants and the table, model, run or path involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenantml.errors import TenantIsolationError, UnknownTenantError
+from tenantml.tables import TableRef
+from tenantml.tenancy import validate_tenant_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import DataFrame
+
+    from tenantml.context import JobContext
+
+
+class TenantGate:
+    def __init__(self, ctx: JobContext, tenant_id: str) -> None:
+        from tenantml.tenants import list_tenant_ids
+
+        self.tenant_id = validate_tenant_id(tenant_id, where="the tenant gate")
+        if self.tenant_id not in list_tenant_ids(ctx.spark, ctx.tables.tenants):
+            raise UnknownTenantError(f"tenant {self.tenant_id!r} is not registered in {ctx.tables.tenants.display}")
+        self.ctx = ctx
+
+    def _refuse(self, what: str) -> TenantIsolationError:
+        return TenantIsolationError(f"tenant {self.tenant_id!r}: {what}: refused")
+
+    # ------------------------------------------------------------------ data
+    def read(self, ref: TableRef) -> DataFrame:
+        """The gate's tenant's rows of a tenant-partitioned table, and nothing else."""
+        from pyspark.sql import functions as F
+
+        from tenantml.io import read_table
+
+        df = read_table(self.ctx.spark, ref)
+        if "tenant_id" not in df.columns:
+            raise self._refuse(f"table {ref.display} has no tenant_id column, so it cannot be read per tenant")
+        return df.where(F.col("tenant_id") == F.lit(self.tenant_id))
+
+    def write(self, df: DataFrame, ref: TableRef) -> None:
+        """Replace the gate's tenant's partition of ``ref`` with ``df``; a foreign row refuses all."""
+        from pyspark.sql import functions as F
+
+        from tenantml.io import replace_tenants
+
+        if "tenant_id" not in df.columns:
+            raise self._refuse(f"rows for {ref.display} carry no tenant_id column")
+        foreign = (df.where(F.col("tenant_id").isNull() | (F.col("tenant_id") != F.lit(self.tenant_id)))
+                   .select("tenant_id").distinct().limit(5).collect())
+        if foreign:
+            others = sorted(str(r["tenant_id"]) for r in foreign)
+            raise self._refuse(f"writing rows of tenant(s) {others} into {ref.display}")
+        replace_tenants(df, ref, [self.tenant_id])
+
+    # ------------------------------------------------------------------ models
+    def champion(self, dataset: str) -> Any:
+        """The tenant's champion ModelVersion, after the same entitlement check scoring applies."""
+        from tenantml.pipeline.score import entitled
+        from tenantml.registry.tracking import champion_versions, shared_model_name
+        from tenantml.tenants import tenant_policies
+
+        name, _ = self.ctx.config.dataset(dataset)
+        mv = champion_versions(self.ctx, name, [self.tenant_id]).get(self.tenant_id)
+        if mv is None:
+            raise UnknownTenantError(f"tenant {self.tenant_id!r} has no champion for dataset {name!r}")
+        policy = tenant_policies(self.ctx.spark, self.ctx.tables.tenants, [self.tenant_id],
+                                 self.ctx.config.tenants)[self.tenant_id]
+        why = entitled(self.tenant_id, dict(mv.tags), policy,
+                       shared_model_name(self.ctx.config.tracking.model_name_prefix, name))
+        if why:
+            raise TenantIsolationError(why)
+        return mv
+
+    def load_model(self, dataset: str, model_uri: str | None = None) -> Any:
+        """A TabularModel the tenant may use: its champion, or a version of its own registered model."""
+        from tenantml.models import TabularModel
+        from tenantml.registry.store import load_models
+        from tenantml.registry.tracking import model_name
+
+        name, _ = self.ctx.config.dataset(dataset)
+        own = model_name(self.ctx.config.tracking.model_name_prefix, name, self.tenant_id)
+        if model_uri is None:
+            mv = self.champion(name)
+            version = str(mv.version)
+        else:
+            prefix = f"models:/{own}/"
+            alias_prefix = f"models:/{own}@"
+            if model_uri.startswith(alias_prefix):
+                version = str(self.ctx.mlflow.get_model_version_by_alias(own, model_uri[len(alias_prefix):]).version)
+            elif model_uri.startswith(prefix) and model_uri[len(prefix):].isdigit():
+                version = model_uri[len(prefix):]
+            else:
+                raise self._refuse(f"model {model_uri!r} is not a version of its own model {own!r}")
+        rows = load_models(self.ctx.spark, self.ctx.tables.model_store, {self.tenant_id: (own, version)})
+        if rows.empty:
+            raise self._refuse(f"{own} v{version} has no stored bytes for this tenant")
+        return TabularModel.from_bytes(bytes(rows.iloc[0]["model"]))
+
+    def score(self, dataset: str, rows: pd.DataFrame) -> pd.DataFrame:
+        """Score the tenant's own rows with its entitled champion; another tenant's row refuses all."""
+        if "tenant_id" in rows.columns:
+            others = sorted({str(t) for t in rows["tenant_id"].unique()} - {self.tenant_id})
+            if others:
+                raise self._refuse(f"scoring rows of tenant(s) {others}")
+        model = self.load_model(dataset)
+        out = rows.copy()
+        out["score"] = model.predict(rows)
+        return out
+
+    # ------------------------------------------------------------------ tracking
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """Metrics of one of the tenant's own (child) runs."""
+        run = self.ctx.mlflow.get_run(run_id)
+        owner = run.data.tags.get("tenantml.tenant_id")
+        if owner != self.tenant_id:
+            raise self._refuse(f"MLflow run {run_id} belongs to {owner!r}" if owner
+                               else f"MLflow run {run_id} is not a per-tenant run")
+        return dict(run.data.metrics)
+
+    def runs(self) -> list[str]:
+        """Ids of the tenant's own MLflow runs."""
+        exp = self.ctx.mlflow.get_experiment_by_name(self.ctx.config.tracking.experiment)
+        if exp is None:
+            return []
+        found = self.ctx.mlflow.search_runs([exp.experiment_id],
+                                            filter_string=f"tags.`tenantml.tenant_id` = '{self.tenant_id}'")
+        return [r.info.run_id for r in found]
+
+    # ------------------------------------------------------------------ files
+    def artifact_path(self, *parts: str) -> Path:
+        """A path under the tenant's own folder; separators, '..' and absolute parts are refused."""
+        root = (self.ctx.data_dir / "tenants" / self.tenant_id).resolve()
+        for p in parts:
+            if not p or p in (".", "..") or "/" in p or "\\" in p or "\x00" in p or Path(p).is_absolute():
+                raise self._refuse(f"path part {p!r} would leave its folder {root}")
+        path = root.joinpath(*parts).resolve()
+        if root != path and root not in path.parents:
+            raise self._refuse(f"path {path} is outside its folder {root}")
+        return path

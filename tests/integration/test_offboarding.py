@@ -1,0 +1,115 @@
+"""`tenants delete`: a tenant's rows, models, runs and Delta history are gone; other tenants intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from tenantml.context import JobContext
+from tenantml.demo import DemoSpec, write_demo_source
+from tenantml.io import read_table
+from tenantml.offboarding import offboard_tenant, project_tables
+from tenantml.pipeline import STEPS, run_pipeline, run_step
+from tenantml.registry.tracking import existing_models
+from tenantml.tenants import list_tenant_ids, update_tenants
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+GONE = "t001"
+
+
+def _tenant_rows(spark: Any, ctx: JobContext, tenant: str, version: int | None = None) -> dict[str, int]:
+    from pyspark.sql import functions as F
+
+    out = {}
+    for ref in project_tables(ctx):
+        df = read_table(spark, ref, version=version) if version is not None else read_table(spark, ref)
+        cols = [c for c in ("tenant_id", "_tenant_raw") if c in df.columns]
+        if cols:
+            cond = F.lit(False)
+            for c in cols:
+                cond = cond | (F.col(c) == F.lit(tenant))
+            out[ref.name] = df.where(cond).count()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    conf = tmp_path_factory.mktemp("conf")
+    shutil.copytree(REPO_CONF, conf, dirs_exist_ok=True)
+    (conf / "local" / "test.yml").write_text(
+        "training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, tuned: {max_epochs: 2}}\n")
+    ctx = JobContext.create(conf_dir=conf, data_dir=tmp_path_factory.mktemp("offboard"), spark=spark)
+    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=4, largest=800, smallest=150))
+    run_pipeline(ctx, dataset="demo", steps=STEPS[:2])
+    update_tenants(spark, ctx.tables.tenants, list_tenant_ids(spark, ctx.tables.tenants), consent_share_data=True)
+    run_pipeline(ctx, dataset="demo", steps=STEPS[2:])
+    child = ctx.mlflow.get_model_version_by_alias(f"demo__{GONE}", "champion")
+    artifact_dir = Path(urlparse(ctx.mlflow.get_run(child.run_id).info.artifact_uri).path)
+    before_other = _tenant_rows(spark, ctx, "t000")
+    plan = offboard_tenant(ctx, GONE)  # a dry run first: nothing may change
+    after_plan = _tenant_rows(spark, ctx, GONE)
+    report = offboard_tenant(ctx, GONE, confirm=True, purge_history=True)
+    return {"ctx": ctx, "plan": plan, "after_plan": after_plan, "report": report, "artifact_dir": artifact_dir,
+            "before_other": before_other}
+
+
+def test_dry_run_lists_everything_and_changes_nothing(world: dict[str, Any]) -> None:
+    plan = world["plan"]
+    assert not plan.executed
+    assert {"bronze_demo", "silver_demo", "predictions_demo", "model_store", "run_log", "tenants",
+            "shared_train_demo", "promotions"} <= set(plan.rows)
+    assert world["after_plan"] == {k: plan.rows.get(k, 0) for k in world["after_plan"]}
+    assert plan.models == [f"demo__{GONE}"] and plan.runs
+    assert plan.shared_models_trained_with_tenant  # the shared model learned from the tenant's rows
+
+
+def test_no_row_model_or_run_of_the_tenant_is_left(spark: Any, world: dict[str, Any]) -> None:
+    from mlflow.entities import ViewType
+
+    ctx = world["ctx"]
+    assert set(_tenant_rows(spark, ctx, GONE).values()) == {0}
+    assert f"demo__{GONE}" not in existing_models(ctx.mlflow, "demo__")
+    exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
+    left = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{GONE}'",
+                                  run_view_type=ViewType.ALL)
+    assert left == []
+    assert not world["artifact_dir"].exists()  # the model artifacts were purged with the runs
+    assert not list((ctx.data_dir / "checkpoints").glob("*.pt"))
+
+
+def test_time_travel_cannot_bring_the_rows_back(spark: Any, world: dict[str, Any]) -> None:
+    ctx = world["ctx"]
+    for ref in (ctx.tables.silver("demo"), ctx.tables.bronze("demo"), ctx.tables.predictions("demo")):
+        try:
+            old = read_table(spark, ref, version=0)
+            n = old.where(old.tenant_id == GONE).count()
+        except Exception as exc:  # files of the old version were vacuumed
+            assert "FileNotFound" in type(exc).__name__ + str(exc) or "does not exist" in str(exc), exc
+            continue
+        assert n == 0, ref.name
+
+
+def test_other_tenants_are_untouched_and_still_served(spark: Any, world: dict[str, Any]) -> None:
+    ctx = world["ctx"]
+    assert _tenant_rows(spark, ctx, "t000") == world["before_other"]
+    result = run_step(ctx, "score", dataset="demo", tenants=["t000"])
+    assert result.status == "ok"
+
+
+def test_cli_refuses_an_unknown_tenant(world: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from tenantml.cli import run as cli_run
+
+    ctx = world["ctx"]
+    code = cli_run(["tenants", "delete", "nobody", "--json", "--quiet", "--data-dir", str(ctx.data_dir),
+                    "--conf-dir", str(REPO_CONF)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "'nobody'" in out["error"], out
+    code = cli_run(["tenants", "delete", "../x", "--json", "--quiet", "--data-dir", str(ctx.data_dir),
+                    "--conf-dir", str(REPO_CONF)])
+    assert code == 2 and "invalid tenant id" in json.loads(capsys.readouterr().out)["error"]

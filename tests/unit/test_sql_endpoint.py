@@ -1,0 +1,59 @@
+"""The SQL endpoint's choices that need no Spark: which tables it exposes, ports, names, refusals."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tenantml.config import TablesConfig
+from tenantml.context import JobContext
+from tenantml.errors import ConfigError
+from tenantml.sql_endpoint import SqlEndpoint, bi_tables, check_port_free, register_tables, serve
+from tenantml.tables import Tables
+
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def test_only_published_delta_tables_are_exposed(tmp_path: Path) -> None:
+    for name, delta in (("gold_demo_prediction_fact", True), ("gold_tenant_dim", True),
+                        ("predictions_demo", True), ("silver_demo", True), ("bronze_demo", True),
+                        ("quarantine_demo", True), ("gold_half_written", False), ("gold_Bad-Name", True)):
+        (tmp_path / name / ("_delta_log" if delta else "part-0")).mkdir(parents=True)
+    refs = bi_tables(Tables(TablesConfig(), tmp_path))
+    assert [r.name for r in refs] == ["gold_demo_prediction_fact", "gold_tenant_dim", "predictions_demo"]
+    assert all(r.path == str(tmp_path / r.name) for r in refs)
+    assert bi_tables(Tables(TablesConfig(), tmp_path / "missing")) == []
+
+
+def test_jdbc_url() -> None:
+    assert SqlEndpoint("127.0.0.1", 10000, "tenantml").jdbc_url == "jdbc:hive2://127.0.0.1:10000/tenantml"
+
+
+def test_a_taken_or_invalid_port_is_a_usage_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port}: already in use on 127.0.0.1"):
+            check_port_free("127.0.0.1", port)
+    for bad in (0, 70000):
+        with pytest.raises(ConfigError, match="between 1 and 65535"):
+            check_port_free("127.0.0.1", bad)
+
+
+def test_unsafe_database_names_are_refused_before_any_sql() -> None:
+    with pytest.raises(ConfigError, match="--database"):
+        register_tables(None, [], "x; DROP TABLE t")  # type: ignore[arg-type]  # refused before spark is used
+
+
+def test_catalog_tables_are_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_CONF, conf)
+    (conf / "local" / "uc.yml").write_text("tables: {catalog: main, schema: tenantml}\n")
+    ctx = JobContext.create(conf_dir=conf, data_dir=tmp_path / "data")
+    with pytest.raises(ConfigError, match="Databricks SQL warehouse"):
+        serve(ctx, port=1)  # refused before a session or a port is touched
+    assert ctx.spark_session is None and "spark" not in ctx.__dict__
