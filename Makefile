@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tenantml-installed
 
-.PHONY: setup horovod demo test test-fast lint bench clean
+.PHONY: setup horovod browser demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,19 @@ $(STAMP): pyproject.toml
 # Opt-in, not part of setup: compiles Horovod 0.28.1 from source (CPU, Gloo, PyTorch only); ~3 min on 2 cores.
 horovod: setup
 	VENV=$(VENV) bash .ci/build-horovod.sh
+
+# Headless Chromium for the run-report test (Debian's package, via apt-get: root, or sudo when there is
+# one). Idempotent: nothing to do when /usr/bin/chromium exists. Not part of setup; CI runs it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+	  echo "$$(/usr/bin/chromium --version 2>/dev/null) already installed"; \
+	else \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core && \
+	  /usr/bin/chromium --version; \
+	fi
 
 demo: setup
 	$(VENV)/bin/tenantml demo

@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
     models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
     sub.add_parser("runs", parents=[common], help="show the run_log of the latest run (or --run-id)")
+    rep = sub.add_parser("report", parents=[common],
+                         help="write the HTML run report of the latest run (or --run-id) under <data_dir>/reports/")
+    rep.add_argument("--dataset", default=None, help="dataset name from conf (default: project.default_dataset)")
     gov = sub.add_parser("governance", parents=[scoped],
                          help="print Unity Catalog row filters and per-tenant views for the published tables")
     gov.add_argument("--catalog", default=None, help="default: tables.catalog from config")
@@ -326,6 +329,16 @@ def _tenant_set(args: argparse.Namespace, ctx: JobContext) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace, ctx: JobContext) -> int:
+    from tenantml.report import latest_run_id, write_run_report
+
+    name, _ = ctx.config.dataset(args.dataset)
+    run_id = args.run_id or latest_run_id(ctx, name)
+    path = write_run_report(ctx, name, run_id)
+    print(json.dumps({"status": "ok", "run_id": run_id, "report": str(path)}) if args.json else f"wrote {path}")
+    return EXIT_OK
+
+
 def _governance(args: argparse.Namespace, ctx: JobContext) -> int:
     from tenantml.governance import AccessPolicy, governance_sql
     from tenantml.tenants import list_tenant_ids
@@ -400,6 +413,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _table_command(args, ctx)
         if args.command == "tenant-set":
             return _tenant_set(args, ctx)
+        if args.command == "report":
+            return _report(args, ctx)
         from tenantml.pipeline import STEPS, run_pipeline, run_step
 
         step_name = args.command.replace("-", "_")

@@ -57,3 +57,17 @@ class TenantIsolationError(TenantMLError):
     """Code acting for one tenant tried to reach another tenant's rows, models, runs or files."""
 
     exit_code = EXIT_USAGE
+
+
+class RunNotFoundError(TenantMLError):
+    """A run id was asked for that `run_log` holds no rows of."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotebookError(TenantMLError):
+    """A notebook could not be read, or one of its cells raised (the message names the cell)."""
+
+    def __init__(self, message: str, *, cell: int | None = None) -> None:
+        super().__init__(message)
+        self.cell = cell  # 1-based index of the failing cell; None when the notebook itself is at fault

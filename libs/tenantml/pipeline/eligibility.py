@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from tenantml.errors import UnknownTenantError
 from tenantml.io import read_table, table_exists
@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
+    from tenantml.config import DatasetSpec
     from tenantml.context import JobContext
+    from tenantml.tables import TableRef
 
 
 @dataclass
@@ -86,3 +88,28 @@ def excluded_outcomes(elig: Eligibility) -> list[TenantOutcome]:
     return [TenantOutcome(tenant_id=t, status=st, rows_in=elig.rows.get(t, 0),
                           error=why if st == "blocked" else None, detail={"reason": why})
             for t, (st, why) in sorted(elig.excluded.items())]
+
+
+class StepInput(NamedTuple):
+    """What every per-tenant step starts from: its dataset, one pinned silver snapshot, who may run."""
+
+    name: str
+    spec: DatasetSpec
+    silver_ref: TableRef
+    version: int
+    silver: DataFrame
+    elig: Eligibility
+    outcomes: list[TenantOutcome]
+
+
+def open_step(ctx: JobContext, dataset: str | None, tenants: Sequence[str] | None) -> StepInput:
+    """Tenant ids are checked before any Spark work; every task then reads the same silver version."""
+    from tenantml.io import table_version
+
+    validate_tenant_ids(tenants or [], where="--tenants")
+    name, spec = ctx.config.dataset(dataset)
+    silver_ref = ctx.tables.silver(name)
+    version = table_version(ctx.spark, silver_ref)
+    silver = read_table(ctx.spark, silver_ref, version=version)
+    elig = eligible_tenants(ctx, name, silver, tenants)
+    return StepInput(name, spec, silver_ref, version, silver, elig, excluded_outcomes(elig))

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from tenantml.io import read_table, table_exists, table_version
-from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.io import read_table, table_exists
+from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.registry.decisions import write_decisions
 from tenantml.registry.store import SHARED_ID, load_models, write_models
@@ -28,7 +28,6 @@ from tenantml.registry.tracking import (
     set_champions,
     shared_champion,
 )
-from tenantml.tenancy import validate_tenant_ids
 from tenantml.tenants import TenantPolicy, tenant_policies
 from tenantml.training.evaluate import evaluate_candidates
 
@@ -142,15 +141,9 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
     from tenantml.models import primary_metric
 
     started = time.perf_counter()
-    validate_tenant_ids(tenants or [], where="--tenants")
-    name, spec = ctx.config.dataset(dataset)
+    name, spec, _, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
     cfg = ctx.config.training
     spark = ctx.spark
-    silver_ref = ctx.tables.silver(name)
-    version = table_version(spark, silver_ref)
-    silver = read_table(spark, silver_ref, version=version)
-    elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes = excluded_outcomes(elig)
     policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
     metric_name, higher = primary_metric(spec.task)  # type: ignore[arg-type]
     ctx.progress.phase(f"promote {name}: gathering candidates for {len(elig.eligible)} tenants")

@@ -71,8 +71,26 @@ def _record_failure(ctx: JobContext, step: str, dataset: str, error: str, starte
 
 def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None,
                  steps: Sequence[str] = STEPS) -> list[StepResult]:
-    """Every step under one run id; tenants failing a step don't stop the others."""
+    """Every step under one run id; tenants failing a step don't stop the others. The run report is
+    written at the end, also when a step raised (its failure is in run_log by then)."""
     results = []
-    for step in steps:
-        results.append(run_step(ctx, step, dataset=dataset, tenants=tenants))
+    try:
+        for step in steps:
+            results.append(run_step(ctx, step, dataset=dataset, tenants=tenants))
+    except Exception:
+        _write_report(ctx, dataset)
+        raise
+    _write_report(ctx, dataset)
     return results
+
+
+def _write_report(ctx: JobContext, dataset: str | None) -> None:
+    """The HTML run report; a report that cannot be written is logged, never fails the run."""
+    try:
+        from tenantml.report import write_run_report
+
+        ctx.progress.phase(f"run report: {write_run_report(ctx, dataset, ctx.run_id)}")
+    except TenantMLError as exc:  # e.g. a run that failed before it logged anything
+        log.warning("run report of run %s not written: %s", ctx.run_id, exc)
+    except Exception:
+        log.exception("could not write the run report of run %s", ctx.run_id)

@@ -6,15 +6,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tenantml.io import read_table, replace_tenants, table_version
-from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.io import read_table, replace_tenants
+from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.ledger import dict_sum_param
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models
 from tenantml.registry.tracking import champion_versions, shared_model_name
 from tenantml.scoring.batch import ServingModel, score_frame
-from tenantml.tenancy import validate_tenant_ids
 from tenantml.tenants import TenantPolicy, tenant_policies
 
 if TYPE_CHECKING:
@@ -50,14 +49,8 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
-    validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
-    name, spec = ctx.config.dataset(dataset)
+    name, spec, _, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
     spark = ctx.spark
-    silver_ref = ctx.tables.silver(name)
-    version = table_version(spark, silver_ref)
-    silver = read_table(spark, silver_ref, version=version)
-    elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes = excluded_outcomes(elig)
     ctx.progress.phase(f"score {name}: looking up champions for {len(elig.eligible)} tenants")
     champions = champion_versions(ctx, name, elig.eligible)
     policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)

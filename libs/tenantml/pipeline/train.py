@@ -11,13 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tenantml.context import git_commit
-from tenantml.io import read_table, table_version
-from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
 from tenantml.registry.store import load_models, write_models
 from tenantml.registry.tracking import SHARED_ID, shared_champion, track_training
-from tenantml.tenancy import validate_tenant_ids
 from tenantml.tenants import tenant_policies
 from tenantml.training.tenant_models import train_tenant_models
 
@@ -38,15 +36,9 @@ def train_tuned(ctx: JobContext, dataset: str | None = None, tenants: Sequence[s
 def _train_candidates(ctx: JobContext, step: str, strategy: str, dataset: str | None,
                       tenants: Sequence[str] | None) -> StepResult:
     started = time.perf_counter()
-    validate_tenant_ids(tenants or [], where="--tenants")  # before any Spark work
-    name, spec = ctx.config.dataset(dataset)
+    name, spec, silver_ref, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
     cfg = ctx.config.training
     spark = ctx.spark
-    silver_ref = ctx.tables.silver(name)
-    version = table_version(spark, silver_ref)  # pinned: every task reads the same snapshot
-    silver = read_table(spark, silver_ref, version=version)
-    elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes = excluded_outcomes(elig)
 
     def skip_all(reason: str) -> StepResult:
         outcomes.extend(TenantOutcome(tenant_id=t, status="skipped", rows_in=elig.rows[t],

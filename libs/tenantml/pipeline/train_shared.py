@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tenantml.context import git_commit
-from tenantml.io import read_table, table_version
-from tenantml.pipeline.eligibility import eligible_tenants, excluded_outcomes
+from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.privacy import PiiPolicy, resolve_salt, salt_id
 from tenantml.registry.decisions import write_decisions
 from tenantml.registry.store import SHARED_ID, load_models, write_models
 from tenantml.registry.tracking import Registered, set_champions, shared_champion, track_shared
-from tenantml.tenancy import validate_tenant_ids
 from tenantml.tenants import tenant_policies
 from tenantml.training.evaluate import evaluate_candidates
 from tenantml.training.shared import train_shared_model
@@ -45,16 +43,10 @@ def train_shared(ctx: JobContext, dataset: str | None = None, tenants: Sequence[
     from tenantml.models import primary_metric
 
     started = time.perf_counter()
-    validate_tenant_ids(tenants or [], where="--tenants")
-    name, spec = ctx.config.dataset(dataset)
+    name, spec, silver_ref, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
     cfg = ctx.config.training
     sh = cfg.shared
     spark = ctx.spark
-    silver_ref = ctx.tables.silver(name)
-    version = table_version(spark, silver_ref)
-    silver = read_table(spark, silver_ref, version=version)
-    elig = eligible_tenants(ctx, name, silver, tenants)
-    outcomes = excluded_outcomes(elig)
     policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
     contributors = [t for t in elig.eligible if policies[t].consent_share_data]
     refused = [t for t in elig.eligible if not policies[t].consent_share_data]
