@@ -1,8 +1,9 @@
-"""Track a whole training job as one MLflow run and register every tenant's model cheaply.
+"""Track a training job as one MLflow run with a child run per tenant, and register models cheaply.
 
-Per-model cost is what matters with thousands of tenants: metrics and tags go in `log_batch`
-chunks, every model directory is staged locally and uploaded with one `log_artifacts`, and each
-registration is three small registry calls (≈15 ms on SQLite, see bench/).
+Per-model cost is what matters with thousands of tenants: no `log_model` (seconds each), but a
+model directory written by tenantml, one `log_batch` and one `log_artifacts` per tenant's child
+run, and a few small registry calls (about 30 ms per model on SQLite in all; see bench/ and
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
