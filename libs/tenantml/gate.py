@@ -128,12 +128,9 @@ class TenantGate:
 
     def runs(self) -> list[str]:
         """Ids of the tenant's own MLflow runs."""
-        exp = self.ctx.mlflow.get_experiment_by_name(self.ctx.config.tracking.experiment)
-        if exp is None:
-            return []
-        found = self.ctx.mlflow.search_runs([exp.experiment_id],
-                                            filter_string=f"tags.`tenantml.tenant_id` = '{self.tenant_id}'")
-        return [r.info.run_id for r in found]
+        from tenantml.registry.tracking import tenant_run_ids
+
+        return tenant_run_ids(self.ctx, self.tenant_id)
 
     # ------------------------------------------------------------------ files
     def artifact_path(self, *parts: str) -> Path:

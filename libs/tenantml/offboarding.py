@@ -73,17 +73,6 @@ def _tenant_filter(columns: list[str], tenant_id: str) -> Any:
     return cond
 
 
-def _tenant_runs(ctx: JobContext, tenant_id: str) -> list[str]:
-    from mlflow.entities import ViewType
-
-    exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
-    if exp is None:
-        return []
-    runs = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{tenant_id}'",
-                                  run_view_type=ViewType.ALL, max_results=50_000)
-    return [r.info.run_id for r in runs]
-
-
 def _shared_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
     """Shared model versions whose training set held this tenant's rows (they need retraining)."""
     import json
@@ -119,7 +108,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
 
     from tenantml.io import read_table
     from tenantml.io.delta import delta_table, with_conflict_retries
-    from tenantml.registry.tracking import existing_models, model_name
+    from tenantml.registry.tracking import existing_models, model_name, tenant_run_ids
     from tenantml.tenants import list_tenant_ids
 
     tenant_id = validate_tenant_id(tenant_id, where="tenants delete")
@@ -139,7 +128,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
         known |= existing_models(ctx.mlflow, f"{prefix}{dataset}__")
     report.models = sorted(model_name(prefix, d, tenant_id) for d in ctx.config.datasets
                            if model_name(prefix, d, tenant_id) in known)
-    report.runs = _tenant_runs(ctx, tenant_id)
+    report.runs = tenant_run_ids(ctx, tenant_id, include_deleted=True)
     ckpt_root = ctx.data_dir / "checkpoints"
     report.checkpoints = sorted(str(p) for p in ckpt_root.glob("*.pt")) if ckpt_root.exists() else []
     report.shared_models_trained_with_tenant = _shared_models_with(ctx, tenant_id)

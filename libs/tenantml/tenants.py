@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.config import TenantsConfig
 from tenantml.io import read_table, table_exists
-from tenantml.io.delta import delta_table, with_conflict_retries
+from tenantml.io.delta import delta_table, insert_missing, with_conflict_retries
 from tenantml.tables import TableRef
 from tenantml.tenancy import validate_tenant_ids
 
@@ -51,15 +51,7 @@ def register_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[st
     if not new:
         return []
 
-    def write() -> None:
-        if not table_exists(spark, ref):
-            w = incoming.write.format("delta").mode("append")
-            w.saveAsTable(ref.fqn) if ref.fqn else w.save(ref.path)
-            return
-        (delta_table(spark, ref).alias("t").merge(incoming.alias("s"), "t.tenant_id = s.tenant_id")
-         .whenNotMatchedInsertAll().execute())
-
-    with_conflict_retries(write, what=ref.display)
+    insert_missing(incoming, ref, "tenant_id")  # never overwrites consents or status
     return new
 
 

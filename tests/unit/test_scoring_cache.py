@@ -33,3 +33,12 @@ def test_unknown_tenant_is_refused() -> None:
     with pytest.raises(PermissionError, match="tenant 'z'"):
         list(score_batches(iter([pd.DataFrame({"tenant_id": ["z"], "k": [1], "x": [0.0]})]), cache, "k",
                            "binary", "r"))
+
+
+def test_tenants_sharing_one_model_object_share_one_load() -> None:
+    shared = _model(7)
+    models = {t: ServingModel(t, f"d__{t}", "1", "shared", "r", shared) for t in ("a", "b", "c")}
+    cache = ModelCache(models, "cpu")
+    batch = pd.DataFrame({"tenant_id": ["a", "b", "c"] * 10, "k": range(30), "x": np.linspace(-1, 1, 30)})
+    out = pd.concat(score_batches(iter([batch]), cache, "k", "binary", "run1"))
+    assert cache.loads == 1 and len(out) == 30

@@ -92,6 +92,39 @@ def _save(writer, ref: TableRef) -> None:  # type: ignore[no-untyped-def]
         writer.save(ref.path)
 
 
+def insert_missing(df: DataFrame, ref: TableRef, key: str) -> None:
+    """Insert the rows whose ``key`` the table does not hold yet, creating the table if needed.
+
+    Existing rows are never changed, so concurrent writers cannot undo each other.
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ValueError(f"unsafe key column {key!r} in a merge condition")
+    spark = df.sparkSession
+
+    def write() -> None:
+        if not table_exists(spark, ref):
+            _save(_writer(df, "append", ()), ref)
+            return
+        (delta_table(spark, ref).alias("t").merge(df.alias("s"), f"t.{key} = s.{key}")
+         .whenNotMatchedInsertAll().execute())
+
+    with_conflict_retries(write, what=ref.display)
+
+
+def overwrite(df: DataFrame, ref: TableRef, partition_by: Sequence[str] = (),
+              user_metadata: str | None = None) -> None:
+    """Replace the whole table, schema included, in one commit; ``user_metadata`` is recorded in
+    the commit so a later reader can tell which inputs produced this version."""
+    w = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+    if user_metadata is not None:
+        w = w.option("userMetadata", user_metadata)
+    if partition_by:
+        w = w.partitionBy(*partition_by)
+    _save(w, ref)
+
+
 def append(df: DataFrame, ref: TableRef, partition_by: Sequence[str] = ()) -> None:
     with_conflict_retries(lambda: _save(_writer(df, "append", partition_by), ref), what=ref.display)
 

@@ -26,7 +26,7 @@ from tenantml.registry.tracking import (
     champion_versions,
     register_serving_version,
     set_champions,
-    shared_champion,
+    shared_champion_model,
 )
 from tenantml.tenants import TenantPolicy, tenant_policies
 from tenantml.training.evaluate import evaluate_candidates
@@ -156,15 +156,15 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
             c = Candidate(f"{r['model_name']}/{r['model_version']}", s, r["model_name"], r["model_version"], owner=t)
             cands[t].append(c)
             blobs[c.model_id] = bytes(r["model"])
-    shared_mv = shared_champion(ctx, name)
-    if shared_mv is not None:
-        stored = load_models(spark, ctx.tables.model_store, {SHARED_ID: (shared_mv.name, str(shared_mv.version))})
-        if not stored.empty:
-            sc = Candidate(f"{shared_mv.name}/{shared_mv.version}", "shared", shared_mv.name, str(shared_mv.version),
-                           source=str(shared_mv.source), owner=None, base_version=str(shared_mv.version))
-            blobs[sc.model_id] = bytes(stored.iloc[0]["model"])
-            for t in elig.eligible:
-                cands[t].append(sc)
+    found = shared_champion_model(ctx, name)
+    shared_mv, shared_blob = found if found is not None else (None, None)
+    shared_run_id = shared_mv.run_id if shared_mv is not None else None
+    if shared_mv is not None and shared_blob is not None:
+        sc = Candidate(f"{shared_mv.name}/{shared_mv.version}", "shared", shared_mv.name, str(shared_mv.version),
+                       source=str(shared_mv.source), owner=None, base_version=str(shared_mv.version))
+        blobs[sc.model_id] = shared_blob
+        for t in elig.eligible:
+            cands[t].append(sc)
     champs = champion_versions(ctx, name, elig.eligible)
     champ_rows = load_models(spark, ctx.tables.model_store,
                              {t: (mv.name, str(mv.version)) for t, mv in champs.items()})
@@ -201,7 +201,8 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
         if d.decision == "promoted" and serving is not None:
             if serving.strategy == "shared":
                 reg = register_serving_version(ctx, name, t, Registered(SHARED_ID, serving.name, serving.version,
-                                                                        serving.source), {"strategy": "shared"})
+                                                                        serving.source), {"strategy": "shared"},
+                                              run_id=shared_run_id)
                 serving_rows.append({
                     "dataset": name, "tenant_id": t, "strategy": "shared", "model_name": reg.name,
                     "model_version": reg.version, "mlflow_run_id": None, "run_id": ctx.run_id,

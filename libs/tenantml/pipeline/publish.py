@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenantml.errors import TenantMLError, UnknownTenantError
 from tenantml.io import read_table, replace_tenants, replace_where, table_exists, table_version
-from tenantml.io.delta import delta_table, with_conflict_retries
+from tenantml.io.delta import insert_missing
 from tenantml.pipeline.result import StepResult, TenantOutcome, validate_run_id
 from tenantml.registry.store import SHARED_ID
 from tenantml.tables import TableRef
@@ -424,17 +424,7 @@ def _extend_date_dim(spark: SparkSession, ref: TableRef, first: date, last: date
             if bounds["a"] <= first and last <= bounds["b"]:
                 return False  # already covered (a rerun): nothing to commit
             first, last = min(first, bounds["a"]), max(last, bounds["b"])
-    days = date_dim(spark, first, last)
-
-    def write() -> None:
-        if not table_exists(spark, ref):
-            w = days.write.format("delta").mode("append")
-            w.saveAsTable(ref.fqn) if ref.fqn else w.save(ref.path)
-            return
-        (delta_table(spark, ref).alias("t").merge(days.alias("s"), "t.date_key = s.date_key")
-         .whenNotMatchedInsertAll().execute())
-
-    with_conflict_retries(write, what=ref.display)
+    insert_missing(date_dim(spark, first, last), ref, "date_key")
     return True
 
 

@@ -68,6 +68,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
             continue
         wanted[t] = (mv.name, str(mv.version))
     stored = load_models(spark, ctx.tables.model_store, wanted)
+    blobs: dict[bytes, bytes] = {}
     models: dict[str, ServingModel] = {}
     for r in stored.itertuples(index=False):
         if r.strategy != dict(champions[r.tenant_id].tags).get("strategy", "tenant"):
@@ -75,8 +76,11 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
                                           error=f"model store row of {r.model_name} v{r.model_version} says "
                                                 f"strategy {r.strategy!r}, the registry disagrees: refused"))
             continue
+        blob = bytes(r.model)
+        # One object per distinct model: the broadcast pickles it once and each task loads it once.
+        blob = blobs.setdefault(blob, blob)
         models[r.tenant_id] = ServingModel(r.tenant_id, r.model_name, r.model_version, r.strategy,
-                                           r.mlflow_run_id, bytes(r.model))
+                                           r.mlflow_run_id, blob)
     refused_now = {o.tenant_id for o in outcomes if o.status == "failed"}
     for t in sorted(set(wanted) - set(models) - refused_now):
         outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t],

@@ -14,8 +14,8 @@ from tenantml.context import git_commit
 from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
-from tenantml.registry.store import load_models, write_models
-from tenantml.registry.tracking import SHARED_ID, shared_champion, track_training
+from tenantml.registry.store import write_models
+from tenantml.registry.tracking import shared_champion_model, track_training
 from tenantml.tenants import tenant_policies
 from tenantml.training.tenant_models import train_tenant_models
 
@@ -51,13 +51,13 @@ def _train_candidates(ctx: JobContext, step: str, strategy: str, dataset: str | 
         return skip_all(f"strategy {strategy!r} is not in training.strategies")
     base: dict[str, Any] | None = None
     if strategy == "tuned":
-        champ = shared_champion(ctx, name)
-        if champ is None:
+        found = shared_champion_model(ctx, name)
+        if found is None:
             return skip_all("no shared champion to fine-tune (train_shared has not produced one)")
-        stored = load_models(spark, ctx.tables.model_store, {SHARED_ID: (champ.name, str(champ.version))})
-        if stored.empty:
+        champ, blob = found
+        if blob is None:
             return skip_all(f"shared champion {champ.name} v{champ.version} is missing from the model store")
-        base = {"name": champ.name, "version": str(champ.version), "blob": bytes(stored.iloc[0]["model"])}
+        base = {"name": champ.name, "version": str(champ.version), "blob": blob}
     min_rows = cfg.tuned.min_rows if strategy == "tuned" else cfg.min_rows
     policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
     trainable: dict[str, int] = {}

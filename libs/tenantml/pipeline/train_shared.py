@@ -19,8 +19,8 @@ from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.privacy import PiiPolicy, resolve_salt, salt_id
 from tenantml.registry.decisions import write_decisions
-from tenantml.registry.store import SHARED_ID, load_models, write_models
-from tenantml.registry.tracking import Registered, set_champions, shared_champion, track_shared
+from tenantml.registry.store import SHARED_ID, write_models
+from tenantml.registry.tracking import Registered, set_champions, shared_champion_model, track_shared
 from tenantml.tenants import tenant_policies
 from tenantml.training.evaluate import evaluate_candidates
 from tenantml.training.shared import train_shared_model
@@ -131,13 +131,12 @@ def train_shared(ctx: JobContext, dataset: str | None = None, tenants: Sequence[
     # Shared champion/challenger on the contributors' holdouts.
     new_id = f"{reg.name}/{reg.version}"
     blobs = {new_id: result.blob}
-    current = shared_champion(ctx, name)
+    found = shared_champion_model(ctx, name)
+    current, current_blob = found if found is not None else (None, None)
     cur_id = None
-    if current is not None:
-        stored = load_models(spark, ctx.tables.model_store, {SHARED_ID: (current.name, str(current.version))})
-        if not stored.empty:
-            cur_id = f"{current.name}/{current.version}"
-            blobs[cur_id] = bytes(stored.iloc[0]["model"])
+    if current is not None and current_blob is not None:
+        cur_id = f"{current.name}/{current.version}"
+        blobs[cur_id] = current_blob
     ctx.progress.phase(f"train_shared {name}: evaluating on {len(contributors)} tenants' holdouts")
     evals = evaluate_candidates(spark, silver, spec, cfg, {t: sorted(blobs) for t in contributors}, blobs)
     pooled = {m: _pooled(evals[evals["model_id"] == m]) for m in blobs}

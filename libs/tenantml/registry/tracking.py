@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tenantml.registry.store import SHARED_ID, load_models
 from tenantml.tenancy import validate_tenant_id
+
+__all__ = ["SHARED_ID"]  # re-exported: callers name the shared model's owner id through here too
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
-
-
-SHARED_ID = "_shared"  # tenant ids never start with "_", so this cannot collide with a tenant
 
 
 def model_name(prefix: str, dataset: str, tenant_id: str) -> str:
@@ -249,22 +249,48 @@ def shared_champion(ctx: JobContext, dataset: str) -> Any | None:
         raise
 
 
+def shared_champion_model(ctx: JobContext, dataset: str) -> tuple[Any, bytes | None] | None:
+    """(ModelVersion, bytes from model_store) of the shared champion; None without a champion,
+    bytes None when the store lacks its row."""
+    mv = shared_champion(ctx, dataset)
+    if mv is None:
+        return None
+    stored = load_models(ctx.spark, ctx.tables.model_store, {SHARED_ID: (mv.name, str(mv.version))})
+    return mv, None if stored.empty else bytes(stored.iloc[0]["model"])
+
+
 def register_serving_version(ctx: JobContext, dataset: str, tenant_id: str, source: Registered,
-                             tags: dict[str, str]) -> Registered:
+                             tags: dict[str, str], run_id: str | None = None) -> Registered:
     """A version of the tenant's own registered model that points at a shared model's artifacts,
-    so `models:/<dataset>__<tenant>@champion` stays the one URI whatever strategy serves it."""
+    so `models:/<dataset>__<tenant>@champion` stays the one URI whatever strategy serves it.
+    ``run_id`` is the source version's run (lineage), passed in so many tenants cost no lookups."""
     client = ctx.mlflow
     name = model_name(ctx.config.tracking.model_name_prefix, dataset, tenant_id)
     ensure_registered_model(client, name, {"tenant_id": tenant_id, "dataset": dataset})
-    run_id = None
-    try:
-        run_id = client.get_model_version(source.name, source.version).run_id
-    except Exception:
-        run_id = None
     mv = client.create_model_version(name, source=source.source, run_id=run_id, tags={
         **tags, "tenant_id": tenant_id, "dataset": dataset, "base_model": source.name,
         "base_version": source.version, "tenantml_run_id": ctx.run_id})
     return Registered(tenant_id, name, str(mv.version), source.source)
+
+
+def tenant_run_ids(ctx: JobContext, tenant_id: str, include_deleted: bool = False) -> list[str]:
+    """Every per-tenant (child) run of ``tenant_id`` in the project's experiment, all pages."""
+    from mlflow.entities import ViewType
+
+    tid = validate_tenant_id(tenant_id, where="an MLflow run filter")
+    exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
+    if exp is None:
+        return []
+    view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+    ids: list[str] = []
+    token = None
+    while True:
+        page = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{tid}'",
+                                      run_view_type=view, max_results=1000, page_token=token)
+        ids += [r.info.run_id for r in page]
+        token = page.token
+        if not token:
+            return ids
 
 
 def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:

@@ -39,12 +39,17 @@ class ServingModel:
 
 
 class ModelCache:
-    """Per-task cache; counts loads so tests can prove 'once per task, never per batch'."""
+    """Per-task cache; counts loads so tests can prove 'once per task, never per batch'.
+
+    Tenants whose ServingModels share one bytes object (many tenants served by the shared model)
+    share one deserialised model too.
+    """
 
     def __init__(self, models: dict[str, ServingModel], device: str) -> None:
         self._models = models
         self._device = device
         self._loaded: dict[str, Any] = {}
+        self._by_blob: dict[int, Any] = {}
         self.loads = 0
 
     def get(self, tenant_id: str) -> tuple[ServingModel, Any]:
@@ -52,10 +57,14 @@ class ModelCache:
         if meta is None:
             raise PermissionError(f"tenant {tenant_id!r} has no entitled model in this scoring run")
         if tenant_id not in self._loaded:
-            from tenantml.models import TabularModel
+            model = self._by_blob.get(id(meta.blob))
+            if model is None:
+                from tenantml.models import TabularModel
 
-            self._loaded[tenant_id] = TabularModel.from_bytes(meta.blob, device=self._device)
-            self.loads += 1
+                model = TabularModel.from_bytes(meta.blob, device=self._device)
+                self._by_blob[id(meta.blob)] = model
+                self.loads += 1
+            self._loaded[tenant_id] = model
         return meta, self._loaded[tenant_id]
 
 

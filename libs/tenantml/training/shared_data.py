@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tenantml.config import DatasetSpec, TrainingConfig
+from tenantml.io.delta import overwrite
 from tenantml.privacy import PiiPolicy
 from tenantml.tenancy import validate_tenant_ids
 
@@ -132,9 +133,7 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
 
         rows = (src.groupBy("tenant_id").applyInPandas(per_tenant, schema=schema)
                 .withColumn(SHARD_COL, F.expr(f"pmod(xxhash64({ROW_ID_COL}), {int(num_shards)})")))
-        writer = (rows.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-                  .option("userMetadata", fp).partitionBy(SHARD_COL))
-        writer.saveAsTable(ref.fqn) if ref.fqn else writer.save(ref.path)
+        overwrite(rows, ref, partition_by=(SHARD_COL,), user_metadata=fp)
         bsalt.unpersist()
         latest = _latest_commit(spark, ref)
     if latest is None:
