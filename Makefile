@@ -8,12 +8,13 @@ STAMP  := $(VENV)/.tenantml-installed
 
 setup: $(STAMP)
 
-# Python deps from the package registry, then the Delta Lake jars resolved once into the Ivy cache
-# (Spark fetches them from Maven Central by coordinates; nothing is copied by hand).
+# Python deps from the package registry (`local`: PySpark and delta-spark, which a Databricks runtime
+# provides itself), then the Delta Lake jars resolved once into the Ivy cache (Spark fetches them
+# from Maven Central by coordinates; nothing is copied by hand).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,local]'
 	$(PY) -m tenantml.sparksession
 	touch $(STAMP)
 

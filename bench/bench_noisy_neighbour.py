@@ -3,10 +3,17 @@
 
 One tenant holds half of all training rows. Two figures, each against its target:
 
-  (a) makespan ratio   wall time of the training job / (sum of per-tenant task seconds / cores):
-                       how close skew-aware packing keeps the job to perfect balance (target <= 1.3);
+  (a) makespan ratio   wall time of the training job / (sum of per-tenant compute seconds / cores):
+                       how close the plan keeps the job to perfect balance (target <= 1.3). A giant
+                       trained data-parallel counts every process's time, as a task would.
+                       Also printed: the same wall time over the *single-process* work / cores
+                       (the giant's seconds from the task-path run), which also charges the
+                       data-parallel overhead.
   (b) small-tenant latency   median time from job start to a small tenant's model being trained,
                        with the giant present / with the same small tenants alone (target <= 1.5).
+
+Two plans run on the same data: the default (giants after the other tiers, data-parallel on all
+cores) and ``training.tiers.giant_path: task`` (the giant in its own task, concurrently).
 
     .venv/bin/python bench/bench_noisy_neighbour.py             # 30 small x 2,000 rows + a 60,000-row giant
     .venv/bin/python bench/bench_noisy_neighbour.py --quick
@@ -43,6 +50,7 @@ def say(msg: str = "") -> None:
 
 
 def run_job(spark: Any, silver: Any, counts: dict[str, int], spec: Any, cfg: Any) -> tuple[float, pd.DataFrame]:
+    """One training job; latency of each tenant is measured from the job's start."""
     from tenantml.training.tenant_models import train_tenant_models
 
     start = time.time()
@@ -76,11 +84,14 @@ def main() -> int:
 
     config = load_config(REPO / "conf")
     spec = config.datasets["demo"]
-    cfg = config.training.model_copy(update={"max_epochs": args.epochs, "patience": args.epochs})
+    base = config.training
+    giant_rows = args.small * args.rows  # half of all rows
+    tiers = base.tiers.model_copy(update={"giant_min_rows": min(base.tiers.giant_min_rows, giant_rows)})
+    cfg = base.model_copy(update={"max_epochs": args.epochs, "patience": args.epochs, "tiers": tiers})
+    cfg_task = cfg.model_copy(update={"tiers": tiers.model_copy(update={"giant_path": "task"})})
     cols = ["tenant_id", spec.entity_key, spec.label, *spec.numeric_features, *spec.categorical_features,
             *([spec.event_time] if spec.event_time else [])]
     small = tenant_frames(args.small, args.rows, 5, cols)
-    giant_rows = args.small * args.rows  # half of all rows
     giant = next(iter(tenant_frames(1, giant_rows, 6, cols).values())).assign(tenant_id="giant")
     giant["customer_id"] = "g-" + giant["customer_id"].astype(str)
     frames = {**small, "giant": giant}
@@ -97,32 +108,41 @@ def main() -> int:
         run_job(spark, silver, warm, spec, cfg)  # Python workers and torch imported before timing
         counts_all = {t: len(f) for t, f in frames.items()}
         counts_small = {t: len(f) for t, f in small.items()}
-        wall, res = run_job(spark, silver, counts_all, spec, cfg)
         alone_wall, alone = run_job(spark, silver, counts_small, spec, cfg)
+        plans = {"task": run_job(spark, silver, counts_all, spec, cfg_task),
+                 "distributed": run_job(spark, silver, counts_all, spec, cfg)}
     finally:
         spark.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    task_seconds = float(res["seconds"].sum())
-    makespan_ratio = wall / (task_seconds / cores)
-    small_with = res[res["tenant_id"] != "giant"]["latency"]
-    lat_with, lat_alone = statistics.median(small_with), statistics.median(alone["latency"])
-    latency_ratio = lat_with / lat_alone
-    giant_s = float(res.loc[res["tenant_id"] == "giant", "seconds"].iloc[0])
-    fig = {"cores": cores, "small_tenants": args.small, "rows_per_small": args.rows, "giant_rows": giant_rows,
-           "job_wall_s": wall, "task_seconds_total": task_seconds, "giant_task_s": giant_s,
-           "makespan_ratio": makespan_ratio, "small_latency_median_with_giant_s": lat_with,
-           "small_latency_median_alone_s": lat_alone, "small_latency_p90_with_giant_s":
-           float(small_with.quantile(0.9)), "small_latency_ratio": latency_ratio,
-           "alone_job_wall_s": alone_wall, "targets": TARGETS}
-    ok_a = makespan_ratio <= TARGETS["makespan_ratio_max"]
-    ok_b = latency_ratio <= TARGETS["small_latency_ratio_max"]
-    say(f"  (a) job wall {wall:.1f}s vs {task_seconds:.1f} task-seconds / {cores} cores = "
-        f"{task_seconds / cores:.1f}s -> makespan ratio {makespan_ratio:.2f} "
-        f"(target <= 1.3: {'met' if ok_a else 'MISSED'}); the giant alone took {giant_s:.1f}s")
-    say(f"  (b) small-tenant median latency {lat_with:.1f}s with the giant vs {lat_alone:.1f}s alone -> "
-        f"ratio {latency_ratio:.2f} (target <= 1.5: {'met' if ok_b else 'MISSED'}); "
-        f"p90 with the giant {fig['small_latency_p90_with_giant_s']:.1f}s")
+    lat_alone = statistics.median(alone["latency"])
+    single_giant_s = float(plans["task"][1].set_index("tenant_id").loc["giant", "seconds"])
+    fig: dict[str, Any] = {"cores": cores, "small_tenants": args.small, "rows_per_small": args.rows,
+                           "giant_rows": giant_rows, "small_latency_median_alone_s": lat_alone,
+                           "alone_job_wall_s": alone_wall, "targets": TARGETS, "plans": {}}
+    for plan, (wall, res) in plans.items():
+        giant = res.set_index("tenant_id").loc["giant"]
+        task_seconds = float(res["seconds"].sum())
+        single_work = float(res.loc[res["tenant_id"] != "giant", "seconds"].sum()) + single_giant_s
+        small_with = res[res["tenant_id"] != "giant"]["latency"]
+        lat_with = statistics.median(small_with)
+        f = {"path": str(giant["path"]), "job_wall_s": wall, "task_seconds_total": task_seconds,
+             "giant_compute_s": float(giant["seconds"]), "makespan_ratio": wall / (task_seconds / cores),
+             "makespan_ratio_single_process_work": wall / (single_work / cores),
+             "small_latency_median_with_giant_s": lat_with, "small_latency_ratio": lat_with / lat_alone,
+             "small_latency_p90_with_giant_s": float(small_with.quantile(0.9)),
+             "giant_metric": float(giant["metric"]), "giant_epochs": int(giant["epochs"])}
+        fig["plans"][plan] = f
+        ok_a = f["makespan_ratio"] <= TARGETS["makespan_ratio_max"]
+        ok_b = f["small_latency_ratio"] <= TARGETS["small_latency_ratio_max"]
+        say(f"  giant on the {plan} path ({f['path']}):")
+        say(f"    (a) job wall {wall:.1f}s vs {task_seconds:.1f} compute-seconds / {cores} cores -> makespan "
+            f"ratio {f['makespan_ratio']:.2f} (target <= 1.3: {'met' if ok_a else 'MISSED'}); over the "
+            f"single-process work {single_work:.1f}s: {f['makespan_ratio_single_process_work']:.2f}")
+        say(f"    (b) small-tenant median latency {lat_with:.1f}s with the giant vs {lat_alone:.1f}s alone -> "
+            f"ratio {f['small_latency_ratio']:.2f} (target <= 1.5: {'met' if ok_b else 'MISSED'}); "
+            f"p90 {f['small_latency_p90_with_giant_s']:.1f}s; giant {f['giant_compute_s']:.1f} compute-s, "
+            f"AUC {f['giant_metric']:.3f} after {f['giant_epochs']} epochs")
     if args.json:
         print(json.dumps(fig, indent=2))
     return 0

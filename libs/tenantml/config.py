@@ -190,6 +190,8 @@ class TenantQuota(_Strict):
     max_rows: int | None = Field(default=None, ge=2)
     max_epochs: int | None = Field(default=None, ge=1)
     max_seconds: float | None = Field(default=None, gt=0)  # training stops after the epoch that passes it
+    tier: Literal["small", "standard", "giant"] | None = None  # default: from rows (training.tiers)
+    scoring_concurrency: int | None = Field(default=None, ge=1)  # scoring tasks the tenant may hold at once
 
 
 class SharedTrainingConfig(_Strict):
@@ -220,12 +222,36 @@ class TunedTrainingConfig(_Strict):
     patience: int = Field(default=3, ge=1)
 
 
+class TierConfig(_Strict):
+    """Tenant tiers by training rows. Each tier trains in its own FAIR scheduler pool.
+
+    Giants go last and, on the distributed path, train data-parallel across all cores, so the
+    many small tenants never wait behind one big one and the cores are not left idle at the end.
+    """
+
+    small_max_rows: int = Field(default=5_000, ge=1)      # below: small
+    # A giant is big in absolute terms AND holds a large share of the job's rows: only then does
+    # its one task outlast everything the other cores can do (a big tenant among bigger ones packs fine).
+    giant_min_rows: int = Field(default=50_000, ge=2)
+    giant_share: float = Field(default=0.25, gt=0.0, le=1.0)
+    giant_path: Literal["distributed", "task"] = "distributed"
+    giant_processes: int | None = Field(default=None, ge=1)  # default: the cores Spark has
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierConfig:
+        if self.giant_min_rows <= self.small_max_rows:
+            raise ValueError(f"giant_min_rows ({self.giant_min_rows}) must exceed small_max_rows "
+                             f"({self.small_max_rows})")
+        return self
+
+
 class TrainingConfig(_Strict):
     strategies: list[Literal["tenant", "shared", "tuned"]] = Field(
         default_factory=lambda: ["tenant", "shared", "tuned"])  # type: ignore[arg-type]  # candidates trained each run
     promotion_margin: float = Field(default=0.005, ge=0.0)  # challenger must beat champion by this
     shared: SharedTrainingConfig = Field(default_factory=SharedTrainingConfig)
     tuned: TunedTrainingConfig = Field(default_factory=TunedTrainingConfig)
+    tiers: TierConfig = Field(default_factory=TierConfig)
     min_rows: int = Field(default=200, ge=2)
     max_rows_per_tenant: int | None = Field(default=None, ge=2)
     max_seconds_per_tenant: float | None = Field(default=None, gt=0)
@@ -261,6 +287,15 @@ class TrainingConfig(_Strict):
         q = self.tenant_quotas.get(tenant_id)
         return q.max_seconds if q and q.max_seconds is not None else self.max_seconds_per_tenant
 
+    def tier(self, tenant_id: str, rows: int, total_rows: int) -> str:
+        """small / standard / giant: the tenant's own setting, else by its share of the job's rows."""
+        q = self.tenant_quotas.get(tenant_id)
+        if q and q.tier:
+            return q.tier
+        if rows >= self.tiers.giant_min_rows and rows >= self.tiers.giant_share * total_rows:
+            return "giant"
+        return "small" if rows < self.tiers.small_max_rows else "standard"
+
     def quota(self, tenant_id: str) -> tuple[int | None, int]:
         """(max rows, max epochs) for a tenant: its own quota, else the platform defaults."""
         q = self.tenant_quotas.get(tenant_id)
@@ -292,6 +327,10 @@ class ScoringConfig(_Strict):
     arrow_batch_size: int = Field(default=50_000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallelism: int | None = Field(default=None, ge=1)
+    # Scoring tasks one tenant may hold at once (a tenant's own quota overrides it); None: half
+    # of the scoring tasks, at least one, so no tenant can take every core.
+    tenant_concurrency: int | None = Field(default=None, ge=1)
+    rows_per_slice: int = Field(default=100_000, ge=1)  # a tenant spreads over more tasks only above this
 
 
 class Config(_Strict):

@@ -8,6 +8,7 @@ gate's tenant with bound values (never SQL text), and refuses anything else with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,3 +144,81 @@ class TenantGate:
         if root != path and root not in path.parents:
             raise self._refuse(f"path {path} is outside its folder {root}")
         return path
+
+
+ISOLATION_MARKER = "tenantml-isolation:"
+
+
+class TenantScope:
+    """The batch steps' gate: one run acting for a set of tenants at once.
+
+    Per-tenant steps read, write and load models only through it, so whatever a step's own logic
+    does, a row of a tenant outside the run's selection is never read, a write carrying one fails
+    before its commit (checked row by row inside the write job itself, at no extra Spark job), and
+    a model that is not the tenant's own registered model is never loaded for it.
+    """
+
+    def __init__(self, ctx: JobContext, tenants: Iterable[str], step: str) -> None:
+        self.ctx = ctx
+        self.step = step
+        self.tenants: tuple[str, ...] = tuple(sorted({validate_tenant_id(t, where=f"step {step}") for t in tenants}))
+
+    def _refuse(self, what: str) -> TenantIsolationError:
+        shown = ", ".join(self.tenants[:5]) + (f" and {len(self.tenants) - 5} more" if len(self.tenants) > 5 else "")
+        return TenantIsolationError(f"step {self.step} acting for tenant(s) [{shown}]: {what}: refused")
+
+    def read(self, ref: TableRef, version: int | None = None) -> DataFrame:
+        """Only the scope's rows of a tenant-partitioned table (at a pinned version if given)."""
+        from pyspark.sql import functions as F
+
+        from tenantml.io import read_table
+
+        df = read_table(self.ctx.spark, ref, version=version)
+        if "tenant_id" not in df.columns:
+            raise self._refuse(f"table {ref.display} has no tenant_id column, so it cannot be read per tenant")
+        return df.where(F.col("tenant_id").isin(list(self.tenants)))
+
+    def guard(self, df: DataFrame, ref: TableRef, include_null: bool = False) -> DataFrame:
+        """``df`` unchanged, except that a row of a tenant outside the scope fails the job that writes it."""
+        from pyspark.sql import functions as F
+
+        col = F.col("tenant_id")
+        allowed = col.isin(list(self.tenants)) | (col.isNull() if include_null else F.lit(False))
+        message = F.concat(F.lit(f"{ISOLATION_MARKER} step {self.step} wrote a row of tenant "),
+                           F.coalesce(col, F.lit("<null>")), F.lit(f" into {ref.display}"))
+        return df.withColumn("tenant_id", F.when(allowed, col).otherwise(F.raise_error(message)))
+
+    def check(self, tenants: Iterable[str], what: str) -> None:
+        """Driver-side rows (model store rows, registry writes): every tenant must be in the scope."""
+        outside = sorted({str(t) for t in tenants} - set(self.tenants))
+        if outside:
+            raise self._refuse(f"{what} for tenant(s) {outside[:5]}")
+
+    def write(self, df: DataFrame, ref: TableRef, tenants: Iterable[str] | None = None,
+              include_null: bool = False) -> None:
+        """Replace ``tenants``' partitions (default: the whole scope) of ``ref`` with ``df``."""
+        from tenantml.io import replace_tenants
+
+        ids = list(self.tenants if tenants is None else tenants)
+        self.check(ids, f"replacing partitions in {ref.display}")
+        try:
+            replace_tenants(self.guard(df, ref, include_null), ref, ids, include_null=include_null)
+        except Exception as exc:
+            text = str(exc)
+            if ISOLATION_MARKER not in text:
+                raise
+            detail = text[text.index(ISOLATION_MARKER) + len(ISOLATION_MARKER):].split("\n")[0].strip()
+            raise self._refuse(detail) from None
+
+    def load_models(self, wanted: dict[str, tuple[str, str]]) -> pd.DataFrame:
+        """Stored bytes of each tenant's (model, version), which must be a version of its own model."""
+        from tenantml.registry.store import load_models
+        from tenantml.registry.tracking import model_name
+
+        prefix = self.ctx.config.tracking.model_name_prefix
+        for tenant, (name, _) in wanted.items():
+            if tenant not in self.tenants:
+                raise self._refuse(f"loading a model for tenant {tenant!r}")
+            if name not in {model_name(prefix, ds, tenant) for ds in self.ctx.config.datasets}:
+                raise self._refuse(f"loading model {name!r} for tenant {tenant!r}: not its own model")
+        return load_models(self.ctx.spark, self.ctx.tables.model_store, wanted)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+
+SCHEDULER_POOLS_FILE = Path(__file__).with_name("resources") / "fairscheduler.xml"
 
 
 def on_databricks() -> bool:
@@ -50,6 +54,9 @@ def build_local_spark(
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.databricks.delta.snapshotPartitions", "2")
         .config("spark.databricks.delta.retentionDurationCheck.enabled", "true")
+        # One FAIR pool per tenant tier (resources/fairscheduler.xml); spark.conf may replace the file.
+        .config("spark.scheduler.mode", "FAIR")
+        .config("spark.scheduler.allocation.file", str(SCHEDULER_POOLS_FILE))
         .config("spark.jars.ivy", os.environ.get("TENANTML_IVY_DIR", os.path.expanduser("~/.ivy2.5.2")))
     )
     if warehouse_dir:

@@ -396,3 +396,34 @@ def test_hostile_tenant_ids_never_open_a_gate(run: dict[str, Any], hostile: str)
 def test_unregistered_tenant_gets_no_gate(run: dict[str, Any]) -> None:
     with pytest.raises(UnknownTenantError):
         TenantGate(run["ctx"], "t999")
+
+
+# --------------------------------------------------------------------------- the batch steps' scope
+# The steps act for many tenants at once through a TenantScope: a step that (by a bug) produced
+# another tenant's rows or reached for another tenant's model is stopped at the gate.
+def test_a_steps_scope_refuses_rows_and_models_of_tenants_outside_it(spark: Any, run: dict[str, Any]) -> None:
+    from tenantml.gate import TenantScope
+    from tenantml.io import table_version
+    from tenantml.registry.store import write_models
+
+    ctx = run["ctx"]
+    scope = TenantScope(ctx, [A], "score")
+    ref = ctx.tables.predictions("demo")
+    assert {r["tenant_id"] for r in scope.read(ref).select("tenant_id").distinct().collect()} == {A}
+    version = table_version(spark, ref)
+    mixed = read_table(spark, ref).where(f"tenant_id IN ('{A}', '{B}')")
+    # The row-level guard runs inside the write job: the commit never happens.
+    with pytest.raises(TenantIsolationError, match=f"step score .*\\[{A}\\].*row of tenant {B} into .*predictions_demo"):
+        scope.write(mixed, ref)
+    with pytest.raises(TenantIsolationError, match=f"replacing partitions .* tenant\\(s\\) \\['{B}'\\]"):
+        scope.write(mixed, ref, tenants=[A, B])
+    assert table_version(spark, ref) == version
+    b_champion = ctx.mlflow.get_model_version_by_alias(f"demo__{B}", "champion")
+    with pytest.raises(TenantIsolationError, match=f"model 'demo__{B}' for tenant '{A}': not its own model"):
+        scope.load_models({A: (f"demo__{B}", str(b_champion.version))})
+    with pytest.raises(TenantIsolationError, match=f"loading a model for tenant '{B}'"):
+        scope.load_models({B: (f"demo__{B}", str(b_champion.version))})
+    with pytest.raises(TenantIsolationError, match="writing .*model_store rows for tenant"):
+        write_models(spark, ctx.tables.model_store, [{"tenant_id": B}], "demo", "scope-test", "tenant", scope=scope)
+    own = ctx.mlflow.get_model_version_by_alias(f"demo__{A}", "champion")
+    assert list(scope.load_models({A: (f"demo__{A}", str(own.version))})["tenant_id"]) == [A]

@@ -24,3 +24,28 @@ def test_every_tenant_assigned_once_and_deterministic() -> None:
     costs = {f"t{i}": float(i % 7) for i in range(30)}
     a, b = pack_tenants(costs, 3), pack_tenants(dict(reversed(list(costs.items()))), 3)
     assert a == b and set(a) == set(costs) and set(a.values()) <= {0, 1, 2}
+
+
+def test_tiers_by_share_of_the_job_and_after_row_quota() -> None:
+    from tenantml.config import TenantQuota, TierConfig, TrainingConfig
+    from tenantml.training.tenant_models import plan_tiers
+
+    cfg = TrainingConfig(tiers=TierConfig(small_max_rows=1_000, giant_min_rows=50_000, giant_share=0.25),
+                         tenant_quotas={"capped": TenantQuota(max_rows=10_000), "vip": TenantQuota(tier="giant")})
+    rows = {"huge": 120_000, "big": 60_000, "capped": 200_000, "mid": 5_000, "tiny": 200, "vip": 300}
+    tiers = plan_tiers(rows, cfg)
+    # 120k of ~195k rows (61%) and 60k (31%) are giants; "capped" is judged on its 10k quota rows.
+    assert tiers == {"huge": "giant", "big": "giant", "capped": "standard", "mid": "standard",
+                     "tiny": "small", "vip": "giant"}
+    # The same 60k tenant among much bigger ones packs fine: not a giant.
+    assert plan_tiers({"big": 60_000, **{f"o{i}": 100_000 for i in range(10)}}, cfg)["big"] == "standard"
+
+
+def test_tier_thresholds_must_be_ordered() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from tenantml.config import TierConfig
+
+    with pytest.raises(ValidationError, match="giant_min_rows"):
+        TierConfig(small_max_rows=10_000, giant_min_rows=5_000)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from tenantml.config import DatasetSpec
     from tenantml.context import JobContext
+    from tenantml.gate import TenantScope
     from tenantml.tables import TableRef
 
 
@@ -100,16 +101,23 @@ class StepInput(NamedTuple):
     silver: DataFrame
     elig: Eligibility
     outcomes: list[TenantOutcome]
+    scope: TenantScope
 
 
-def open_step(ctx: JobContext, dataset: str | None, tenants: Sequence[str] | None) -> StepInput:
-    """Tenant ids are checked before any Spark work; every task then reads the same silver version."""
+def open_step(ctx: JobContext, dataset: str | None, tenants: Sequence[str] | None, step: str) -> StepInput:
+    """Tenant ids are checked before any Spark work; every task then reads the same silver version.
+
+    The step gets the silver rows of its eligible tenants only, through its `TenantScope`, which
+    it also writes and loads models through.
+    """
+    from tenantml.gate import TenantScope
     from tenantml.io import table_version
 
     validate_tenant_ids(tenants or [], where="--tenants")
     name, spec = ctx.config.dataset(dataset)
     silver_ref = ctx.tables.silver(name)
     version = table_version(ctx.spark, silver_ref)
-    silver = read_table(ctx.spark, silver_ref, version=version)
-    elig = eligible_tenants(ctx, name, silver, tenants)
-    return StepInput(name, spec, silver_ref, version, silver, elig, excluded_outcomes(elig))
+    elig = eligible_tenants(ctx, name, read_table(ctx.spark, silver_ref, version=version), tenants)
+    scope = TenantScope(ctx, elig.eligible, step)
+    silver = scope.read(silver_ref, version=version)
+    return StepInput(name, spec, silver_ref, version, silver, elig, excluded_outcomes(elig), scope)

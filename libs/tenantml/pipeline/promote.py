@@ -20,7 +20,7 @@ from tenantml.io import read_table, table_exists
 from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.registry.decisions import write_decisions
-from tenantml.registry.store import SHARED_ID, load_models, write_models
+from tenantml.registry.store import SHARED_ID, write_models
 from tenantml.registry.tracking import (
     Registered,
     champion_versions,
@@ -141,7 +141,7 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
     from tenantml.models import primary_metric
 
     started = time.perf_counter()
-    name, spec, _, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
+    name, spec, _, version, silver, elig, outcomes, scope = open_step(ctx, dataset, tenants, "promote")
     cfg = ctx.config.training
     spark = ctx.spark
     policies = tenant_policies(spark, ctx.tables.tenants, elig.eligible, ctx.config.tenants)
@@ -166,8 +166,7 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
         for t in elig.eligible:
             cands[t].append(sc)
     champs = champion_versions(ctx, name, elig.eligible)
-    champ_rows = load_models(spark, ctx.tables.model_store,
-                             {t: (mv.name, str(mv.version)) for t, mv in champs.items()})
+    champ_rows = scope.load_models({t: (mv.name, str(mv.version)) for t, mv in champs.items()})
     champions: dict[str, Candidate] = {}
     for r in champ_rows.itertuples(index=False):
         tags = dict(champs[r.tenant_id].tags)
@@ -233,7 +232,8 @@ def promote(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] 
                 **{f"{c.strategy}_{metric_name}": round(c.metric, 4) for c in tc if math.isfinite(c.metric)}}))
     # Bytes first, then the audit trail, then the aliases: a crash never leaves an alias whose
     # model the scorer cannot load, and a rerun recomputes the same decisions.
-    write_models(spark, ctx.tables.model_store, serving_rows, name, ctx.run_id, strategy="shared")
+    write_models(spark, ctx.tables.model_store, serving_rows, name, ctx.run_id, strategy="shared",
+                 scope=scope)
     write_decisions(spark, ctx.tables.promotions, decisions, name, ctx.run_id)
     set_champions(ctx, to_alias)
     for model in to_unset:

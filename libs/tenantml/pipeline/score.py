@@ -6,14 +6,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tenantml.io import read_table, replace_tenants
 from tenantml.pipeline.eligibility import open_step
 from tenantml.pipeline.ledger import dict_sum_param
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.progress import SparkTaskProgress
-from tenantml.registry.store import load_models
 from tenantml.registry.tracking import champion_versions, shared_model_name
-from tenantml.scoring.batch import ServingModel, score_frame
+from tenantml.scoring.batch import ServingModel, score_frame, scoring_slices
 from tenantml.tenants import TenantPolicy, tenant_policies
 
 if TYPE_CHECKING:
@@ -49,7 +47,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
-    name, spec, _, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
+    name, spec, _, version, silver, elig, outcomes, scope = open_step(ctx, dataset, tenants, "score")
     spark = ctx.spark
     ctx.progress.phase(f"score {name}: looking up champions for {len(elig.eligible)} tenants")
     champions = champion_versions(ctx, name, elig.eligible)
@@ -67,7 +65,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
             outcomes.append(TenantOutcome(tenant_id=t, status="failed", rows_in=elig.rows[t], error=refusal))
             continue
         wanted[t] = (mv.name, str(mv.version))
-    stored = load_models(spark, ctx.tables.model_store, wanted)
+    stored = scope.load_models(wanted)
     blobs: dict[bytes, bytes] = {}
     models: dict[str, ServingModel] = {}
     for r in stored.itertuples(index=False):
@@ -92,16 +90,21 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
     if models:
         ctx.progress.phase(f"score {name}: scoring {sum(elig.rows[t] for t in models)} rows "
                            f"of {len(models)} tenants")
-        parts = ctx.config.scoring.parallelism or spark.sparkContext.defaultParallelism
+        sc = ctx.config.scoring
+        parts = sc.parallelism or spark.sparkContext.defaultParallelism
+        quotas = ctx.config.training.tenant_quotas
+        slices = scoring_slices({t: elig.rows[t] for t in models}, parts,
+                                {t: quotas[t].scoring_concurrency for t in models if t in quotas},
+                                sc.tenant_concurrency, sc.rows_per_slice)
         costs = spark.sparkContext.accumulator({}, dict_sum_param())
         preds = score_frame(spark, silver, models, key=spec.entity_key, task=spec.task, run_id=ctx.run_id,
-                            device=ctx.config.scoring.device, partitions=parts, cost_accumulator=costs,
-                            features=spec.feature_columns)
+                            device=sc.device, partitions=parts, cost_accumulator=costs,
+                            features=spec.feature_columns, slices=slices)
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ctx.config.scoring.arrow_batch_size))
         preds = preds.withColumn("scored_at", F.current_timestamp())
         with SparkTaskProgress(spark, ctx.progress, "scoring tasks"):
-            replace_tenants(preds, pred_ref, list(models))
-        written = read_table(spark, pred_ref).where(F.col("tenant_id").isin(list(models)))
+            scope.write(preds, pred_ref, list(models))
+        written = scope.read(pred_ref).where(F.col("tenant_id").isin(list(models)))
         scored_counts = {r["tenant_id"]: int(r["n"]) for r in
                          written.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
         task_seconds = dict(costs.value)
@@ -110,7 +113,7 @@ def score(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | 
         outcomes.append(TenantOutcome(tenant_id=t, status="ok", rows_in=elig.rows[t], rows_out=n,
                                       seconds=task_seconds.get(t, 0.0),
                                       detail={"model": f"{m.model_name}/{m.model_version}",
-                                              "strategy": m.strategy}))
+                                              "strategy": m.strategy, "scoring_tasks_max": slices[t]}))
     outcomes.sort(key=lambda o: o.tenant_id or "")
     return StepResult(step="score", dataset=name, run_id=ctx.run_id, tenants=outcomes,
                       tables_written=[pred_ref.display] if models else [],

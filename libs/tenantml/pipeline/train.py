@@ -36,7 +36,7 @@ def train_tuned(ctx: JobContext, dataset: str | None = None, tenants: Sequence[s
 def _train_candidates(ctx: JobContext, step: str, strategy: str, dataset: str | None,
                       tenants: Sequence[str] | None) -> StepResult:
     started = time.perf_counter()
-    name, spec, silver_ref, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
+    name, spec, silver_ref, version, silver, elig, outcomes, scope = open_step(ctx, dataset, tenants, step)
     cfg = ctx.config.training
     spark = ctx.spark
 
@@ -114,12 +114,13 @@ def _train_candidates(ctx: JobContext, step: str, strategy: str, dataset: str | 
             tenant_id=r.tenant_id, status="ok", rows_in=int(r.rows), rows_out=int(r.train_rows),
             seconds=float(r.seconds),
             detail={"model": f"{reg.name}/{reg.version}", "strategy": strategy, "attempts": int(r.attempts),
+                    "tier": r.tier, "path": r.path,
                     **({"sampled_from": int(sampled)} if sampled is not None else {}),
                     **({"base_version": base["version"]} if base else {}),
                     **({"time_quota_hit": True} if "time_quota_hit" in (r.metrics_json or "") else {}),
                     "version": reg.version, r.metric_name: round(float(r.metric), 4),
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
-    write_models(spark, ctx.tables.model_store, store_rows, name, ctx.run_id, strategy=strategy)
+    write_models(spark, ctx.tables.model_store, store_rows, name, ctx.run_id, strategy=strategy, scope=scope)
     outcomes.sort(key=lambda o: o.tenant_id or "")
     return StepResult(
         step=step, dataset=name, run_id=ctx.run_id, tenants=outcomes,

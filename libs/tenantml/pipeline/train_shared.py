@@ -43,7 +43,7 @@ def train_shared(ctx: JobContext, dataset: str | None = None, tenants: Sequence[
     from tenantml.models import primary_metric
 
     started = time.perf_counter()
-    name, spec, silver_ref, version, silver, elig, outcomes = open_step(ctx, dataset, tenants)
+    name, spec, silver_ref, version, silver, elig, outcomes, _ = open_step(ctx, dataset, tenants, "train_shared")
     cfg = ctx.config.training
     sh = cfg.shared
     spark = ctx.spark

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tenantml.errors import ConfigError, UnknownTenantError
-from tenantml.io import read_table, replace_tenants
+from tenantml.gate import TenantScope
+from tenantml.io import read_table
 from tenantml.pipeline.ingest import RAW_TENANT
 from tenantml.pipeline.result import StepResult, TenantOutcome
 from tenantml.tenancy import validate_tenant_ids
@@ -129,15 +130,16 @@ def validate(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str]
             detail={"rejected_fraction": round(share, 4), "rows_superseded": superseded.get(t, 0)}))
 
     ctx.progress.phase(f"validate {name}: writing silver, quarantine and quality tables")
-    replace_tenants(silver, ctx.tables.silver(name), tenant_ids)
-    replace_tenants(quarantine, ctx.tables.quarantine(name), tenant_ids, include_null=include_invalid)
+    scope = TenantScope(ctx, tenant_ids, "validate")
+    scope.write(silver, ctx.tables.silver(name))
+    scope.write(quarantine, ctx.tables.quarantine(name), include_null=include_invalid)
     quality = ctx.spark.createDataFrame(
         [(t, ctx.run_id, n, n - bad, bad, (bad / n if n else 0.0), t in blocked, threshold)
          for t, (n, bad) in per_tenant.items() if t is not None],
         "tenant_id string, run_id string, rows_in long, rows_valid long, rows_quarantined long, "
         "rejected_fraction double, blocked boolean, threshold double",
     ).withColumn("validated_at", now)
-    replace_tenants(quality, ctx.tables.quality(name), tenant_ids)
+    scope.write(quality, ctx.tables.quality(name))
     checkpointed.unpersist()
 
     rule_summary = {r.rule.reason: r.unexpected_count for r in results if r.unexpected_count}

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import SparkSession
 
+    from tenantml.gate import TenantScope
+
 STORE_SCHEMA = (
     "dataset string, tenant_id string, strategy string, model_name string, model_version string, "
     "mlflow_run_id string, run_id string, metric_name string, metric double, baseline_metric double, "
@@ -29,10 +31,13 @@ STORE_SCHEMA = (
 
 
 def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]], dataset: str,
-                 run_id: str, strategy: str) -> None:
+                 run_id: str, strategy: str, scope: TenantScope | None = None) -> None:
     """Idempotent per (run, dataset, strategy, tenant): a rerun replaces its own tenants' rows
-    only, so a resumed run keeps the models its first attempt registered for the other tenants."""
+    only, so a resumed run keeps the models its first attempt registered for the other tenants.
+    With ``scope`` every row's tenant must be one the step acts for."""
     validate_run_id(run_id)
+    if scope is not None:
+        scope.check([r["tenant_id"] for r in rows], f"writing {ref.display} rows")
     if strategy not in ("tenant", "shared", "tuned"):
         raise ValueError(f"unknown strategy {strategy!r}")
     if not rows:

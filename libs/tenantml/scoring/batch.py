@@ -94,14 +94,49 @@ def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, 
             yield pd.DataFrame(out)
 
 
+SLICE_COL = "_slice"
+
+
+def scoring_slices(rows: dict[str, int], partitions: int, concurrency: dict[str, int | None],
+                   default_concurrency: int | None, rows_per_slice: int) -> dict[str, int]:
+    """How many scoring tasks each tenant's rows spread over: its concurrency quota.
+
+    A tenant stays in one task (one model load) until it has ``rows_per_slice`` rows; above that
+    it spreads over more, but never over more than its quota, by default half the tasks, so one
+    giant tenant cannot hold every core while the others queue.
+    """
+    default = default_concurrency or max(1, partitions // 2)
+    out: dict[str, int] = {}
+    for tenant, n in rows.items():
+        quota = concurrency.get(tenant) or default
+        wanted = max(1, -(-int(n) // rows_per_slice))
+        out[tenant] = max(1, min(quota, wanted, partitions))
+    return out
+
+
+def slice_frame(data: DataFrame, slices: dict[str, int], key: str, partitions: int) -> DataFrame:
+    """Repartition so that tenant t's rows land in at most ``slices[t]`` partitions."""
+    from pyspark.sql import functions as F
+
+    spread = {t: n for t, n in slices.items() if n > 1}
+    if not spread:
+        return data.repartition(partitions, "tenant_id")
+    table = F.create_map(*[x for t, n in sorted(spread.items()) for x in (F.lit(t), F.lit(n))])
+    n_slices = F.coalesce(F.element_at(table, F.col("tenant_id")), F.lit(1))
+    sliced = data.withColumn(SLICE_COL, F.pmod(F.xxhash64(F.col(f"`{key}`").cast("string")), n_slices))
+    return sliced.repartition(partitions, "tenant_id", SLICE_COL).drop(SLICE_COL)
+
+
 def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingModel], *, key: str,
                 task: str, run_id: str, device: str, partitions: int,
                 cost_accumulator: Accumulator[dict[str, float]] | None = None,
-                features: list[str] | None = None) -> DataFrame:
+                features: list[str] | None = None, slices: dict[str, int] | None = None) -> DataFrame:
     """Rows of tenants in ``models`` only; others are filtered out before any model is touched.
 
     Only tenant, key and ``features`` travel to the Python workers (labels and PII never do).
     With ``cost_accumulator`` each task adds the seconds it spent per tenant once it finishes.
+    ``slices`` (from `scoring_slices`) caps the tasks each tenant's rows spread over; without it
+    every tenant's rows stay in one task.
     """
     from pyspark.sql import functions as F
 
@@ -125,6 +160,6 @@ def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingM
     meta = spark.createDataFrame(
         [(m.tenant_id, m.model_name, m.model_version, m.strategy, m.mlflow_run_id) for m in models.values()],
         "tenant_id string, model_name string, model_version string, strategy string, mlflow_run_id string")
-    scored = scoped.repartition(partitions, "tenant_id").mapInPandas(run, schema=WORKER_SCHEMA)
+    scored = slice_frame(scoped, slices or {}, key, partitions).mapInPandas(run, schema=WORKER_SCHEMA)
     out = scored.join(F.broadcast(meta), on="tenant_id", how="inner").withColumn("run_id", F.lit(run_id))
     return out.select(*[c.split()[0] for c in PREDICTION_SCHEMA.split(", ")])

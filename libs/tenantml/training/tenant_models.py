@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,14 +22,19 @@ from tenantml.training.plan import pack_tenants
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from tenantml.training.giants import Fitter
+
 BIN_COL = "_task_bin"
 
 RESULT_SCHEMA = (
     "tenant_id string, status string, error string, rows long, train_rows long, test_rows long, "
     "metric_name string, metric double, baseline_metric double, metrics_json string, epochs int, "
     "best_epoch int, seconds double, n_parameters long, attempts int, sampled_from long, model binary, "
-    "finished_at double"
+    "finished_at double, tier string, pool string, path string"
 )
+RESULT_COLUMNS = [c.split()[0] for c in RESULT_SCHEMA.split(", ")]
+POOL_PROPERTY = "spark.scheduler.pool"
+TIER_POOLS = {"small": "tenantml-small", "standard": "tenantml-standard", "giant": "tenantml-giant"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,9 @@ class TrainJob:
     # Tuned-shared: fine-tune this base model instead of training from scratch.
     base_model: bytes | None = None
     tune: dict[str, Any] | None = None  # freeze, learning_rate, max_epochs, patience, min_rows
+    tiers: dict[str, str] | None = None  # tenant -> small / standard / giant, recorded with the result
 
     def tuned(self, base_model: bytes, cfg: TrainingConfig) -> TrainJob:
-        from dataclasses import replace
-
         t = cfg.tuned
         return replace(self, base_model=base_model, tune={
             "freeze": list(t.freeze), "learning_rate": t.learning_rate, "max_epochs": t.max_epochs,
@@ -75,8 +79,6 @@ class TrainJob:
                    torch_threads=cfg.torch_threads, retries=cfg.retries)
 
     def with_quotas(self, cfg: TrainingConfig, tenants: Iterable[str]) -> TrainJob:
-        from dataclasses import replace
-
         ids = list(tenants)
         return replace(self, quotas={t: cfg.quota(t) for t in ids},
                        time_quotas={t: cfg.seconds_quota(t) for t in ids})
@@ -88,10 +90,12 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:1000]
 
 
-def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[str, Any]:
+def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob,
+                     fitter: Fitter | None = None) -> dict[str, Any]:
     """Quota, holdout split, fit with early stopping, evaluate against a constant baseline.
 
     Never raises: a failure is retried ``job.retries`` times, then returned as status 'failed'.
+    ``fitter`` replaces `fit_tabular` (giants train data-parallel through it).
     """
     from tenantml.models import primary_metric
 
@@ -103,7 +107,7 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
     for attempt in range(1, job.retries + 2):
         row["attempts"] = attempt
         try:
-            _fit_and_evaluate(tenant_id, pdf, job, max_rows, max_epochs, attempt, row)
+            _fit_and_evaluate(tenant_id, pdf, job, max_rows, max_epochs, attempt, row, fitter)
             break
         except Exception as exc:  # one tenant's failure is recorded, never propagated
             row.update(status="failed", error=_short_error(exc), train_rows=0, test_rows=0, metric=None,
@@ -115,7 +119,7 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob) -> dict[s
 
 
 def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows: int | None,
-                      max_epochs: int, attempt: int, row: dict[str, Any]) -> None:
+                      max_epochs: int, attempt: int, row: dict[str, Any], fitter: Fitter | None = None) -> None:
     from tenantml.models import (
         FeatureSpec,
         TrainParams,
@@ -147,7 +151,7 @@ def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, max_rows
                         patience=int(job.tune["patience"]), batch_size=params.batch_size,
                         val_fraction=params.val_fraction, seed=params.seed, max_seconds=params.max_seconds)
     else:
-        fit = fit_tabular(train, job.label, spec, params)
+        fit = (fitter or fit_tabular)(train, job.label, spec, params)
     y_test = test[job.label].to_numpy(dtype=np.float64)
     pred = fit.model.predict(test)
     base = baseline_predictions(train[job.label].to_numpy(dtype=np.float64), len(test), job.task)  # type: ignore[arg-type]
@@ -173,16 +177,19 @@ def train_partition(batches: Iterable[pd.DataFrame], job: TrainJob) -> Iterator[
     the many, finish early instead of waiting behind a big one (shortest-processing-time order).
     """
     import torch
+    from pyspark import TaskContext
 
     torch.set_num_threads(job.torch_threads)
     frames = [b for b in batches if len(b)]
     if not frames:
         return
+    context = TaskContext.get()
+    pool = context.getLocalProperty(POOL_PROPERTY) if context is not None else None
     data = pd.concat(frames, ignore_index=True)
     groups = sorted(data.groupby("tenant_id", sort=True), key=lambda kv: (len(kv[1]), str(kv[0])))
-    out = [train_one_tenant(str(t), g.drop(columns=[BIN_COL], errors="ignore").reset_index(drop=True), job)
-           for t, g in groups]
-    yield pd.DataFrame(out, columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
+    out = [{**train_one_tenant(str(t), g.drop(columns=[BIN_COL], errors="ignore").reset_index(drop=True), job),
+            "tier": (job.tiers or {}).get(str(t)), "pool": pool, "path": "task"} for t, g in groups]
+    yield pd.DataFrame(out, columns=RESULT_COLUMNS)
 
 
 def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
@@ -204,32 +211,107 @@ def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
     return [found[p] for p in range(partitions)]
 
 
+def plan_tiers(row_counts: dict[str, int], cfg: TrainingConfig) -> dict[str, str]:
+    """Each tenant's tier, judged on the rows it will train on (after its row quota)."""
+    rows = {}
+    for t, n in row_counts.items():
+        max_rows, _ = cfg.quota(t)
+        rows[t] = min(n, max_rows) if max_rows else n
+    total = sum(rows.values())
+    return {t: cfg.tier(t, n, total) for t, n in rows.items()}
+
+
 def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int],
                         spec: DatasetSpec, cfg: TrainingConfig, parallelism: int | None = None,
                         base_model: bytes | None = None) -> pd.DataFrame:
     """Train every tenant in ``row_counts`` in parallel; returns one result row per tenant.
 
-    With ``base_model`` each tenant's model is that model fine-tuned on the tenant's rows
-    (tuned-shared), under the same packing, quotas, retries and holdout.
+    Tenants are tiered (small / standard / giant). Each tier's tenants are packed into tasks of
+    one Spark job that runs in the tier's FAIR pool, all tiers at once, so small tenants keep
+    their share of the cores. Giants on the distributed path then train one after another,
+    data-parallel across the cores. With ``base_model`` each tenant's model is that model
+    fine-tuned on the tenant's rows (tuned-shared); tuned giants train in their own task.
     """
-    from pyspark.sql import functions as F
-
     if not row_counts:
-        return pd.DataFrame(columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    cores = parallelism or cfg.parallelism or spark.sparkContext.defaultParallelism
+    tiers = plan_tiers(row_counts, cfg)
     job = TrainJob.from_config(spec, cfg).with_quotas(cfg, row_counts)
+    job = replace(job, tiers=tiers)
     if base_model is not None:
         job = job.tuned(base_model, cfg)
-    bins = max(1, min(parallelism or cfg.parallelism or spark.sparkContext.defaultParallelism,
-                      len(row_counts)))
+    distributed = sorted(t for t, tier in tiers.items() if tier == "giant" and base_model is None
+                         and cfg.tiers.giant_path == "distributed")
+    groups: dict[str, dict[str, int]] = {}
+    for t, n in row_counts.items():
+        if t not in distributed:
+            groups.setdefault(tiers[t], {})[t] = n
+    frames = _run_tier_jobs(spark, silver, groups, spec, job, cores)
+    if distributed:
+        frames.append(_train_giants(spark, silver, {t: row_counts[t] for t in distributed}, spec, job, cfg, cores))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
+
+
+def _feature_columns(spec: DatasetSpec) -> list[str]:
+    cols = ["tenant_id", spec.entity_key, spec.label, *spec.numeric_features, *spec.categorical_features]
+    return [*cols, spec.event_time] if spec.event_time else cols
+
+
+def _run_tier_jobs(spark: SparkSession, silver: DataFrame, groups: dict[str, dict[str, int]],
+                   spec: DatasetSpec, job: TrainJob, cores: int) -> list[pd.DataFrame]:
+    """One Spark job per tier, submitted together, each from its own thread in its own pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(tier: str) -> pd.DataFrame:
+        sc = spark.sparkContext
+        sc.setLocalProperty(POOL_PROPERTY, TIER_POOLS[tier])
+        try:
+            return _train_packed(spark, silver, groups[tier], spec, job, cores)
+        finally:
+            sc.setLocalProperty(POOL_PROPERTY, None)  # type: ignore[arg-type]
+
+    order = [t for t in ("small", "standard", "giant") if groups.get(t)]
+    if len(order) == 1:
+        return [run(order[0])]
+    with ThreadPoolExecutor(max_workers=len(order), thread_name_prefix="tenantml-tier") as pool:
+        return list(pool.map(run, order))
+
+
+def _train_packed(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int], spec: DatasetSpec,
+                  job: TrainJob, cores: int) -> pd.DataFrame:
+    from pyspark.sql import functions as F
+
+    bins = max(1, min(cores, len(row_counts)))
     plan = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
     keys = partition_keys(spark, bins)
     plan_df = spark.createDataFrame(sorted((t, keys[b]) for t, b in plan.items()),
                                     f"tenant_id string, {BIN_COL} long")
-    cols: Sequence[str] = ["tenant_id", spec.entity_key, spec.label, *spec.numeric_features, *spec.categorical_features]
-    if spec.event_time:
-        cols = [*cols, spec.event_time]
-    data = (silver.select(*[F.col(f"`{c}`") for c in cols])
+    data = (silver.select(*[F.col(f"`{c}`") for c in _feature_columns(spec)])
             .join(F.broadcast(plan_df), on="tenant_id", how="inner")
             .repartition(bins, BIN_COL))
     result = data.mapInPandas(lambda it: train_partition(it, job), schema=RESULT_SCHEMA)
     return result.toPandas()
+
+
+def _train_giants(spark: SparkSession, silver: DataFrame, giants: dict[str, int], spec: DatasetSpec,
+                  job: TrainJob, cfg: TrainingConfig, cores: int) -> pd.DataFrame:
+    """Giants after the other tiers, each data-parallel on all cores (its rows gathered once)."""
+    from pyspark.sql import functions as F
+
+    from tenantml.training.giants import train_giant
+
+    processes = cfg.tiers.giant_processes or cores
+    rows = []
+    sc = spark.sparkContext
+    sc.setLocalProperty(POOL_PROPERTY, TIER_POOLS["giant"])  # the gather (and any barrier job) too
+    try:
+        for tenant in sorted(giants, key=lambda t: (giants[t], t)):
+            pdf = (silver.where(F.col("tenant_id") == F.lit(tenant))
+                   .select(*[F.col(f"`{c}`") for c in _feature_columns(spec)]).toPandas())
+            row = train_giant(tenant, pdf, job, cfg, processes)
+            rows.append({**row, "tier": "giant", "pool": TIER_POOLS["giant"],
+                         "path": f"distributed x{processes}"})
+    finally:
+        sc.setLocalProperty(POOL_PROPERTY, None)  # type: ignore[arg-type]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
