@@ -312,6 +312,10 @@ def _tenant_delete(args: argparse.Namespace, ctx: JobContext) -> int:
     print(f"  {len(report.runs)} MLflow run(s), {len(report.checkpoints)} shared checkpoint(s)")
     for m in report.shared_models_trained_with_tenant:
         print(f"  shared model {m} learned from this tenant's rows")
+    for r in report.reports:
+        print(f"  run report {r} (rendered again without the tenant)")
+    for f in report.figures:
+        print(f"  notebook figures {f}")
     for note in report.notes:
         print(f"  note: {note}")
     return EXIT_OK

@@ -10,6 +10,7 @@ vectors purged, and, when the operator also asks for it, old files vacuumed past
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,13 +38,15 @@ class OffboardReport:
     runs: list[str] = field(default_factory=list)               # MLflow runs removed
     checkpoints: list[str] = field(default_factory=list)
     shared_models_trained_with_tenant: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)            # run reports naming the tenant: re-rendered
+    figures: list[str] = field(default_factory=list)            # notebook figure folders: removed
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tenant_id": self.tenant_id, "executed": self.executed, "purged_history": self.purged_history,
                 "rows": self.rows, "models": self.models, "runs": self.runs, "checkpoints": self.checkpoints,
                 "shared_models_trained_with_tenant": self.shared_models_trained_with_tenant,
-                "notes": self.notes}
+                "reports": self.reports, "figures": self.figures, "notes": self.notes}
 
 
 def project_tables(ctx: JobContext) -> list[TableRef]:
@@ -101,6 +104,34 @@ def _shared_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
     return found
 
 
+def _reports_naming(ctx: JobContext, tenant_id: str) -> list[str]:
+    """Run reports whose page mentions the tenant id (a false match only costs a re-render)."""
+    root = ctx.data_dir / "reports"
+    if not root.exists():
+        return []
+    return sorted(str(p) for p in root.glob("*.html") if tenant_id in p.read_text(encoding="utf-8", errors="replace"))
+
+
+def _rerender_reports(ctx: JobContext, report: OffboardReport) -> None:
+    """Render each report again from the tables the tenant is now gone from; drop it if the run
+    held nothing else."""
+    from tenantml.errors import RunNotFoundError
+    from tenantml.report import write_run_report
+
+    for path in map(Path, report.reports):
+        rendered = False
+        for dataset in ctx.config.datasets:
+            try:
+                write_run_report(ctx, dataset, path.stem)
+                rendered = True
+                break
+            except RunNotFoundError:
+                continue
+        if not rendered:
+            path.unlink(missing_ok=True)
+            report.notes.append(f"run report {path.name} covered only this tenant and was removed")
+
+
 def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
                     purge_history: bool = False) -> OffboardReport:
     """Plan (confirm=False) or carry out the removal of ``tenant_id`` from tables, registry and runs."""
@@ -132,6 +163,9 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     ckpt_root = ctx.data_dir / "checkpoints"
     report.checkpoints = sorted(str(p) for p in ckpt_root.glob("*.pt")) if ckpt_root.exists() else []
     report.shared_models_trained_with_tenant = _shared_models_with(ctx, tenant_id)
+    report.reports = _reports_naming(ctx, tenant_id)
+    figures_root = ctx.data_dir / "notebooks"
+    report.figures = sorted(str(p) for p in figures_root.iterdir() if p.is_dir()) if figures_root.exists() else []
     if not (report.rows or report.models or report.runs or tenant_id in list_tenant_ids(spark, ctx.tables.tenants)):
         raise UnknownTenantError(f"tenant {tenant_id!r} has no rows, models or runs in this project")
     if report.shared_models_trained_with_tenant:
@@ -157,6 +191,12 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     _hard_delete_runs(ctx, report)
     for p in report.checkpoints:  # weights that may have learned from the tenant's rows
         Path(p).unlink(missing_ok=True)
+    _rerender_reports(ctx, report)
+    for folder in report.figures:  # any figure may draw the tenant; the next notebook run redraws them
+        shutil.rmtree(folder, ignore_errors=True)
+    if report.figures:
+        report.notes.append("notebook figures under <data_dir>/notebooks were removed; rerun the notebooks "
+                            "to redraw them (figures saved elsewhere with the output_dir widget are not tracked)")
     if purge_history:
         prev = spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true") or "true"
         spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")

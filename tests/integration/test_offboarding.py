@@ -52,11 +52,14 @@ def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     child = ctx.mlflow.get_model_version_by_alias(f"demo__{GONE}", "champion")
     artifact_dir = Path(urlparse(ctx.mlflow.get_run(child.run_id).info.artifact_uri).path)
     before_other = _tenant_rows(spark, ctx, "t000")
+    figure = ctx.data_dir / "notebooks" / "tenant_overview" / "rows_per_tenant.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"\x89PNG figure that draws every tenant")
     plan = offboard_tenant(ctx, GONE)  # a dry run first: nothing may change
     after_plan = _tenant_rows(spark, ctx, GONE)
     report = offboard_tenant(ctx, GONE, confirm=True, purge_history=True)
     return {"ctx": ctx, "plan": plan, "after_plan": after_plan, "report": report, "artifact_dir": artifact_dir,
-            "before_other": before_other}
+            "before_other": before_other, "figure": figure}
 
 
 def test_dry_run_lists_everything_and_changes_nothing(world: dict[str, Any]) -> None:
@@ -113,3 +116,14 @@ def test_cli_refuses_an_unknown_tenant(world: dict[str, Any], capsys: pytest.Cap
     code = cli_run(["tenants", "delete", "../x", "--json", "--quiet", "--data-dir", str(ctx.data_dir),
                     "--conf-dir", str(REPO_CONF)])
     assert code == 2 and "invalid tenant id" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_run_reports_are_rendered_again_without_the_tenant_and_figures_removed(world: dict[str, Any]) -> None:
+    plan, report = world["plan"], world["report"]
+    assert plan.reports and plan.reports == report.reports
+    assert plan.figures == [str(world["figure"].parent)]
+    for path in map(Path, report.reports):
+        page = path.read_text(encoding="utf-8")
+        assert GONE not in page and "t000" in page  # still the run's report, for the other tenants
+    assert not world["figure"].exists()
+    assert any("rerun the notebooks" in n for n in report.notes)

@@ -423,7 +423,7 @@ def test_a_steps_scope_refuses_rows_and_models_of_tenants_outside_it(spark: Any,
         scope.load_models({A: (f"demo__{B}", str(b_champion.version))})
     with pytest.raises(TenantIsolationError, match=f"loading a model for tenant '{B}'"):
         scope.load_models({B: (f"demo__{B}", str(b_champion.version))})
-    with pytest.raises(TenantIsolationError, match="writing .*model_store rows for tenant"):
+    with pytest.raises(TenantIsolationError, match=r"writing .*model_store rows for tenant"):
         write_models(spark, ctx.tables.model_store, [{"tenant_id": B}], "demo", "scope-test", "tenant", scope=scope)
     own = ctx.mlflow.get_model_version_by_alias(f"demo__{A}", "champion")
     assert list(scope.load_models({A: (f"demo__{A}", str(own.version))})["tenant_id"]) == [A]
