@@ -86,7 +86,8 @@ def main() -> int:
     spec = config.datasets["demo"]
     base = config.training
     giant_rows = args.small * args.rows  # half of all rows
-    tiers = base.tiers.model_copy(update={"giant_min_rows": min(base.tiers.giant_min_rows, giant_rows)})
+    tiers = base.tiers.model_copy(update={"giant_min_rows": min(base.tiers.giant_min_rows, giant_rows),
+                                          "giant_path": "distributed"})
     cfg = base.model_copy(update={"max_epochs": args.epochs, "patience": args.epochs, "tiers": tiers})
     cfg_task = cfg.model_copy(update={"tiers": tiers.model_copy(update={"giant_path": "task"})})
     cols = ["tenant_id", spec.entity_key, spec.label, *spec.numeric_features, *spec.categorical_features,

@@ -52,7 +52,8 @@ def test_tiers_train_in_their_pools_and_giants_go_data_parallel_last(spark: Any)
     cfg = config.training.model_copy(update={
         "max_epochs": 3, "patience": 3, "min_rows": 50,
         "tiers": config.training.tiers.model_copy(update={"small_max_rows": 400, "giant_min_rows": 3000,
-                                                           "giant_share": 0.5}),
+                                                           "giant_share": 0.5,
+                                                           "giant_path": "distributed"}),
         # An operator can put a tenant in a tier by hand, whatever its size.
         "tenant_quotas": {"forced": TenantQuota(tier="standard")}})
     pdf = _frames(sizes)

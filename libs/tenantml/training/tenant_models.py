@@ -267,7 +267,9 @@ def _run_tier_jobs(spark: SparkSession, silver: DataFrame, groups: dict[str, dic
         sc = spark.sparkContext
         sc.setLocalProperty(POOL_PROPERTY, TIER_POOLS[tier])
         try:
-            return _train_packed(spark, silver, groups[tier], spec, job, cores)
+            # Beside another tier's job, finer tasks let the scheduler hand a core that frees up to
+            # whichever pool is due, instead of one long task per core per tier.
+            return _train_packed(spark, silver, groups[tier], spec, job, cores, 1 if len(order) == 1 else 4)
         finally:
             sc.setLocalProperty(POOL_PROPERTY, None)  # type: ignore[arg-type]
 
@@ -279,10 +281,10 @@ def _run_tier_jobs(spark: SparkSession, silver: DataFrame, groups: dict[str, dic
 
 
 def _train_packed(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int], spec: DatasetSpec,
-                  job: TrainJob, cores: int) -> pd.DataFrame:
+                  job: TrainJob, cores: int, tasks_per_core: int = 1) -> pd.DataFrame:
     from pyspark.sql import functions as F
 
-    bins = max(1, min(cores, len(row_counts)))
+    bins = max(1, min(cores * tasks_per_core, len(row_counts)))
     plan = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
     keys = partition_keys(spark, bins)
     plan_df = spark.createDataFrame(sorted((t, keys[b]) for t, b in plan.items()),
