@@ -10,6 +10,8 @@ import logging
 import os
 import secrets
 import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -44,6 +46,31 @@ def git_commit(cwd: Path | None = None) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextmanager
+def exclusive_file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) across processes.
+
+    Blocks until a lock held by another process is released; released on exit, also when that
+    process dies. Where ``fcntl`` is unavailable it locks nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @dataclass
@@ -115,7 +142,19 @@ class JobContext:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri)
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        # Opening a SQLite store that lacks its tables creates them (MLflow's migrations) and the
+        # default experiment; two processes doing that at once fail ("table ... already exists",
+        # "Online migration expected to match one row"). The client opens the tracking store as it
+        # is built and the registry store on first use: do both under a lock on each SQLite file,
+        # shared by every process using it.
+        stores = [db for db in (_sqlite_path(self.tracking_uri), _sqlite_path(self.registry_uri)) if db]
+        with ExitStack() as locks:
+            for db in sorted(set(stores)):
+                locks.enter_context(exclusive_file_lock(db.with_name(db.name + ".init.lock")))
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+            if _sqlite_path(self.registry_uri):
+                client.search_registered_models(max_results=1)
+        return client
 
     def experiment_id(self) -> str:
         client = self.mlflow

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from tenantml.errors import TableNotFoundError
+from tenantml.errors import TableNotFoundError, TenantMLError
 from tenantml.tables import TableRef
 from tenantml.tenancy import tenant_in_predicate
 
@@ -30,16 +30,39 @@ _RETRYABLE = (
 )
 
 
+class ConcurrentWriteError(TenantMLError):
+    """A Delta commit still lost to concurrent writers of the same table after every retry (exit 1).
+
+    Nothing of the losing write is visible: a Delta commit is all or nothing. Another run (another
+    process, job or cluster) is writing the same rows; rerunning the step once it has finished
+    converges, as every write here is idempotent."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
 def with_conflict_retries(fn: Callable[[], T], *, what: str, attempts: int = 5,
                           base_delay: float = 0.5) -> T:
-    """Retry a Delta commit that lost an optimistic-concurrency race, with jittered backoff."""
+    """Retry a Delta commit that lost an optimistic-concurrency race, with jittered backoff.
+
+    The race may be with another thread or with another process on the same tables (each with its
+    own JVM): Delta detects both the same way. When the last attempt still conflicts, raise
+    :class:`ConcurrentWriteError` naming ``what`` (the table, and the tenants where known).
+    """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
-            if attempt == attempts or not any(marker in text for marker in _RETRYABLE):
+            if not any(marker in text for marker in _RETRYABLE):
                 raise
+            if attempt == attempts:
+                raise ConcurrentWriteError(
+                    f"concurrent write conflict on table {what}: still conflicting after {attempts} "
+                    f"attempts with backoff ({_first_line(exc)}); another run is writing the same "
+                    f"rows: rerun this step once it has finished") from exc
             delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("concurrent commit on %s (attempt %d/%d), retrying in %.1fs", what, attempt,
                         attempts, delay)
@@ -52,7 +75,15 @@ def table_exists(spark: SparkSession, ref: TableRef) -> bool:
 
     if ref.fqn:
         return bool(spark.catalog.tableExists(ref.fqn))
-    return bool(DeltaTable.isDeltaTable(spark, str(ref.path)))
+    if DeltaTable.isDeltaTable(spark, str(ref.path)):
+        return True
+    # A "no" comes from this JVM's cached snapshot of the path, stale when another process (its own
+    # JVM) has created the table since this one last looked: resolving a read refreshes it.
+    try:
+        spark.read.format("delta").load(str(ref.path)).schema  # noqa: B018
+    except Exception:
+        return False
+    return True
 
 
 def delta_table(spark: SparkSession, ref: TableRef) -> DeltaTable:
@@ -92,6 +123,28 @@ def _save(writer, ref: TableRef) -> None:  # type: ignore[no-untyped-def]
         writer.save(ref.path)
 
 
+_EXISTS = ("DELTA_PATH_EXISTS", "TABLE_OR_VIEW_ALREADY_EXISTS", "already exists")
+
+
+def _create_with(df: DataFrame, ref: TableRef, partition_by: Sequence[str]) -> bool:
+    """Create the table holding ``df``'s rows; False, writing nothing, when the table exists.
+
+    The write refuses an existing table (``errorifexists``), checked in the transaction itself: a
+    plain append would be blind, and when another process has created the table since this one
+    looked (or this JVM's cached snapshot is stale) it would add the rows next to that process's
+    copy. Two creations racing each other conflict in Delta and are retried like any commit.
+    """
+    if table_exists(df.sparkSession, ref):
+        return False
+    try:
+        _save(_writer(df, "errorifexists", partition_by), ref)
+    except Exception as exc:
+        if not any(marker in str(exc) for marker in _EXISTS):
+            raise
+        return False
+    return True
+
+
 def insert_missing(df: DataFrame, ref: TableRef, key: str) -> None:
     """Insert the rows whose ``key`` the table does not hold yet, creating the table if needed.
 
@@ -104,8 +157,7 @@ def insert_missing(df: DataFrame, ref: TableRef, key: str) -> None:
     spark = df.sparkSession
 
     def write() -> None:
-        if not table_exists(spark, ref):
-            _save(_writer(df, "append", ()), ref)
+        if _create_with(df, ref, ()):
             return
         (delta_table(spark, ref).alias("t").merge(df.alias("s"), f"t.{key} = s.{key}")
          .whenNotMatchedInsertAll().execute())
@@ -129,20 +181,20 @@ def append(df: DataFrame, ref: TableRef, partition_by: Sequence[str] = ()) -> No
     with_conflict_retries(lambda: _save(_writer(df, "append", partition_by), ref), what=ref.display)
 
 
-def replace_where(df: DataFrame, ref: TableRef, predicate: str, partition_by: Sequence[str] = ()) -> None:
+def replace_where(df: DataFrame, ref: TableRef, predicate: str, partition_by: Sequence[str] = (),
+                  what: str | None = None) -> None:
     """Atomically replace the rows matching ``predicate`` with ``df`` (one Delta commit).
 
-    The predicate must come from validated values only (see tenancy.tenant_in_predicate).
+    The predicate must come from validated values only (see tenancy.tenant_in_predicate); ``what``
+    names the rows in a conflict error (default: the table).
     """
-    spark = df.sparkSession
 
     def write() -> None:
-        if not table_exists(spark, ref):
-            _save(_writer(df, "append", partition_by), ref)
+        if _create_with(df, ref, partition_by):
             return
         _save(_writer(df, "overwrite", partition_by).option("replaceWhere", predicate), ref)
 
-    with_conflict_retries(write, what=ref.display)
+    with_conflict_retries(write, what=what or ref.display)
 
 
 def replace_tenants(df: DataFrame, ref: TableRef, tenants: Iterable[str],
@@ -156,4 +208,6 @@ def replace_tenants(df: DataFrame, ref: TableRef, tenants: Iterable[str],
         parts.append("tenant_id IS NULL")
     if not parts:
         return
-    replace_where(df, ref, " OR ".join(f"({p})" for p in parts), partition_by)
+    named = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    replace_where(df, ref, " OR ".join(f"({p})" for p in parts), partition_by,
+                  what=f"{ref.display} (tenant(s) {named})" if ids else None)
