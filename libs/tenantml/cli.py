@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", parents=[scoped],
                           help="ingest -> validate -> train-shared -> train -> train-tuned -> promote -> score -> publish")
     pipe.add_argument("--source", default=None, help="override the dataset's source path")
+    pipe.add_argument("--from", dest="from_step", default="ingest", metavar="STEP",
+                      choices=["ingest", "validate", "train-shared", "train", "train-tuned", "promote", "score",
+                               "publish"],
+                      help="start at this step, e.g. the one a crashed run was in (default: ingest)")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
     demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")
     demo.add_argument("--largest", type=int, default=20_000, help="rows of the largest tenant")
@@ -439,8 +443,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         elif args.command == "pipeline":
             results = []
             tenants = _tenants(args)
-            results.append(run_step(ctx, "ingest", dataset=args.dataset, tenants=tenants, source_path=args.source))
-            results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=STEPS[1:])
+            first = STEPS.index(args.from_step.replace("-", "_"))
+            if first == 0:
+                results.append(run_step(ctx, "ingest", dataset=args.dataset, tenants=tenants,
+                                        source_path=args.source))
+            elif args.source:
+                raise ConfigError("--source is an ingest setting; it needs the pipeline to start at ingest")
+            results += run_pipeline(ctx, dataset=args.dataset, tenants=tenants, steps=STEPS[max(first, 1):])
         elif getattr(args, "resume", False):
             from tenantml.pipeline.result import failed_tenants
 

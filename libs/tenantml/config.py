@@ -226,7 +226,9 @@ class TierConfig(_Strict):
     """Tenant tiers by training rows. Each tier trains in its own FAIR scheduler pool.
 
     A giant trains in its own task in the lowest-weight pool, or (``giant_path: distributed``) after
-    the other tiers, data-parallel across all cores.
+    the other tiers, data-parallel across all cores. ``auto`` picks per job: a giant's task holds
+    one core for its whole run, so when the giants would hold more than a third of the cores (every
+    other tenant slowed more than 1.5x), they go data-parallel instead.
     """
 
     small_max_rows: int = Field(default=5_000, ge=1)      # below: small
@@ -234,10 +236,11 @@ class TierConfig(_Strict):
     # its one task outlast everything the other cores can do (a big tenant among bigger ones packs fine).
     giant_min_rows: int = Field(default=50_000, ge=2)
     giant_share: float = Field(default=0.25, gt=0.0, le=1.0)
-    # task: the giant's own task in the giant pool. distributed: after the other tiers, data-parallel
-    # on all cores; it pays off only when one process's work dwarfs the launch and all-reduce costs
-    # (GPUs, big models): on 2 CPU cores a 60,000-row giant ran 2.4x slower data-parallel.
-    giant_path: Literal["distributed", "task"] = "task"
+    # task: the giant's own task in the giant pool; the cheapest in compute. distributed: after the
+    # other tiers, data-parallel on all cores; on CPU it costs more compute-seconds than one process
+    # (launch and all-reduce: 2.7x for a 60,000-row giant on 2 cores) but frees the small tenants.
+    # auto: task while the giants hold at most a third of the cores, else distributed.
+    giant_path: Literal["auto", "distributed", "task"] = "auto"
     giant_processes: int | None = Field(default=None, ge=1)  # default: the cores Spark has
 
     @model_validator(mode="after")

@@ -1,8 +1,16 @@
-"""One small pipeline run for the analyst-facing tests (notebooks, run report), built once per session."""
+"""One small demo run for the whole session: `tenantml demo` in a separate process, as a user runs it.
+
+The CLI tests (test_cli_demo.py) check what that process printed and left behind; the analyst-facing
+tests (notebooks, run report) read the tables, models and report it wrote, in this process.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,36 +22,42 @@ REPO = Path(__file__).resolve().parents[2]
 # shared or tuned candidates, so the strategy comparison has something to compare.
 FAST_TRAINING = ("training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, "
                  "tuned: {max_epochs: 2}}\n")
+DEMO_ARGS = ("--tenants-count", "5", "--largest", "900", "--smallest", "20")
 
 
 @pytest.fixture(scope="session")
-def analyst_run(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The demo pipeline on 5 tenants (900 to 20 rows, one of them mostly garbage), with the demo's
-    consents set between validate and training as `tenantml demo` sets them."""
-    from tenantml.context import JobContext
-    from tenantml.demo import DemoSpec, demo_consents, write_demo_source
-    from tenantml.pipeline import STEPS, run_pipeline
-    from tenantml.tenants import list_tenant_ids, update_tenants
+def demo_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`tenantml demo --json` on 5 tenants (900 to 20 rows, one of them mostly garbage), run once: it
+    ingests and validates, sets the demo's consents, then trains, promotes, scores and publishes.
 
-    root = tmp_path_factory.mktemp("analyst")
-    conf = root / "conf"
-    shutil.copytree(REPO / "conf", conf)
-    (conf / "local" / "test.yml").write_text(FAST_TRAINING)
-    ctx = JobContext.create(conf_dir=conf, data_dir=root / "data", spark=spark)
-    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=5, largest=900, smallest=20))
-    results = run_pipeline(ctx, dataset="demo", steps=STEPS[:2])
-    consents = demo_consents(list_tenant_ids(spark, ctx.tables.tenants))
-    for share in (True, False):
-        ids = [t for t, (s, _) in consents.items() if s is share]
-        if ids:
-            update_tenants(spark, ctx.tables.tenants, ids, consent_share_data=share)
-    for inference in (True, False):
-        ids = [t for t, (_, i) in consents.items() if i is inference]
-        if ids:
-            update_tenants(spark, ctx.tables.tenants, ids, consent_shared_inference=inference)
-    results += run_pipeline(ctx, dataset="demo", steps=STEPS[2:])
-    assert all(r.status == "ok" for r in results), {r.step: r.status for r in results}
-    return {"ctx": ctx, "conf": conf, "data_dir": root / "data", "results": {r.step: r for r in results}}
+    Returns its working directory (conf/ and data/ in it), its JSON summary, and `cli_data`: a copy
+    of data/ taken as soon as the process ended, for the CLI tests to list and to fail a run on
+    without seeing (or changing) what the in-process tests add to data/."""
+    root = tmp_path_factory.mktemp("demo")
+    shutil.copytree(REPO / "conf", root / "conf")
+    (root / "conf" / "local" / "test.yml").write_text(FAST_TRAINING)
+    proc = subprocess.run([sys.executable, "-m", "tenantml.cli", "demo", "--json", "--data-dir", "data",
+                           *DEMO_ARGS], cwd=root, env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+                          text=True, capture_output=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(root / "data", root / "cli-data")
+    return {"root": root, "conf": root / "conf", "data_dir": root / "data", "cli_data": root / "cli-data",
+            "summary": json.loads(proc.stdout)}
+
+
+@pytest.fixture(scope="session")
+def analyst_run(spark: Any, demo_cli_run: dict[str, Any]) -> dict[str, Any]:
+    """The demo run, opened in this process: a context on its conf and data under its run id."""
+    from tenantml.context import JobContext
+
+    summary = demo_cli_run["summary"]
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert summary["status"] == "ok" and all(s["status"] == "ok" for s in steps.values()), \
+        {k: s["status"] for k, s in steps.items()}
+    (run_id,) = {s["run_id"] for s in steps.values()}
+    ctx = JobContext.create(conf_dir=demo_cli_run["conf"], data_dir=demo_cli_run["data_dir"], spark=spark,
+                            run_id=run_id)
+    return {"ctx": ctx, "conf": demo_cli_run["conf"], "data_dir": demo_cli_run["data_dir"], "results": steps}
 
 
 def _check_png(path: Path, min_size: tuple[int, int] = (200, 120), min_colors: int = 8) -> Any:

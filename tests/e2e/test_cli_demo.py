@@ -15,29 +15,75 @@ import pytest
 from tenantml.pipeline import STEPS
 
 pytestmark = [pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYSPARK_PYTHON": sys.executable}
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    return subprocess.run([sys.executable, "-m", "tenantml.cli", *args], cwd=cwd, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "tenantml.cli", *args], cwd=cwd, env=cli_env(), text=True,
                           capture_output=True, timeout=900, check=False)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    shutil.copytree(REPO / "conf", root / "conf")
-    (root / "conf" / "local" / "fast.yml").write_text("training: {min_rows: 100, max_epochs: 5, patience: 2}\n")
-    return root
+# Several commands through the CLI's entry point (`tenantml.cli.run`, the exit code of
+# `python -m tenantml.cli`) in one separate process: one Python start-up and one JVM for all of them
+# instead of one each. Each command's stdout is captured on its own; the results go to a file, as
+# the JVM writes to the same file descriptors.
+_BATCH = """
+import contextlib, io, json, sys
+from tenantml.cli import run
+results = []
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run(argv)
+    results.append({"argv": argv, "code": code, "stdout": out.getvalue()})
+with open(sys.argv[2], "w") as f:
+    json.dump(results, f)
+"""
+
+
+def _cli_batch(commands: list[list[str]], cwd: Path) -> list[dict[str, Any]]:
+    out = cwd / "batch.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-c", _BATCH, json.dumps(commands), str(out)], cwd=cwd, env=cli_env(),
+                          text=True, capture_output=True, timeout=900, check=False)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    results: list[dict[str, Any]] = json.loads(out.read_text())
+    assert [r["argv"] for r in results] == commands
+    return results
 
 
 @pytest.fixture(scope="module")
-def demo(workdir: Path) -> dict[str, Any]:
-    proc = _cli("demo", "--json", "--data-dir", "data", "--tenants-count", "5", "--largest", "1200",
-                "--smallest", "20", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+def workdir(demo_cli_run: dict[str, Any]) -> Path:
+    """Where `tenantml demo --data-dir data` ran (tests/e2e/conftest.py), with conf/ in it."""
+    return Path(demo_cli_run["root"])
+
+
+@pytest.fixture(scope="module")
+def demo(demo_cli_run: dict[str, Any]) -> dict[str, Any]:
+    return dict(demo_cli_run["summary"])
+
+
+LISTINGS = ("models", "decisions", "tenants", "runs")
+
+
+@pytest.fixture(scope="module")
+def after_demo(demo_cli_run: dict[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """On the demo's data as the demo process left it: the listing commands, then (on a machine
+    without CUDA) a train asked to run on CUDA, so that every tenant fails. All in one separate
+    process, in that order: `runs` lists the latest run."""
+    import torch
+
+    data = str(demo_cli_run["cli_data"])
+    commands = [[name, "--json", "--data-dir", data, "--quiet"] for name in LISTINGS]
+    if not torch.cuda.is_available():
+        conf = workdir / "conf-cuda"
+        shutil.copytree(workdir / "conf", conf)
+        (conf / "local" / "zz.yml").write_text("training: {device: cuda}\n")
+        commands.append(["train", "--json", "--conf-dir", str(conf), "--data-dir", data, "--tenants", "t000,t001"])
+    return {r["argv"][0]: r for r in _cli_batch(commands, workdir)}
 
 
 def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -> None:
@@ -54,18 +100,19 @@ def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -
     assert (workdir / "data" / "mlflow" / "mlflow.db").exists()
 
 
-def test_listing_commands(demo: dict[str, Any], workdir: Path) -> None:
-    models = json.loads(_cli("models", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
+def test_listing_commands(after_demo: dict[str, dict[str, Any]]) -> None:
+    assert all(after_demo[name]["code"] == 0 for name in LISTINGS), {n: after_demo[n]["code"] for n in LISTINGS}
+    models = json.loads(after_demo["models"]["stdout"])
     assert {m["tenant_id"] for m in models} >= {"t000", "t001", "t002"}
     assert all(m["champion"] and m["strategy"] in ("tenant", "tuned", "shared") for m in models)
-    decisions = json.loads(_cli("decisions", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
+    decisions = json.loads(after_demo["decisions"]["stdout"])
     by_tenant = {d["tenant_id"]: d for d in decisions}
     assert {"t000", "t001", "t002"} <= set(by_tenant)
     assert all(by_tenant[t]["decision"] == "promoted" and by_tenant[t]["tenant"] is not None
                and by_tenant[t]["tuned"] is not None for t in ("t000", "t001", "t002"))
-    tenants = json.loads(_cli("tenants", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
+    tenants = json.loads(after_demo["tenants"]["stdout"])
     assert "t-dirty" in {t["tenant_id"] for t in tenants}
-    runs = json.loads(_cli("runs", "--json", "--data-dir", "data", "--quiet", cwd=workdir).stdout)
+    runs = json.loads(after_demo["runs"]["stdout"])
     assert {r["step"] for r in runs} == set(STEPS)
 
 
@@ -76,17 +123,18 @@ def test_hostile_tenant_argument_is_a_usage_error(workdir: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_failure_exit_code_when_every_tenant_fails(demo: dict[str, Any], workdir: Path) -> None:
-    import torch
+def test_pipeline_from_a_step_rejects_unknown_steps_and_misplaced_options(workdir: Path) -> None:
+    unknown = _cli("pipeline", "--data-dir", "data", "--from", "deploy", cwd=workdir)
+    assert unknown.returncode == 2 and "invalid choice: 'deploy'" in unknown.stderr
+    source = _cli("pipeline", "--data-dir", "data", "--from", "train", "--source", "elsewhere", cwd=workdir)
+    assert source.returncode == 2 and "--source is an ingest setting" in source.stderr
+    assert "Traceback" not in unknown.stderr + source.stderr
 
-    if torch.cuda.is_available():
+
+def test_failure_exit_code_when_every_tenant_fails(after_demo: dict[str, dict[str, Any]]) -> None:
+    if "train" not in after_demo:
         pytest.skip("needs a machine without CUDA to make every tenant's training fail")
-    conf = workdir / "conf-cuda"
-    if not conf.exists():
-        shutil.copytree(workdir / "conf", conf)
-        (conf / "local" / "zz.yml").write_text("training: {device: cuda}\n")
-    proc = _cli("train", "--json", "--conf-dir", str(conf), "--data-dir", "data", "--tenants", "t000,t001",
-                cwd=workdir)
-    summary = json.loads(proc.stdout)
-    assert proc.returncode == 1 and summary["status"] == "failed"
+    train = after_demo["train"]
+    summary = json.loads(train["stdout"])
+    assert train["code"] == 1 and summary["status"] == "failed"
     assert set(summary["steps"][0]["failures"]) == {"t000", "t001"}

@@ -13,15 +13,22 @@ from typing import Any
 
 import pytest
 
+from tenantml.pipeline import STEPS
+
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 REPO = Path(__file__).resolve().parents[2]
-# (phase text printed on stderr when the step is under way, seconds to wait before the kill)
+# (the step killed, phase text printed on stderr when it is under way, seconds to wait before the
+# kill). Each run after the first starts at the step the previous one was killed in, as an operator
+# reruns a crashed pipeline (`pipeline --from STEP`): that step is rerun over what the kill left
+# behind, then the run is killed in the next one.
 KILL_POINTS = [
-    ("ingest demo: writing batch", 0.5),
-    ("validate demo: writing silver", 1.0),
-    ("logging", 0.2),  # train: artifacts logged, registration under way
-    ("promote demo: evaluating", 1.0),  # promote: candidates judged, aliases about to move
-    ("score demo: scoring", 1.0),
+    ("ingest", "ingest demo: writing batch", 0.5),
+    ("validate", "validate demo: writing silver", 1.0),
+    # Tenant runs and artifacts being logged, registration next. (A bare "logging" would match
+    # Spark's start-up banner, "To adjust logging level ...", and kill before any step.)
+    ("train", "tenant runs and", 0.2),
+    ("promote", "promote demo: evaluating", 1.0),  # candidates judged, aliases about to move
+    ("score", "score demo: scoring", 1.0),
 ]
 ARGS = ["--tenants-count", "5", "--largest", "900", "--smallest", "20"]
 
@@ -34,10 +41,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYSPARK_PYTHON": sys.executable, "COLUMNS": "200"}
 
 
-def _kill_during(workdir: Path, data: Path, marker: str, delay: float) -> int | None:
-    """Run the pipeline and SIGKILL its whole process group (driver JVM included) at ``marker``."""
-    proc = subprocess.Popen([*_cmd("pipeline", data)], cwd=workdir, env=_env(), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+def _kill_during(workdir: Path, data: Path, run_id: str, start: str, marker: str, delay: float) -> int | None:
+    """Run the pipeline from ``start`` and SIGKILL its whole process group (driver JVM included) at
+    ``marker``."""
+    proc = subprocess.Popen([*_cmd("pipeline", data), "--from", start, "--run-id", run_id], cwd=workdir,
+                            env=_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     assert proc.stderr is not None
     killed = False
     for line in proc.stderr:
@@ -50,22 +59,49 @@ def _kill_during(workdir: Path, data: Path, marker: str, delay: float) -> int | 
     return proc.returncode if killed else None
 
 
+def _finished_steps(spark: Any, data: Path) -> dict[str, set[str]]:
+    """Per run id, the steps it finished: a step writes its `run_log` rows when it ends (ok, skipped
+    or blocked per tenant), so a step killed mid-way has none, and a step that failed has a failed one."""
+    rows = _table(spark, data, "run_log").select("run_id", "step", "status").distinct().collect()
+    logged: dict[str, set[str]] = {}
+    failed: dict[str, set[str]] = {}
+    for row in rows:
+        logged.setdefault(row["run_id"], set()).add(row["step"])
+        if row["status"] == "failed":
+            failed.setdefault(row["run_id"], set()).add(row["step"])
+    return {run: steps - failed.get(run, set()) for run, steps in logged.items()}
+
+
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def dirs(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kill")
     shutil.copytree(REPO / "conf", root / "conf")
-    (root / "conf" / "local" / "fast.yml").write_text("training: {min_rows: 100, max_epochs: 4, patience: 2}\n")
+    # The tables are compared by key, never by score: two epochs are enough.
+    (root / "conf" / "local" / "fast.yml").write_text("training: {min_rows: 100, max_epochs: 2, patience: 2}\n")
     crashed, clean = root / "crashed", root / "clean"
-    for d in (crashed, clean):  # the same source files in both
-        gen = subprocess.run([*_cmd("demo", d), "--generate-only", *ARGS], cwd=root, env=_env(),
-                             capture_output=True, text=True, timeout=600, check=False)
-        assert gen.returncode == 0, gen.stderr[-2000:]
-    kills = [_kill_during(root, crashed, marker, delay) for marker, delay in KILL_POINTS]
+    gen = subprocess.run([*_cmd("demo", crashed), "--generate-only", *ARGS], cwd=root, env=_env(),
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    shutil.copytree(crashed, clean)  # the same source files in both
+    starts = ["ingest", *[step for step, _, _ in KILL_POINTS[:-1]]]
+    kills = [_kill_during(root, crashed, f"kill-{i}", start, marker, delay)
+             for i, (start, (_, marker, delay)) in enumerate(zip(starts, KILL_POINTS, strict=True))]
     assert all(code == -signal.SIGKILL for code in kills), kills
-    for d in (crashed, clean):
-        done = subprocess.run(_cmd("pipeline", d), cwd=root, env=_env(), capture_output=True, text=True,
-                              timeout=900, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
+    # Each run was killed inside its step: the steps before it in that run all finished, that one not.
+    finished = _finished_steps(spark, crashed)
+    for i, (start, (killed_in, _, _)) in enumerate(zip(starts, KILL_POINTS, strict=True)):
+        run = finished.get(f"kill-{i}", set())
+        assert run == set(STEPS[STEPS.index(start):STEPS.index(killed_in)]), (i, killed_in, sorted(run))
+    # The rerun after the crashes and the clean run: separate processes on separate data directories,
+    # so they run side by side.
+    logs = [root / f"{d.name}.stderr" for d in (crashed, clean)]
+    procs = []
+    for d, log in zip((crashed, clean), logs, strict=True):
+        with log.open("w") as err:  # a file, not a pipe: neither process can block on a full one
+            procs.append(subprocess.Popen(_cmd("pipeline", d), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+                                          stderr=err))
+    codes = [proc.wait(timeout=900) for proc in procs]
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
     return {"crashed": crashed, "clean": clean}
 
 

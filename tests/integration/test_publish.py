@@ -7,7 +7,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +19,10 @@ from typing import Any
 import pytest
 
 from tenantml.context import JobContext
-from tenantml.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS, DemoSpec, write_demo_source
+from tenantml.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS
 from tenantml.errors import InvalidTenantIdError, UnknownTenantError
 from tenantml.io import read_table, table_version
-from tenantml.pipeline import run_pipeline, run_step
+from tenantml.pipeline import run_step
 from tenantml.pipeline.publish import model_dim, model_dim_rows
 from tenantml.tenancy import is_valid_tenant_id
 from tenantml.tenants import update_tenants
@@ -58,16 +57,19 @@ CONTRACT = {
 
 
 @pytest.fixture(scope="module")
-def published(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    conf = tmp_path_factory.mktemp("conf")
-    shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
-    (conf / "local" / "test.yml").write_text(
-        "training: {min_rows: 100, max_epochs: 4, patience: 2, strategies: [tenant]}\n")
-    data_dir = tmp_path_factory.mktemp("publish")
-    ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark)
-    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=5, largest=1000, smallest=20))
-    results = {r.step: r for r in run_pipeline(ctx, dataset="demo")}
-    return {"ctx": ctx, "results": results, "conf": conf, "data_dir": data_dir}
+def published(spark: Any, nightly_run: dict[str, Any]) -> dict[str, Any]:
+    """What the nightly job (conftest.py: the whole pipeline on 5 demo tenants, publish last) left
+    behind, on a copy of its data directory: these tests publish and score again.
+
+    `results` holds the job's publish and score steps (their summaries) and `outcomes` each tenant's
+    outcome of those steps, as the job recorded them in the run log."""
+    run = nightly_run["run"]
+    conf, data_dir = Path(nightly_run["conf"]), Path(nightly_run["data_copy"])
+    ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark, run_id=run.run_id)
+    results = {"publish": run.task("publish").steps[0], "score": run.task("score").iterations[0].steps[0]}
+    log = read_table(spark, ctx.tables.run_log).where(f"run_id = '{run.run_id}'").collect()
+    outcomes = {step: {r["tenant_id"]: r for r in log if r["step"] == step} for step in results}
+    return {"ctx": ctx, "results": results, "outcomes": outcomes, "conf": conf, "data_dir": data_dir}
 
 
 def _tables(ctx: JobContext) -> dict[str, Any]:
@@ -85,15 +87,14 @@ def _schema(df: Any) -> list[tuple[str, str]]:
 
 
 def test_publish_step_reports_every_tenant(published: dict[str, Any]) -> None:
-    res = published["results"]
-    pub, score = res["publish"], res["score"]
-    assert pub.status == "ok" and pub.step == "publish"
-    outcome = {o.tenant_id: o for o in pub.tenants}
-    scored = {o.tenant_id: o.rows_out for o in score.tenants if o.status == "ok"}
-    assert scored and {t: o.rows_out for t, o in outcome.items() if o.status == "ok"} == scored
-    assert outcome[DIRTY_TENANT].status == "skipped"  # registered, blocked by validation: no predictions
-    assert pub.summary["fact_rows"] == sum(scored.values())
-    assert len(pub.tables_written) == 4
+    pub = published["results"]["publish"]
+    assert pub["status"] == "ok" and pub["step"] == "publish"
+    outcome, score = published["outcomes"]["publish"], published["outcomes"]["score"]
+    scored = {t: o["rows_out"] for t, o in score.items() if o["status"] == "ok"}
+    assert scored and {t: o["rows_out"] for t, o in outcome.items() if o["status"] == "ok"} == scored
+    assert outcome[DIRTY_TENANT]["status"] == "skipped"  # registered, blocked by validation: no predictions
+    assert pub["fact_rows"] == sum(scored.values())
+    assert len(pub["tables_written"]) == 4
 
 
 def test_gold_tables_have_the_documented_schema(spark: Any, published: dict[str, Any]) -> None:
@@ -196,7 +197,7 @@ def test_rerun_writes_the_same_rows(spark: Any, published: dict[str, Any]) -> No
 
     before, committed = snapshot(), versions()
     again = run_step(ctx, "publish", dataset="demo")
-    assert again.status == "ok" and again.summary["fact_rows"] == published["results"]["publish"].summary["fact_rows"]
+    assert again.status == "ok" and again.summary["fact_rows"] == published["results"]["publish"]["fact_rows"]
     assert snapshot() == before
     assert versions() == committed and again.tables_written == []  # nothing changed: nothing committed
     one = run_step(ctx, "publish", dataset="demo", tenants=["t001"])  # a tenant-scoped rerun too

@@ -77,6 +77,30 @@ def test_tiers_train_in_their_pools_and_giants_go_data_parallel_last(spark: Any)
     assert res.loc["g1", "metric"] > res.loc["g1", "baseline_metric"]
 
 
+def test_a_data_parallel_giant_keeps_to_its_time_quota(spark: Any) -> None:
+    """Every process stops after the same epoch once the quota is used up (one stopping alone would
+    leave the other waiting in its next all-reduce), and the result says the quota cut it short."""
+    import json
+
+    from tenantml.config import TenantQuota, load_config
+    from tenantml.training.tenant_models import train_tenant_models
+
+    config = load_config(REPO / "conf")
+    sizes = {"s1": 150, "capped": 3000}
+    cfg = config.training.model_copy(update={
+        "max_epochs": 6, "patience": 6, "min_rows": 50,
+        "tiers": config.training.tiers.model_copy(update={"small_max_rows": 400, "giant_min_rows": 2000,
+                                                           "giant_share": 0.5, "giant_path": "distributed"}),
+        "tenant_quotas": {"capped": TenantQuota(max_seconds=1e-6)}})
+    res = train_tenant_models(spark, spark.createDataFrame(_frames(sizes)), sizes, config.datasets["demo"],
+                              cfg).set_index("tenant_id")
+
+    assert (res["status"] == "ok").all(), res[["status", "error"]]
+    assert res.loc["capped", "path"].startswith("distributed x") and res.loc["capped", "epochs"] == 1
+    assert json.loads(res.loc["capped", "metrics_json"]).get("time_quota_hit") == 1.0
+    assert res.loc["s1", "epochs"] > 1 and "time_quota_hit" not in json.loads(res.loc["s1", "metrics_json"])
+
+
 def test_scoring_concurrency_quota_caps_the_tasks_a_tenant_spreads_over(spark: Any) -> None:
     from tenantml.scoring.batch import scoring_slices, slice_frame
 

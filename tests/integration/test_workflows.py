@@ -7,14 +7,11 @@ tasks of a Databricks job run share their job cluster, under one job run id.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tenantml.context import JobContext
-from tenantml.demo import DemoSpec, write_demo_source
 from tenantml.io import read_table
 from tenantml.pipeline import STEPS
 from tenantml.workflows import load_bundle, run_job
@@ -24,21 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def nightly(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    conf = tmp_path_factory.mktemp("conf")
-    shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
-    # Small and fast. No tenant consents to sharing (the default), so the shared and tuned tasks run
-    # their entry points but train nothing: tests/integration/test_strategies.py trains them.
-    # Spark and Arrow settings equal the session fixture's: the tasks reuse that session.
-    (conf / "local" / "workflow.yml").write_text(
-        "training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}}\n"
-        "spark: {shuffle_partitions: 2}\n"
-        "scoring: {arrow_batch_size: 10000}\n")
-    data_dir = tmp_path_factory.mktemp("nightly")
-    ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark)
-    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=5, largest=900, smallest=20))
-    run = run_job(load_bundle(REPO / "workflows", "prod"), "nightly", conf_dir=str(conf), data_dir=str(data_dir))
-    return {"run": run, "ctx": ctx, "conf": str(conf)}
+def nightly(nightly_run: dict[str, Any]) -> dict[str, Any]:
+    """The nightly job on 5 demo tenants (900 to 20 rows), run once per session: conftest.py."""
+    return nightly_run
 
 
 def test_every_task_succeeds_in_dependency_order_under_one_run_id(nightly: dict[str, Any]) -> None:

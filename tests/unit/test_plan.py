@@ -49,3 +49,20 @@ def test_tier_thresholds_must_be_ordered() -> None:
 
     with pytest.raises(ValidationError, match="giant_min_rows"):
         TierConfig(small_max_rows=10_000, giant_min_rows=5_000)
+
+
+def test_auto_giant_path_goes_data_parallel_when_giants_would_hold_over_a_third_of_the_cores() -> None:
+    from tenantml.config import TierConfig, TrainingConfig
+    from tenantml.training.tenant_models import giants_go_distributed
+
+    auto = TrainingConfig()
+    assert auto.tiers.giant_path == "auto"
+    # One giant's task on 2 cores halves everyone else: data-parallel. On 8 cores it holds 1/8: a task.
+    assert giants_go_distributed(auto, giants=1, cores=2)
+    assert not giants_go_distributed(auto, giants=1, cores=8)
+    assert not giants_go_distributed(auto, giants=3, cores=9) and giants_go_distributed(auto, giants=4, cores=9)
+    assert not giants_go_distributed(auto, giants=0, cores=2)
+    assert not giants_go_distributed(auto, giants=1, cores=1)  # nothing to spread over
+    forced = {p: TrainingConfig(tiers=TierConfig(giant_path=p)) for p in ("task", "distributed")}
+    assert not giants_go_distributed(forced["task"], giants=2, cores=2)
+    assert giants_go_distributed(forced["distributed"], giants=1, cores=16)

@@ -239,7 +239,7 @@ def run_shared_worker(job: SharedJob) -> dict[str, Any] | None:
         loss_fn: nn.Module = nn.BCEWithLogitsLoss() if spec.task == "binary" else nn.MSELoss()
         batch, steps = params.batch_size, job.steps_per_epoch
         samples, train_seconds, epochs_run = 0, 0.0, state["epoch"] if state else 0
-        epoch = start_epoch
+        epoch, loop_start, quota_hit = start_epoch, time.perf_counter(), False
         while not stopped and epoch <= params.max_epochs:
             t0 = time.perf_counter()
             model.train()
@@ -257,7 +257,10 @@ def run_shared_worker(job: SharedJob) -> dict[str, Any] | None:
             model.eval()
             with torch.no_grad():
                 local = float(loss_fn(net(xn_va, xc_va), y_va)) * len(va) if len(va) else 0.0
-            total_loss, total_n = comm.allreduce_sum([local, float(len(va))])
+            # A time quota (a giant tenant's `max_seconds`) stops every rank after the same epoch:
+            # one rank stopping alone would leave the others waiting in their next all-reduce.
+            over = params.max_seconds is not None and time.perf_counter() - loop_start >= params.max_seconds
+            total_loss, total_n, ranks_over = comm.allreduce_sum([local, float(len(va)), float(over)])
             val_loss = total_loss / total_n if total_n else math.inf
             train_seconds += time.perf_counter() - t0
             epochs_run = epoch
@@ -268,6 +271,8 @@ def run_shared_worker(job: SharedJob) -> dict[str, Any] | None:
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             elif epoch - best_epoch >= params.patience:
                 stopped = True
+            if not stopped and ranks_over > 0 and epoch < params.max_epochs:
+                stopped = quota_hit = True
             if rank == 0:
                 _save_checkpoint(ckpt_path, {
                     "key": job.checkpoint_key, "epoch": epoch, "model": net.state_dict(),
@@ -284,6 +289,7 @@ def run_shared_worker(job: SharedJob) -> dict[str, Any] | None:
         net.load_state_dict(best_state)
         result = _rank0_result(job, net, spec, params, pre, state, start_epoch, epochs_run, best_epoch,
                                best_loss, size, comm.backend_name, device, manifests)
+        result["time_quota_hit"] = quota_hit
         if job.result_path:
             _save_result(Path(job.result_path), result)
             return None

@@ -77,7 +77,8 @@ def distributed_fitter(tenant_id: str, cfg: TrainingConfig, processes: int, work
         val_rows = sum(min(max(1, round(n * params.val_fraction)), n - 1) for n in shard_rows)
         return FitResult(model=model, epochs_run=int(result["epochs_run"]), best_epoch=int(result["best_epoch"]),
                          best_val_loss=float(result["best_val_loss"]), train_rows=len(train) - val_rows,
-                         val_rows=val_rows, seconds=time.perf_counter() - started)
+                         val_rows=val_rows, seconds=time.perf_counter() - started,
+                         time_quota_hit=bool(result.get("time_quota_hit", False)))
 
     return fit
 

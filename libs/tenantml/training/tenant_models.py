@@ -221,6 +221,20 @@ def plan_tiers(row_counts: dict[str, int], cfg: TrainingConfig) -> dict[str, str
     return {t: cfg.tier(t, n, total) for t, n in rows.items()}
 
 
+def giants_go_distributed(cfg: TrainingConfig, giants: int, cores: int) -> bool:
+    """Whether this job's giants train data-parallel after the other tiers (``giant_path``).
+
+    ``auto``: a giant in its own task holds one core until it ends, leaving ``cores - giants`` to
+    everyone else; past a third of the cores that slows the other tenants more than 1.5x (on 2
+    cores one giant halves them), so the giants wait and then use every core.
+    """
+    if giants == 0 or cfg.tiers.giant_path == "task":
+        return False
+    if cfg.tiers.giant_path == "distributed":
+        return True
+    return cores > 1 and 3 * giants > cores  # one core: nothing to spread over
+
+
 def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict[str, int],
                         spec: DatasetSpec, cfg: TrainingConfig, parallelism: int | None = None,
                         base_model: bytes | None = None) -> pd.DataFrame:
@@ -240,8 +254,8 @@ def train_tenant_models(spark: SparkSession, silver: DataFrame, row_counts: dict
     job = replace(job, tiers=tiers)
     if base_model is not None:
         job = job.tuned(base_model, cfg)
-    distributed = sorted(t for t, tier in tiers.items() if tier == "giant" and base_model is None
-                         and cfg.tiers.giant_path == "distributed")
+    giants = sorted(t for t, tier in tiers.items() if tier == "giant" and base_model is None)
+    distributed = giants if giants_go_distributed(cfg, len(giants), cores) else []
     groups: dict[str, dict[str, int]] = {}
     for t, n in row_counts.items():
         if t not in distributed:
