@@ -83,25 +83,32 @@ def dirs(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
                          capture_output=True, text=True, timeout=600, check=False)
     assert gen.returncode == 0, gen.stderr[-2000:]
     shutil.copytree(crashed, clean)  # the same source files in both
-    starts = ["ingest", *[step for step, _, _ in KILL_POINTS[:-1]]]
-    kills = [_kill_during(root, crashed, f"kill-{i}", start, marker, delay)
-             for i, (start, (_, marker, delay)) in enumerate(zip(starts, KILL_POINTS, strict=True))]
-    assert all(code == -signal.SIGKILL for code in kills), kills
-    # Each run was killed inside its step: the steps before it in that run all finished, that one not.
+    # The clean run: a separate process on its own data directory, side by side with the kills
+    # (being slowed down by it only makes each killed step last longer).
+    clean_log = root / "clean.stderr"
+    with clean_log.open("w") as err:  # a file, not a pipe: the process can never block on a full one
+        clean_run = subprocess.Popen(_cmd("pipeline", clean), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
+                                     stderr=err)
+    try:
+        starts = ["ingest", *[step for step, _, _ in KILL_POINTS[:-1]]]
+        kills = [_kill_during(root, crashed, f"kill-{i}", start, marker, delay)
+                 for i, (start, (_, marker, delay)) in enumerate(zip(starts, KILL_POINTS, strict=True))]
+        assert all(code == -signal.SIGKILL for code in kills), kills
+        # The rerun of the last killed step and what follows it.
+        rerun = subprocess.run([*_cmd("pipeline", crashed), "--from", KILL_POINTS[-1][0], "--run-id", "rerun"],
+                               cwd=root, env=_env(), capture_output=True, text=True, timeout=900, check=False)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert clean_run.wait(timeout=900) == 0, clean_log.read_text()[-3000:]
+    finally:
+        if clean_run.poll() is None:
+            clean_run.kill()
+    # Each run was killed inside its step: the steps before it in that run all finished, that one
+    # not; the rerun finished the rest.
     finished = _finished_steps(spark, crashed)
     for i, (start, (killed_in, _, _)) in enumerate(zip(starts, KILL_POINTS, strict=True)):
         run = finished.get(f"kill-{i}", set())
         assert run == set(STEPS[STEPS.index(start):STEPS.index(killed_in)]), (i, killed_in, sorted(run))
-    # The rerun after the crashes and the clean run: separate processes on separate data directories,
-    # so they run side by side.
-    logs = [root / f"{d.name}.stderr" for d in (crashed, clean)]
-    procs = []
-    for d, log in zip((crashed, clean), logs, strict=True):
-        with log.open("w") as err:  # a file, not a pipe: neither process can block on a full one
-            procs.append(subprocess.Popen(_cmd("pipeline", d), cwd=root, env=_env(), stdout=subprocess.DEVNULL,
-                                          stderr=err))
-    codes = [proc.wait(timeout=900) for proc in procs]
-    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    assert finished["rerun"] == set(STEPS[STEPS.index(KILL_POINTS[-1][0]):])
     return {"crashed": crashed, "clean": clean}
 
 
