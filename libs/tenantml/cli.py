@@ -78,12 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[scoped], help="source -> bronze Delta (idempotent per batch)")
     ing.add_argument("--source", default=None, help="override the dataset's source path")
     sub.add_parser("validate", parents=[scoped], help="bronze -> silver + quarantine (Great Expectations)")
-    for name, text in (("train-shared", "train the shared model on consenting tenants' de-identified rows"),
-                       ("train", "train a tenant-specific candidate model per tenant"),
-                       ("train-tuned", "fine-tune the shared champion per tenant (tuned-shared candidates)"),
-                       ("promote", "judge candidates on each tenant's holdout; move champions on a clear win"),
-                       ("score", "score every eligible tenant with its champion"),
-                       ("publish", "write the gold star schema for BI (prediction facts, tenant/model/date dims)")):
+    model_steps = (("train-shared", "train the shared model on consenting tenants' de-identified rows"),
+                   ("train", "train a tenant-specific candidate model per tenant"),
+                   ("train-tuned", "fine-tune the shared champion per tenant (tuned-shared candidates)"),
+                   ("promote", "judge candidates on each tenant's holdout; move champions on a clear win"),
+                   ("score", "score every eligible tenant with its champion"),
+                   ("publish", "write the gold star schema for BI (prediction facts, tenant/model/date dims)"))
+    for name, text in model_steps:
         step = sub.add_parser(name, parents=[scoped], help=text)
         step.add_argument("--resume", action="store_true",
                           help="with --run-id: rerun only the tenants that failed this step in that run")
@@ -91,8 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="ingest -> validate -> train-shared -> train -> train-tuned -> promote -> score -> publish")
     pipe.add_argument("--source", default=None, help="override the dataset's source path")
     pipe.add_argument("--from", dest="from_step", default="ingest", metavar="STEP",
-                      choices=["ingest", "validate", "train-shared", "train", "train-tuned", "promote", "score",
-                               "publish"],
+                      choices=["ingest", "validate", *(name for name, _ in model_steps)],
                       help="start at this step, e.g. the one a crashed run was in (default: ingest)")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
     demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")

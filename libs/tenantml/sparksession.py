@@ -20,18 +20,7 @@ def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
-def _local_cores(master: str) -> int:
-    """The cores a ``local``, ``local[N]`` or ``local[*]`` master runs on (2 for anything else)."""
-    import re
-
-    found = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master.strip())
-    if found is None:
-        return 2
-    if found.group(1) is None:
-        return 1
-    if found.group(1) == "*":
-        return os.cpu_count() or 1
-    return max(1, int(found.group(1)))
+LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 
 
 def build_local_spark(
@@ -71,9 +60,6 @@ def build_local_spark(
         # One FAIR pool per tenant tier (resources/fairscheduler.xml); spark.conf may replace the file.
         .config("spark.scheduler.mode", "FAIR")
         .config("spark.scheduler.allocation.file", str(SCHEDULER_POOLS_FILE))
-        # Delta's VACUUM lists a table's directories in a job of this many tasks (default 10,000):
-        # locally that cost 28-40 s per small partitioned table, against 2 s at a few per core.
-        .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", str(4 * _local_cores(master)))
         .config("spark.jars.ivy", os.environ.get("TENANTML_IVY_DIR", os.path.expanduser("~/.ivy2.5.2")))
     )
     if warehouse_dir:
@@ -91,6 +77,10 @@ def build_local_spark(
         os.dup2(saved, 1)
         os.close(saved)
     spark.sparkContext.setLogLevel("ERROR")
+    # Delta's VACUUM lists a table's directories in a job of this many tasks (default 10,000):
+    # locally that cost 28-40 s per small partitioned table, against 2 s at a few per core.
+    if LISTING_PARALLELISM not in (extra_conf or {}):
+        spark.conf.set(LISTING_PARALLELISM, str(4 * spark.sparkContext.defaultParallelism))
     return spark
 
 
