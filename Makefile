@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[dev,local]'
-	$(PY) -m tenantml.sparksession
+	$(PY) -m tenantml.apps.setup
 	touch $(STAMP)
 
 # Opt-in, not part of setup: compiles Horovod 0.28.1 from source (CPU, Gloo, PyTorch only); ~3 min on 2 cores.

@@ -54,10 +54,12 @@ def say(msg: str = "") -> None:
 
 def run_job(spark: Any, silver: Any, counts: dict[str, int], spec: Any, cfg: Any) -> tuple[float, pd.DataFrame]:
     """One training job; latency of each tenant is measured from the job's start."""
+    from tenantml.training.plan import TrainingPlan
     from tenantml.training.tenant_models import train_tenant_models
 
     start = time.time()
-    res = train_tenant_models(spark, silver.where(silver.tenant_id.isin(list(counts))), counts, spec, cfg)
+    res = train_tenant_models(spark, silver.where(silver.tenant_id.isin(list(counts))),
+                              TrainingPlan.build(spec, cfg, counts), spec, cfg)
     wall = time.time() - start
     res["latency"] = res["finished_at"] - start
     return wall, res
@@ -82,8 +84,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
 
     from tenantml.config import load_config
-    from tenantml.sparksession import build_local_spark
-    from tenantml.tables import TableRef
+    from tenantml.io.spark import build_local_spark
+    from tenantml.io.tables import TableRef
 
     config = load_config(REPO / "conf")
     spec = config.datasets["demo"]
@@ -119,7 +121,7 @@ def main() -> int:
         spark.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    from tenantml.training.tenant_models import giants_go_distributed
+    from tenantml.training.plan import giants_go_distributed
 
     auto_plan = "distributed" if giants_go_distributed(base, 1, cores) else "task"
     lat_alone = statistics.median(alone["latency"])

@@ -67,11 +67,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-    from tenantml.context import JobContext
-    from tenantml.demo import DemoSpec, write_demo_source
-    from tenantml.pipeline import run_step
-    from tenantml.sparksession import build_local_spark
-    from tenantml.tenants import list_tenant_ids, update_tenants
+    from tenantml.apps.demo import DemoSpec, write_demo_source
+    from tenantml.io.context import JobContext
+    from tenantml.io.spark import build_local_spark
+    from tenantml.io.tenants import list_tenant_ids, update_tenants
+    from tenantml.steps.runner import run_step
     from tenantml.training.distributed import horovod_available
 
     root = Path(tempfile.mkdtemp(prefix="tenantml-bench-shared-"))

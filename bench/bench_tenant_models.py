@@ -65,7 +65,7 @@ def tenant_frames(n_tenants: int, rows: int, seed: int, columns: list[str]) -> d
     Reuses the demo generator (same distributions, same churn signal, a per-tenant shift), without
     the deliberate dirt: validation would quarantine those rows before training ever saw them.
     """
-    from tenantml.demo import _tenant_frame
+    from tenantml.apps.demo import _tenant_frame
 
     rng = np.random.default_rng(seed)
     out: dict[str, pd.DataFrame] = {}
@@ -109,7 +109,7 @@ def _pool_init() -> None:
 
 
 def _pool_train(tenant_id: str) -> dict[str, Any]:
-    from tenantml.training.tenant_models import train_one_tenant
+    from tenantml.training.fit import train_one_tenant
 
     return train_one_tenant(tenant_id, _POOL_FRAMES[tenant_id], _POOL_JOB)
 
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tenantml.config import load_config
-    from tenantml.training.tenant_models import TrainJob, train_one_tenant, train_tenant_models
+    from tenantml.training.fit import train_one_tenant
+    from tenantml.training.plan import TrainingPlan
+    from tenantml.training.tenant_models import train_tenant_models
 
     config = load_config(CONF_DIR)
     spec = config.datasets[DATASET]
@@ -335,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"generated data in memory in {now() - t0:.1f}s")
 
     # ------------------------------------------------------------------ (a) training
-    job = TrainJob.from_config(spec, tcfg)
     pool_frames = {t: f[train_cols].copy() for t, f in frames.items()}
     row_counts = {t: len(f) for t, f in frames.items()}
+    job = TrainingPlan.build(spec, tcfg, row_counts)
     say("\n(a) training")
     with Meter("train limit cold") as m_lcold:
         train_with_pool(pool_frames, job, procs)
@@ -352,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     with Meter("train limit #1") as m:
         limit_runs.append((m, train_with_pool(pool_frames, job, procs)))
 
-    from tenantml.context import JobContext
-    from tenantml.sparksession import build_local_spark
+    from tenantml.io.context import JobContext
+    from tenantml.io.spark import build_local_spark
 
     tmp = tempfile.TemporaryDirectory(prefix="tenantml-bench-")
     data_dir = Path(tmp.name)
@@ -377,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     with Meter("spark python workers start") as m_udf:
         spark.range(0, procs, numPartitions=procs).mapInPandas(_identity, "id long").collect()
     with Meter("train cold tiny") as m_cold:
-        warm_results = train_tenant_models(spark, silver, warm, spec, tcfg)
+        warm_results = train_tenant_models(spark, silver, TrainingPlan.build(spec, tcfg, warm), spec, tcfg)
     with Meter("train warm tiny") as m_warm:
-        warm_again = train_tenant_models(spark, silver, warm, spec, tcfg)
+        warm_again = train_tenant_models(spark, silver, TrainingPlan.build(spec, tcfg, warm), spec, tcfg)
     say(f"  warm-up (not timed): Spark's Python workers were started and warmed before measuring. Cold costs: "
         f"a trivial {procs}-task mapInPandas {m_udf.wall:.1f}s (worker start + pyspark/pandas/arrow imports), "
         f"then a {len(warm)}-tenant train_tenant_models {m_cold.wall:.1f}s cold vs {m_warm.wall:.1f}s warm "
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     plat_runs: list[tuple[Meter, pd.DataFrame]] = []
     for i in range(reps):
         with Meter(f"train platform #{i + 1}") as m:
-            plat_runs.append((m, train_tenant_models(spark, silver, row_counts, spec, tcfg)))
+            plat_runs.append((m, train_tenant_models(spark, silver, TrainingPlan.build(spec, tcfg, row_counts), spec, tcfg)))
     with Meter("train limit #2") as m:
         limit_runs.append((m, train_with_pool(pool_frames, job, procs)))
     m_plat, results = min(plat_runs, key=lambda x: x[0].wall)
@@ -473,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # ------------------------------------------------------------------ (b) tracking
+    from tenantml.core.ids import model_name
     from tenantml.models import TabularModel
-    from tenantml.registry.tracking import model_name, track_training
     from tenantml.registry.tracking import set_champions as promote
+    from tenantml.registry.tracking import track_training
 
     say("\n(b) tracking")
     t0 = now()

@@ -1,8 +1,8 @@
-"""Job task: train_tuned (a thin entry over tenantml.pipeline; see libs/tenantml/jobs.py)."""
+"""Job task: train_tuned (a thin entry over tenantml.steps; see libs/tenantml/jobs.py)."""
 
 import sys
 
-from tenantml.jobs import job_main
+from tenantml.apps.jobs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("train_tuned", sys.argv[1:]))

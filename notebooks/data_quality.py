@@ -6,7 +6,7 @@
 # MAGIC (`quarantine_<ds>`: every failed rule of a row is in `_reason`). Rows whose tenant id was missing or
 # MAGIC unsafe have no tenant; they are shown as `(invalid tenant id)`.
 # MAGIC
-# MAGIC Locally: `python -m tenantml.notebook_runner notebooks/data_quality.py -w dataset=demo`.
+# MAGIC Locally: `python -m tenantml.apps.notebook_runner notebooks/data_quality.py -w dataset=demo`.
 
 # COMMAND ----------
 
@@ -21,7 +21,8 @@
 
 # COMMAND ----------
 
-from tenantml.notebook import notebook_context, output_dir, show_figure, show_table, tenant_list, widget
+from tenantml.apps.notebook import (notebook_context, notebook_scope, output_dir, show_figure, show_table, tenant_list,
+                                   widget)
 
 ctx = notebook_context(globals().get("spark"), conf_dir=widget("conf_dir", ""), env=widget("env", ""),
                        data_dir=widget("data_dir", ""))
@@ -34,15 +35,12 @@ out = output_dir(ctx, widget("output_dir", ""), "data_quality")
 import pandas as pd
 from pyspark.sql import functions as F
 
-from tenantml.io import read_table
-from tenantml.validation.rules import build_rules
+from tenantml.quality.rules import build_rules
 
 INVALID = "(invalid tenant id)"
-quality = read_table(ctx.spark, ctx.tables.quality(dataset))
-quarantine = read_table(ctx.spark, ctx.tables.quarantine(dataset))
-if tenants:
-    quality = quality.where(F.col("tenant_id").isin(tenants))
-    quarantine = quarantine.where(F.col("tenant_id").isin(tenants))
+view = notebook_scope(ctx, tenants, "data_quality")  # the only way this notebook reads tenant rows
+quality = view.read(ctx.tables.quality(dataset))
+quarantine = view.read(ctx.tables.quarantine(dataset), include_null=not tenants)
 quality = (quality.select("tenant_id", "rows_in", "rows_valid", "rows_quarantined", "rejected_fraction", "blocked",
                           "threshold", "run_id", "validated_at")
            .orderBy(F.col("rejected_fraction").desc(), "tenant_id").toPandas())
@@ -53,7 +51,7 @@ show_table(quality, f"quality_{dataset}: latest validation per tenant")
 # MAGIC %md
 # MAGIC ## Quarantine reasons
 # MAGIC A row can fail several rules; it is counted once under each. The reasons are the dataset's rule texts
-# MAGIC (`tenantml.validation.rules.build_rules`), matched in `_reason`; anything else is `other`.
+# MAGIC (`tenantml.quality.rules.build_rules`), matched in `_reason`; anything else is `other`.
 
 # COMMAND ----------
 

@@ -7,7 +7,7 @@
 # MAGIC Aggregates (summary statistics, histogram bins) are computed in Spark: only small frames reach the
 # MAGIC driver, whatever the number of scored rows.
 # MAGIC
-# MAGIC Locally: `python -m tenantml.notebook_runner notebooks/prediction_exploration.py -w dataset=demo`.
+# MAGIC Locally: `python -m tenantml.apps.notebook_runner notebooks/prediction_exploration.py -w dataset=demo`.
 
 # COMMAND ----------
 
@@ -24,8 +24,9 @@
 
 # COMMAND ----------
 
-from tenantml.errors import ConfigError
-from tenantml.notebook import notebook_context, output_dir, show_figure, show_table, tenant_list, widget
+from tenantml.core.errors import ConfigError
+from tenantml.apps.notebook import (notebook_context, notebook_scope, output_dir, show_figure, show_table, tenant_list,
+                                   widget)
 
 ctx = notebook_context(globals().get("spark"), conf_dir=widget("conf_dir", ""), env=widget("env", ""),
                        data_dir=widget("data_dir", ""))
@@ -41,22 +42,20 @@ out = output_dir(ctx, widget("output_dir", ""), "prediction_exploration")
 
 from pyspark.sql import functions as F
 
-from tenantml.io import read_table, table_exists
+from tenantml.io import table_exists
+
+view = notebook_scope(ctx, tenants, "prediction_exploration")  # the only way this notebook reads tenant rows
 
 fact_ref = ctx.tables.gold_prediction_fact(dataset)
 if source == "gold" or (not source and table_exists(ctx.spark, fact_ref)):
     source = "gold"
-    fact = read_table(ctx.spark, fact_ref)
-    if tenants:
-        fact = fact.where(F.col("tenant_id").isin(tenants))
+    fact = view.read(fact_ref)
     # Every published scoring run is kept in the fact; each tenant's latest one is its current scores.
     latest = fact.groupBy("tenant_id").agg(F.max_by("scoring_run_id", "scored_at").alias("scoring_run_id"))
     scores = fact.join(latest, ["tenant_id", "scoring_run_id"])
 else:
     source = "predictions"
-    scores = read_table(ctx.spark, ctx.tables.predictions(dataset)).withColumnRenamed("run_id", "scoring_run_id")
-    if tenants:
-        scores = scores.where(F.col("tenant_id").isin(tenants))
+    scores = view.read(ctx.tables.predictions(dataset)).withColumnRenamed("run_id", "scoring_run_id")
 scores = scores.select("tenant_id", "strategy", "scoring_run_id", "score", "prediction").cache()
 print(f"source: {source}")
 

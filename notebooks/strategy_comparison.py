@@ -6,7 +6,7 @@
 # MAGIC serves it now. Read from the `promotions` table, where `promote` records every decision: all
 # MAGIC candidates of a tenant were judged on the same holdout rows, so the numbers compare directly.
 # MAGIC
-# MAGIC Locally: `python -m tenantml.notebook_runner notebooks/strategy_comparison.py -w dataset=demo`.
+# MAGIC Locally: `python -m tenantml.apps.notebook_runner notebooks/strategy_comparison.py -w dataset=demo`.
 
 # COMMAND ----------
 
@@ -22,8 +22,9 @@
 
 # COMMAND ----------
 
-from tenantml.notebook import notebook_context, output_dir, show_figure, show_table, tenant_list, widget
-from tenantml.pipeline.result import validate_run_id
+from tenantml.apps.notebook import (notebook_context, notebook_scope, output_dir, show_figure, show_table, tenant_list,
+                                   widget)
+from tenantml.core.ids import validate_run_id
 
 ctx = notebook_context(globals().get("spark"), conf_dir=widget("conf_dir", ""), env=widget("env", ""),
                        data_dir=widget("data_dir", ""))
@@ -42,12 +43,12 @@ import pandas as pd
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from tenantml.io import read_table
 from tenantml.models import primary_metric
-from tenantml.registry.store import SHARED_ID
+from tenantml.core.ids import SHARED_ID
 
 metric_name, higher_is_better = primary_metric(spec.task)
-decisions = read_table(ctx.spark, ctx.tables.promotions).where(F.col("dataset") == dataset)
+view = notebook_scope(ctx, tenants, "strategy_comparison")  # the only way this notebook reads tenant rows
+decisions = view.read(ctx.tables.promotions, shared=True).where(F.col("dataset") == dataset)
 if run_id:
     decisions = decisions.where(F.col("run_id") == run_id)
 else:  # each tenant's latest decision

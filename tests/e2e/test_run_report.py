@@ -145,10 +145,10 @@ def test_error_text_is_escaped_and_the_cli_writes_the_report(spark: Any, analyst
                                                               restore_spark_conf: None) -> None:
     """A step fails with `<script>` in its error (the source path names it); the report of that run,
     written by `tenantml report --run-id`, shows the text and runs nothing."""
-    from tenantml.cli import run as cli_run
-    from tenantml.context import JobContext
-    from tenantml.errors import SourceError
-    from tenantml.pipeline import run_step
+    from tenantml.apps.cli import run as cli_run
+    from tenantml.core.errors import SourceError
+    from tenantml.io.context import JobContext
+    from tenantml.steps.runner import run_step
 
     run_id = "report-escape-1"
     ctx = JobContext.create(conf_dir=analyst_run["conf"], data_dir=analyst_run["data_dir"], spark=spark,
@@ -183,9 +183,9 @@ def test_error_text_is_escaped_and_the_cli_writes_the_report(spark: Any, analyst
 
 def test_a_run_whose_step_raised_still_gets_its_report(spark: Any, analyst_run: dict[str, Any],
                                                        tmp_path: Path) -> None:
-    from tenantml.context import JobContext
-    from tenantml.errors import SourceError
-    from tenantml.pipeline import run_pipeline
+    from tenantml.core.errors import SourceError
+    from tenantml.io.context import JobContext
+    from tenantml.steps.runner import run_pipeline
 
     ctx = JobContext.create(conf_dir=analyst_run["conf"], data_dir=tmp_path / "empty", spark=spark,
                             run_id="report-raised-1")
@@ -200,14 +200,14 @@ def test_a_run_whose_step_raised_still_gets_its_report(spark: Any, analyst_run: 
 def test_a_report_that_cannot_be_written_is_logged_not_raised(analyst_run: dict[str, Any],
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    import tenantml.report
-    from tenantml.pipeline import run_pipeline
+    import tenantml.apps.report
+    from tenantml.steps.runner import run_pipeline
 
     def broken(*args: object, **kwargs: object) -> Path:
         raise OSError("disk full")
 
-    monkeypatch.setattr(tenantml.report, "write_run_report", broken)
-    with caplog.at_level("ERROR", logger="tenantml.pipeline.run"):
+    monkeypatch.setattr(tenantml.apps.report, "write_run_report", broken)
+    with caplog.at_level("ERROR", logger="tenantml.steps.runner"):
         assert run_pipeline(analyst_run["ctx"], dataset="demo", steps=()) == []
     assert any("could not write the run report" in r.getMessage() and r.exc_info and "disk full" in str(r.exc_info[1])
                for r in caplog.records)

@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def nightly_run(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tenantml.context import JobContext
-    from tenantml.demo import DemoSpec, write_demo_source
-    from tenantml.workflows import load_bundle, run_job
+    from localbundle import load_bundle, run_job
+
+    from tenantml.apps.demo import DemoSpec, write_demo_source
+    from tenantml.io.context import JobContext
 
     conf = tmp_path_factory.mktemp("conf")
     shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)

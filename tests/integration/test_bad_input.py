@@ -21,9 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tenantml import cli
-from tenantml.context import JobContext
-from tenantml.errors import (
+from tenantml.apps import cli
+from tenantml.core.errors import (
     EXIT_FAILURE,
     EXIT_USAGE,
     ConfigError,
@@ -34,8 +33,9 @@ from tenantml.errors import (
     UnknownTenantError,
 )
 from tenantml.io import read_table, table_exists
-from tenantml.pipeline import ingest, run_step, score, train, validate
-from tenantml.pipeline.result import StepResult
+from tenantml.io.context import JobContext
+from tenantml.steps.base import StepResult
+from tenantml.steps.runner import run_step
 
 pytestmark = pytest.mark.spark
 
@@ -276,7 +276,7 @@ def test_misspelled_source_column_is_named_with_close_match(spark: Any, tmp_path
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data",
                             spark=spark)
     with pytest.raises(SourceError) as err:
-        ingest(ctx, dataset="acct")
+        run_step(ctx, "ingest", dataset="acct")
     msg = str(err.value)
     assert "'acct'" in msg
     assert "'tenure_months' (did you mean 'tenure_month'?)" in msg
@@ -290,7 +290,7 @@ def test_missing_column_error_names_the_overriding_source(spark: Any, tmp_path: 
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data",
                             spark=spark)
     with pytest.raises(SourceError) as err:
-        ingest(ctx, dataset="acct", source_path=str(other))
+        run_step(ctx, "ingest", dataset="acct", source_path=str(other))
     assert "lacks declared column(s) 'plan'" in str(err.value)
     assert str(other) in str(err.value), str(err.value)
 
@@ -347,7 +347,7 @@ def test_tenant_with_every_row_rejected_is_blocked_not_crashing(messy: Messy) ->
     quality = read_table(messy.ctx.spark, messy.ctx.tables.quality("acct")).toPandas().set_index("tenant_id")
     assert bool(quality.loc["gamma", "blocked"]) and quality.loc["gamma", "rejected_fraction"] == 1.0
     # Asking for the blocked tenant by name is answered, not refused or crashed.
-    again = train(messy.ctx, dataset="acct", tenants=["gamma"])
+    again = run_step(messy.ctx, "train", dataset="acct", tenants=["gamma"])
     assert [(o.tenant_id, o.status) for o in again.tenants] == [("gamma", "blocked")]
 
 
@@ -393,13 +393,13 @@ def test_unknown_tenants_are_named_by_validate_and_train(messy: Messy,
     ctx = JobContext.create(env="local", conf_dir=messy.conf, data_dir=messy.data, spark=messy.ctx.spark)
     silver_version = read_table(ctx.spark, ctx.tables.silver("acct")).count()
     with pytest.raises(UnknownTenantError) as err:
-        validate(ctx, dataset="acct", tenants=["alpha", "nope", "zeta"])
+        run_step(ctx, "validate", dataset="acct", tenants=["alpha", "nope", "zeta"])
     assert "['nope', 'zeta']" in str(err.value) and "'acct'" in str(err.value)
     with pytest.raises(UnknownTenantError) as err:
-        train(ctx, dataset="acct", tenants=["nope", "beta"])
+        run_step(ctx, "train", dataset="acct", tenants=["nope", "beta"])
     assert "['nope']" in str(err.value)
     with pytest.raises(UnknownTenantError) as err:
-        score(ctx, dataset="acct", tenants=["zeta"])
+        run_step(ctx, "score", dataset="acct", tenants=["zeta"])
     assert "['zeta']" in str(err.value)
     assert read_table(ctx.spark, ctx.tables.silver("acct")).count() == silver_version
 
@@ -430,10 +430,9 @@ def test_hostile_tenant_argument_raises_invalid_tenant_id(spark: Any, messy: Mes
     ctx = JobContext.create(env="local", conf_dir=messy.conf, data_dir=messy.data, spark=spark)
     tables = ("bronze", "silver", "quarantine", "predictions")
     before = {n: counts(spark, getattr(ctx.tables, n)("acct")) for n in tables}
-    fn = {"ingest": ingest, "validate": validate, "train": train, "score": score}[step]
     for bad in [*HOSTILE_ARGS, ""]:
         with pytest.raises(InvalidTenantIdError) as err:
-            fn(ctx, dataset="acct", tenants=["alpha", bad])
+            run_step(ctx, step, dataset="acct", tenants=["alpha", bad])
         assert repr(bad) in str(err.value)
     after = {n: counts(spark, getattr(ctx.tables, n)("acct")) for n in tables}
     assert after == before
@@ -446,9 +445,8 @@ def test_hostile_tenant_argument_raises_before_any_spark_work(tmp_path: Path, st
     no_spark = NoSpark()
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data",
                             spark=no_spark)  # type: ignore[arg-type]
-    fn = {"ingest": ingest, "validate": validate, "train": train, "score": score}[step]
     with pytest.raises(InvalidTenantIdError, match=r"\.\./\.\./etc"):
-        fn(ctx, dataset="acct", tenants=["alpha", "../../etc"])
+        run_step(ctx, step, dataset="acct", tenants=["alpha", "../../etc"])
     assert no_spark.touched == []
 
 
@@ -508,10 +506,9 @@ def test_step_before_its_input_table_exists_names_the_table(spark: Any, tmp_path
     conf = make_conf(tmp_path)
     data = tmp_path / "data"
     ctx = JobContext.create(env="local", conf_dir=conf, data_dir=data, spark=spark)
-    fn = {"validate": validate, "train": train, "score": score}[step]
     missing = ctx.tables.bronze("acct") if step == "validate" else ctx.tables.silver("acct")
     with pytest.raises(TableNotFoundError, match=re.escape(missing.display)):
-        fn(ctx, dataset="acct")
+        run_step(ctx, step, dataset="acct")
     code, payload = run_cli(capsys, step, "--dataset", "acct", "--conf-dir", str(conf),
                             "--data-dir", str(data))
     assert code == EXIT_FAILURE and missing.display in payload["error"]
@@ -529,7 +526,7 @@ def test_csv_doubled_quotes_keep_values_in_their_columns(spark: Any, tmp_path: P
     write_csv(tmp_path / "data" / "sources" / "acct" / "b.csv", rows, columns)
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data",
                             spark=spark)
-    ingest(ctx, dataset="acct")
+    run_step(ctx, "ingest", dataset="acct")
     bronze = read_table(spark, ctx.tables.bronze("acct")).toPandas().set_index("customer_id")
     for r in rows:
         got = bronze.loc[r["customer_id"]]
@@ -623,7 +620,7 @@ def test_truncated_parquet_file_fails_the_ingest_naming_file_and_dataset(spark: 
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path, datasets={"acctpq": PARQUET_YML}),
                             data_dir=data, spark=spark)
     write_parquet(data / "sources" / "acctpq" / "b1.parquet", tenant_rows("alpha", "A", 12, 1))
-    ingest(ctx, dataset="acctpq")
+    run_step(ctx, "ingest", dataset="acctpq")
     before = bronze_state(ctx, "acctpq")
 
     batch2 = tmp_path / "batch2"
@@ -650,14 +647,14 @@ def test_truncated_gzip_csv_fails_the_ingest_naming_file_and_dataset(spark: Any,
     ctx = JobContext.create(env="local", conf_dir=conf, data_dir=data, spark=spark)
     # A complete .csv.gz is a normal source file.
     write_csv_gz(data / "sources" / "acct" / "b1.csv.gz", tenant_rows("alpha", "A", 15, 2))
-    assert ingest(ctx, dataset="acct").summary["rows_ingested"] == 15
+    assert run_step(ctx, "ingest", dataset="acct").summary["rows_ingested"] == 15
     before = bronze_state(ctx, "acct")
 
     batch2 = tmp_path / "batch2"
     write_csv(batch2 / "a.csv", tenant_rows("beta", "B", 20, 3))
     broken = truncate(write_csv_gz(batch2 / "b.csv.gz", tenant_rows("gamma", "G", 2000, 4)), 0.6)
     with pytest.raises(SourceError) as err:
-        ingest(ctx, dataset="acct", source_path=str(batch2))
+        run_step(ctx, "ingest", dataset="acct", source_path=str(batch2))
     msg = str(err.value)
     assert "'acct'" in msg and str(broken) in msg and str(batch2 / "a.csv") not in msg, msg
     assert "Unexpected end of input stream" in msg and "nothing was ingested" in msg, msg
@@ -683,8 +680,8 @@ def test_csv_cut_mid_line_quarantines_the_short_line_with_its_reason(spark: Any,
     a.write_text(a.read_text().rstrip("\n").rsplit(",", 2)[0][:-1])
     b = write_csv(src / "beta.csv", beta)
     b.write_text(b.read_text().rstrip("\n").rsplit(",", 1)[0])
-    ingest(ctx, dataset="acct")
-    result = validate(ctx, dataset="acct")
+    run_step(ctx, "ingest", dataset="acct")
+    result = run_step(ctx, "validate", dataset="acct")
 
     bronze, silver, quarantine = assert_reconciled(ctx, "acct")
     assert bronze == {"alpha": 25, "beta": 25}
@@ -723,7 +720,7 @@ def test_truncated_json_source(spark: Any, tmp_path: Path, multiline: bool) -> N
         cut.write_text(json.dumps(rows[10:], indent=1))
         truncate(cut, 0.5)
         with pytest.raises(SourceError) as err:
-            ingest(ctx, dataset="acctjs")
+            run_step(ctx, "ingest", dataset="acctjs")
         msg = str(err.value)
         assert "'acctjs'" in msg and str(cut) in msg and str(good) not in msg, msg
         assert "not valid JSON" in msg, msg
@@ -732,8 +729,8 @@ def test_truncated_json_source(spark: Any, tmp_path: Path, multiline: bool) -> N
     good.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     cut.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
     cut.write_text(cut.read_text()[:-25])
-    ingest(ctx, dataset="acctjs")
-    validate(ctx, dataset="acctjs")
+    run_step(ctx, "ingest", dataset="acctjs")
+    run_step(ctx, "validate", dataset="acctjs")
     bronze, silver, quarantine = assert_reconciled(ctx, "acctjs")
     # The broken line has no readable tenant: it is kept in the NULL group with its raw text.
     assert bronze == {"alpha": 19, None: 1} and silver == {"alpha": 19} and quarantine == {None: 1}
@@ -777,7 +774,7 @@ def test_batch_with_an_added_column_keeps_every_value_in_its_column(spark: Any, 
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=data, spark=spark)
     batch1 = tenant_rows("alpha", "A", 20, 8) + tenant_rows("beta", "B", 20, 9)
     write_csv(data / "sources" / "acct" / "batch1.csv", batch1)
-    first = ingest(ctx, dataset="acct")
+    first = run_step(ctx, "ingest", dataset="acct")
     kept1 = batch_frame(ctx, "acct", first.summary["batch_id"])
 
     # Batch 2 gains a column in the middle and reorders the others; it re-sends 5 alpha keys with
@@ -789,8 +786,8 @@ def test_batch_with_an_added_column_keeps_every_value_in_its_column(spark: Any, 
     columns = ["tenant", "region", "churned", "customer_id", "plan", "monthly_spend", "notes", "tenure_months"]
     folder, override = second_batch_dir(tmp_path, data, "acct", layout)
     write_csv(folder / "batch2.csv", resent + new, columns)
-    second = ingest(ctx, dataset="acct", source_path=override)
-    result = validate(ctx, dataset="acct")
+    second = run_step(ctx, "ingest", dataset="acct", source_path=override)
+    result = run_step(ctx, "validate", dataset="acct")
 
     pd.testing.assert_frame_equal(batch_frame(ctx, "acct", first.summary["batch_id"]), kept1)
     superseded = assert_reconciled_with_history(ctx, "acct", result)
@@ -826,8 +823,8 @@ def test_batch_missing_a_feature_column_fails_naming_file_and_column(spark: Any,
     ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=data, spark=spark)
     batch1 = tenant_rows("alpha", "A", 20, 13)
     b1 = write_csv(data / "sources" / "acct" / "batch1.csv", batch1)
-    ingest(ctx, dataset="acct")
-    validate(ctx, dataset="acct")
+    run_step(ctx, "ingest", dataset="acct")
+    run_step(ctx, "validate", dataset="acct")
     before = bronze_state(ctx, "acct")
     silver_before = read_table(spark, ctx.tables.silver("acct")).toPandas().sort_values("customer_id")
 
@@ -835,7 +832,7 @@ def test_batch_missing_a_feature_column_fails_naming_file_and_column(spark: Any,
     b2 = write_csv(folder / "batch2.csv", tenant_rows("alpha", "A", 20, 14),
                    [c for c in COLUMNS if c != "plan"])
     with pytest.raises(SourceError) as err:
-        ingest(ctx, dataset="acct", source_path=override)
+        run_step(ctx, "ingest", dataset="acct", source_path=override)
     msg = str(err.value)
     assert "'acct'" in msg and "lacks declared column(s) 'plan'" in msg, msg
     assert str(b2) in msg or (layout == "own_folder" and str(folder) in msg), msg
@@ -857,7 +854,7 @@ def test_batch_with_changed_column_types_is_cast_or_quarantined(spark: Any, tmp_
     batch1 = [{**good_row(rng, "alpha" if i % 2 else "beta", str(1000 + i))} for i in range(30)]
     typed = {"customer_id": "int64", "tenure_months": "int64", "monthly_spend": "float64", "churned": "int64"}
     write_parquet(data / "sources" / "acctpq" / "batch1.parquet", batch1, typed)
-    first = ingest(ctx, dataset="acctpq")
+    first = run_step(ctx, "ingest", dataset="acctpq")
     kept1 = batch_frame(ctx, "acctpq", first.summary["batch_id"])
 
     # Re-send keys 1000-1005 with new values, add 1100-1103; spend arrives as text, one not a number.
@@ -869,8 +866,8 @@ def test_batch_with_changed_column_types_is_cast_or_quarantined(spark: Any, tmp_
                "churned": "float64"}
     folder, override = second_batch_dir(tmp_path, data, "acctpq", layout)
     write_parquet(folder / "batch2.parquet", batch2, retyped)
-    ingest(ctx, dataset="acctpq", source_path=override)
-    result = validate(ctx, dataset="acctpq")
+    run_step(ctx, "ingest", dataset="acctpq", source_path=override)
+    result = run_step(ctx, "validate", dataset="acctpq")
 
     pd.testing.assert_frame_equal(batch_frame(ctx, "acctpq", first.summary["batch_id"]), kept1)
     superseded = assert_reconciled_with_history(ctx, "acctpq", result)

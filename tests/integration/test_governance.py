@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from tenantml.errors import InvalidTenantIdError
-from tenantml.governance import AccessPolicy, governance_sql, tenant_view_name, tenant_views_sql
+from tenantml.apps.governance import AccessPolicy, governance_sql, tenant_view_name, tenant_views_sql
+from tenantml.core.errors import InvalidTenantIdError
 
 pytestmark = pytest.mark.spark
 

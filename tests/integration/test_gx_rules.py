@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tenantml.validation import Rule, RuleResult, build_suite, run_rules
+from tenantml.quality.gx_rules import Rule, RuleResult, build_suite, run_rules
 
 pytestmark = pytest.mark.spark
 

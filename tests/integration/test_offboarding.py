@@ -10,13 +10,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tenantml.context import JobContext
-from tenantml.demo import DemoSpec, write_demo_source
+from tenantml.apps.demo import DemoSpec, write_demo_source
+from tenantml.apps.offboarding import offboard_tenant, project_tables
 from tenantml.io import read_table
-from tenantml.offboarding import offboard_tenant, project_tables
-from tenantml.pipeline import STEPS, run_pipeline, run_step
-from tenantml.registry.tracking import existing_models
-from tenantml.tenants import list_tenant_ids, update_tenants
+from tenantml.io.context import JobContext
+from tenantml.io.tenants import list_tenant_ids, update_tenants
+from tenantml.registry.tracking import registered_model_exists
+from tenantml.steps.runner import pipeline_steps, run_pipeline, run_step
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -46,9 +46,9 @@ def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
         "training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, tuned: {max_epochs: 2}}\n")
     ctx = JobContext.create(conf_dir=conf, data_dir=tmp_path_factory.mktemp("offboard"), spark=spark)
     write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=4, largest=800, smallest=150))
-    run_pipeline(ctx, dataset="demo", steps=STEPS[:2])
+    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate"))
     update_tenants(spark, ctx.tables.tenants, list_tenant_ids(spark, ctx.tables.tenants), consent_share_data=True)
-    run_pipeline(ctx, dataset="demo", steps=STEPS[2:])
+    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="train_shared"))
     child = ctx.mlflow.get_model_version_by_alias(f"demo__{GONE}", "champion")
     artifact_dir = Path(urlparse(ctx.mlflow.get_run(child.run_id).info.artifact_uri).path)
     before_other = _tenant_rows(spark, ctx, "t000")
@@ -77,7 +77,7 @@ def test_no_row_model_or_run_of_the_tenant_is_left(spark: Any, world: dict[str, 
 
     ctx = world["ctx"]
     assert set(_tenant_rows(spark, ctx, GONE).values()) == {0}
-    assert f"demo__{GONE}" not in existing_models(ctx.mlflow, "demo__")
+    assert not registered_model_exists(ctx, f"demo__{GONE}")
     exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
     left = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{GONE}'",
                                   run_view_type=ViewType.ALL)
@@ -106,7 +106,7 @@ def test_other_tenants_are_untouched_and_still_served(spark: Any, world: dict[st
 
 
 def test_cli_refuses_an_unknown_tenant(world: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    from tenantml.cli import run as cli_run
+    from tenantml.apps.cli import run as cli_run
 
     ctx = world["ctx"]
     code = cli_run(["tenants", "delete", "nobody", "--json", "--quiet", "--data-dir", str(ctx.data_dir),

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from tenantml.context import JobContext
-from tenantml.demo import DIRTY_TENANT, DemoSpec, write_demo_source
-from tenantml.errors import InvalidTenantIdError, TenantIsolationError, UnknownTenantError
-from tenantml.gate import TenantGate
+from tenantml.apps.demo import DIRTY_TENANT, DemoSpec, write_demo_source
+from tenantml.core.errors import InvalidTenantIdError, TenantIsolationError
 from tenantml.io import read_table
-from tenantml.pipeline import STEPS, run_pipeline, run_step
+from tenantml.io.context import JobContext
+from tenantml.io.scope import TenantScope
+from tenantml.steps.runner import pipeline_steps, run_pipeline, run_step
 
 pytestmark = pytest.mark.spark
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -146,7 +146,7 @@ def test_mlflow_run_holds_per_tenant_metrics_and_tags(run: dict[str, Any]) -> No
 def test_run_log_records_every_step_and_tenant(spark: Any, run: dict[str, Any]) -> None:
     ctx = run["ctx"]
     log = read_table(spark, ctx.tables.run_log).where(f"run_id = '{ctx.run_id}'").toPandas()
-    assert set(log["step"]) == set(STEPS)
+    assert set(log["step"]) == set(pipeline_steps())
     train = log[log["step"] == "train"].set_index("tenant_id")
     assert train.loc[DIRTY_TENANT, "status"] == "blocked"
     assert train.loc["t000", "status"] == "ok" and train.loc["t000", "seconds"] > 0
@@ -229,7 +229,7 @@ def test_resume_reruns_only_the_tenants_that_failed(spark: Any, run: dict[str, A
 
     import torch
 
-    from tenantml.cli import run as cli_run
+    from tenantml.apps.cli import run as cli_run
 
     if torch.cuda.is_available():
         pytest.skip("the failure is induced by asking for CUDA on a machine without it")
@@ -319,17 +319,18 @@ def test_concurrent_runs_on_the_same_tenant_never_duplicate(spark: Any, run: dic
     assert set(after["run_id"]) <= {"same-a", "same-b"}
 
 
-# --------------------------------------------------------------------------- the tenant gate
-# Tenant A acting on tenant B through the gate: every attempt is refused, nothing leaks.
+# --------------------------------------------------------------------------- one tenant's scope
+# Code acting for tenant A (a notebook, an export) through its scope: every reach for tenant B is
+# refused, nothing leaks.
 A, B = "t000", "t001"
 
 
 @pytest.fixture(scope="module")
-def gate(run: dict[str, Any]) -> TenantGate:
-    return TenantGate(run["ctx"], A)
+def gate(run: dict[str, Any]) -> TenantScope:
+    return run["ctx"].scope([A], "analyst")
 
 
-def test_reads_return_only_the_gates_tenant(spark: Any, run: dict[str, Any], gate: TenantGate) -> None:
+def test_reads_return_only_the_scopes_tenant(spark: Any, run: dict[str, Any], gate: TenantScope) -> None:
     t = run["ctx"].tables
     for ref in (t.silver("demo"), t.predictions("demo"), t.quarantine("demo"), t.run_log, t.model_store):
         rows = gate.read(ref).select("tenant_id").distinct().collect()
@@ -338,76 +339,63 @@ def test_reads_return_only_the_gates_tenant(spark: Any, run: dict[str, Any], gat
               .select("customer_id").collect()}
     a_keys = {r["customer_id"] for r in gate.read(t.silver("demo")).select("customer_id").collect()}
     assert a_keys and not (a_keys & b_keys)
+    shared = gate.read(t.model_store, shared=True).select("tenant_id").distinct().collect()
+    assert {r["tenant_id"] for r in shared} <= {A, "_shared"}
 
 
 def test_writing_into_another_tenants_partition_is_refused(spark: Any, run: dict[str, Any],
-                                                           gate: TenantGate) -> None:
+                                                           gate: TenantScope) -> None:
     ref = run["ctx"].tables.predictions("demo")
     before = read_table(spark, ref).where(f"tenant_id = '{B}'").count()
     b_rows = read_table(spark, ref).where(f"tenant_id = '{B}'").limit(3)
-    with pytest.raises(TenantIsolationError, match=f"tenant '{A}'.*tenant\\(s\\) \\['{B}'\\].*predictions_demo"):
+    with pytest.raises(TenantIsolationError, match=f"\\[{A}\\].*row of tenant {B} into .*predictions_demo"):
         gate.write(b_rows, ref)
+    with pytest.raises(TenantIsolationError, match=f"tenant\\(s\\) \\['{B}'\\]"):
+        gate.write(b_rows, ref, tenants=[B])
     mixed = read_table(spark, ref).where(f"tenant_id IN ('{A}', '{B}')")
     with pytest.raises(TenantIsolationError):
         gate.write(mixed, ref)
     assert read_table(spark, ref).where(f"tenant_id = '{B}'").count() == before
 
 
-def test_loading_or_scoring_with_another_tenants_model_is_refused(spark: Any, run: dict[str, Any],
-                                                                  gate: TenantGate) -> None:
-    for uri in (f"models:/demo__{B}@champion", f"models:/demo__{B}/1", "models:/demo__t000x/1",
-                "runs:/whatever/model", f"models:/demo__{A}/../demo__{B}/1"):
-        with pytest.raises(TenantIsolationError, match="not a version of its own model"):
-            gate.load_model("demo", uri)
-    silver = read_table(spark, run["ctx"].tables.silver("demo"))
-    b_rows = silver.where(f"tenant_id = '{B}'").limit(5).toPandas()
-    with pytest.raises(TenantIsolationError, match=f"scoring rows of tenant\\(s\\) \\['{B}'\\]"):
-        gate.score("demo", b_rows)
-    own = gate.score("demo", silver.where(f"tenant_id = '{A}'").limit(20).toPandas())
-    assert set(own["tenant_id"]) == {A} and own["score"].between(0, 1).all()
-    assert gate.champion("demo").name == f"demo__{A}"
-
-
-def test_reading_another_tenants_run_metrics_is_refused(run: dict[str, Any], gate: TenantGate) -> None:
+def test_loading_another_tenants_model_is_refused(run: dict[str, Any], gate: TenantScope) -> None:
     ctx = run["ctx"]
     b_version = ctx.mlflow.get_model_version_by_alias(f"demo__{B}", "champion")
-    with pytest.raises(TenantIsolationError, match=f"belongs to '{B}'"):
-        gate.run_metrics(b_version.run_id)
-    with pytest.raises(TenantIsolationError, match="not a per-tenant run"):
-        gate.run_metrics(run["results"]["train"].mlflow_run_id)  # the job run spans tenants
+    for name in (f"demo__{B}", "demo__t000x", f"demo__{A}/../demo__{B}", "demo___shared"):
+        with pytest.raises(TenantIsolationError, match="not its own model"):
+            gate.load_models({A: (name, str(b_version.version))})
     own = ctx.mlflow.get_model_version_by_alias(f"demo__{A}", "champion")
-    assert "auc" in gate.run_metrics(own.run_id)
-    assert own.run_id in gate.runs() and b_version.run_id not in gate.runs()
+    rows = gate.load_models({A: (f"demo__{A}", str(own.version))})
+    assert list(rows["tenant_id"]) == [A] and len(bytes(rows.iloc[0]["model"])) > 1000
+    assert gate.own_model("demo", A) == f"demo__{A}"
+    with pytest.raises(TenantIsolationError):
+        gate.own_model("demo", B)
 
 
 @pytest.mark.parametrize("part", ["..", "../t001", "/etc/passwd", "a/../../t001", "", "x\x00y"])
-def test_path_injection_is_refused(gate: TenantGate, part: str) -> None:
+def test_path_injection_is_refused(gate: TenantScope, part: str) -> None:
     with pytest.raises(TenantIsolationError, match="leave its folder"):
-        gate.artifact_path(part)
-    assert gate.artifact_path("exports", "scores.csv").parts[-3:] == (A, "exports", "scores.csv")
+        gate.artifact_path(A, part)
+    assert gate.artifact_path(A, "exports", "scores.csv").parts[-3:] == (A, "exports", "scores.csv")
+    with pytest.raises(TenantIsolationError, match="writing files"):
+        gate.artifact_path(B, "exports")
 
 
 @pytest.mark.parametrize("hostile", [f"{A}' OR '1'='1", "../t001", f"{A}/../{B}", "t000;DROP TABLE x", " t000"])
-def test_hostile_tenant_ids_never_open_a_gate(run: dict[str, Any], hostile: str) -> None:
+def test_hostile_tenant_ids_never_open_a_scope(run: dict[str, Any], hostile: str) -> None:
     with pytest.raises(InvalidTenantIdError):
-        TenantGate(run["ctx"], hostile)
-
-
-def test_unregistered_tenant_gets_no_gate(run: dict[str, Any]) -> None:
-    with pytest.raises(UnknownTenantError):
-        TenantGate(run["ctx"], "t999")
+        run["ctx"].scope([hostile], "analyst")
 
 
 # --------------------------------------------------------------------------- the batch steps' scope
 # The steps act for many tenants at once through a TenantScope: a step that (by a bug) produced
 # another tenant's rows or reached for another tenant's model is stopped at the gate.
 def test_a_steps_scope_refuses_rows_and_models_of_tenants_outside_it(spark: Any, run: dict[str, Any]) -> None:
-    from tenantml.gate import TenantScope
     from tenantml.io import table_version
-    from tenantml.registry.store import write_models
+    from tenantml.io.model_store import write_models
 
     ctx = run["ctx"]
-    scope = TenantScope(ctx, [A], "score")
+    scope = ctx.scope([A], "score")
     ref = ctx.tables.predictions("demo")
     assert {r["tenant_id"] for r in scope.read(ref).select("tenant_id").distinct().collect()} == {A}
     version = table_version(spark, ref)

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from tenantml.context import JobContext
-from tenantml.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS
-from tenantml.errors import InvalidTenantIdError, UnknownTenantError
+from tenantml.apps.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS
+from tenantml.core.errors import InvalidTenantIdError, UnknownTenantError
+from tenantml.core.ids import is_valid_tenant_id
+from tenantml.gold.star import model_dim, model_dim_rows
 from tenantml.io import read_table, table_version
-from tenantml.pipeline import run_step
-from tenantml.pipeline.publish import model_dim, model_dim_rows
-from tenantml.tenancy import is_valid_tenant_id
-from tenantml.tenants import update_tenants
+from tenantml.io.context import JobContext
+from tenantml.io.tenants import update_tenants
+from tenantml.steps.runner import run_step
 
 pytestmark = pytest.mark.spark
 REPO = Path(__file__).resolve().parents[2]
@@ -280,7 +280,7 @@ def test_serve_sql_exposes_the_gold_tables_to_a_hiveserver2_client(spark: Any, p
     port = _free_port()
     err = (tmp_path / "serve.err").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tenantml.cli", "serve-sql", "--json", "--quiet", "--port", str(port),
+        [sys.executable, "-m", "tenantml.apps.cli", "serve-sql", "--json", "--quiet", "--port", str(port),
          "--conf-dir", str(published["conf"]), "--data-dir", str(published["data_dir"])],
         stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     try:

@@ -17,15 +17,15 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tenantml.context import JobContext
-from tenantml.demo import DemoSpec, write_demo_source
+from tenantml.apps.demo import DemoSpec, write_demo_source
 from tenantml.io import read_table, table_version
+from tenantml.io.context import JobContext
+from tenantml.io.tenants import update_tenants
 from tenantml.models import primary_metric, tenant_split
-from tenantml.pipeline import STEPS, run_pipeline, run_step
-from tenantml.privacy import keyed_hash
 from tenantml.registry.tracking import shared_champion
-from tenantml.tenants import update_tenants
+from tenantml.steps.runner import pipeline_steps, run_pipeline, run_step
 from tenantml.training.distributed import horovod_available
+from tenantml.training.privacy import keyed_hash
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -48,11 +48,11 @@ def run(spark: Any, conf: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     data_dir = tmp_path_factory.mktemp("strategies")
     ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark)
     write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=7, largest=1500, smallest=20))
-    results = run_pipeline(ctx, dataset="demo", steps=STEPS[:2])
+    results = run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate"))
     tenants = [f"t{i:03d}" for i in range(7)]
     update_tenants(spark, ctx.tables.tenants, [t for t in tenants if t != NO_SHARE], consent_share_data=True)
     update_tenants(spark, ctx.tables.tenants, [NO_INFERENCE], consent_shared_inference=False)
-    results += run_pipeline(ctx, dataset="demo", steps=STEPS[2:])
+    results += run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="train_shared"))
     return {"ctx": ctx, "results": {r.step: r for r in results}, "tenants": tenants}
 
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _frames(sizes: dict[str, int], seed: int = 3) -> pd.DataFrame:
     """Silver-typed rows of the demo dataset (the demo generator's signal, without its dirt)."""
-    from tenantml.demo import _tenant_frame
+    from tenantml.apps.demo import _tenant_frame
 
     rng = np.random.default_rng(seed)
     out = []
@@ -33,7 +33,7 @@ def _frames(sizes: dict[str, int], seed: int = 3) -> pd.DataFrame:
 
 
 def test_fair_scheduler_is_on_with_one_pool_per_tier(spark: Any) -> None:
-    from tenantml.sparksession import SCHEDULER_POOLS_FILE
+    from tenantml.io.spark import SCHEDULER_POOLS_FILE
 
     assert spark.conf.get("spark.scheduler.mode") == "FAIR"
     xml = SCHEDULER_POOLS_FILE.read_text()

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localbundle import load_bundle, run_job
 
 from tenantml.io import read_table
-from tenantml.pipeline import STEPS
-from tenantml.workflows import load_bundle, run_job
+from tenantml.steps.runner import pipeline_steps
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def test_every_task_succeeds_in_dependency_order_under_one_run_id(nightly: dict[
     assert [t.task_key for t in run.tasks] == ["ingest", "validate", "train_shared", "train", "train_tuned",
                                               "promote", "score", "publish"]
     results = [s for t in run.tasks for r in (t.iterations or [t]) for s in r.steps]
-    assert [s["step"] for s in results] == list(STEPS)
+    assert [s["step"] for s in results] == list(pipeline_steps())
     assert {s["run_id"] for s in results} == {run.run_id}
     assert all(s["status"] == "ok" for s in results)
     by_step = {s["step"]: s for s in results}
@@ -52,7 +52,7 @@ def test_the_run_produces_predictions_and_a_complete_run_log(spark: Any, nightly
     assert set(preds["run_id"]) == {run.run_id}
     assert preds["tenant_id"].nunique() == score["tenants_ok"] >= 3
     log = read_table(spark, ctx.tables.run_log).where(f"run_id = '{run.run_id}'").toPandas()
-    assert set(log["step"]) == set(STEPS)
+    assert set(log["step"]) == set(pipeline_steps())
     assert not (log["status"] == "failed").any()
 
 

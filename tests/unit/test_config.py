@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tenantml.config import load_config
-from tenantml.errors import ConfigError
+from tenantml.core.errors import ConfigError
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 

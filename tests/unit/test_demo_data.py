@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tenantml.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS, DemoSpec, generate, tenant_sizes
-from tenantml.tenancy import is_valid_tenant_id
+from tenantml.apps.demo import DIRTY_TENANT, HOSTILE_TENANT_IDS, DemoSpec, generate, tenant_sizes
+from tenantml.core.ids import is_valid_tenant_id
 
 
 def test_sizes_span_three_orders_of_magnitude() -> None:

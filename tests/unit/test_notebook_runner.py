@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tenantml.errors import ConfigError, InvalidTenantIdError, NotebookError
-from tenantml.notebook import find_conf_dir, show_figure, tenant_list, widget
-from tenantml.notebook_runner import main, parse_notebook, run_notebook
+from tenantml.apps.notebook import find_conf_dir, show_figure, tenant_list, widget
+from tenantml.apps.notebook_runner import main, parse_notebook, run_notebook
+from tenantml.core.errors import ConfigError, InvalidTenantIdError, NotebookError
 
 SEP = "# COMMAND ----------"
 
@@ -50,9 +50,9 @@ def test_only_databricks_notebooks_and_python_cells_are_run(tmp_path: Path) -> N
 
 def test_widgets_take_the_runner_value_then_the_environment_then_the_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tenantml.notebook import widget as w
+    from tenantml.apps.notebook import widget as w
 
-    nb = _notebook(tmp_path, "from tenantml.notebook import widget\n"
+    nb = _notebook(tmp_path, "from tenantml.apps.notebook import widget\n"
                              "a = widget('a', 'da')\nb = widget('b', 'db')\nc = widget('c', 'dc')")
     monkeypatch.setenv("TENANTML_WIDGET_B", "from-env")
     monkeypatch.setenv("TENANTML_WIDGET_A", "env-loses")
@@ -92,7 +92,7 @@ def test_figures_are_saved_as_png(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_command_line_reports_the_failing_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ok = _notebook(tmp_path, "from tenantml.notebook import widget\nprint('v=' + widget('v', 'd'))")
+    ok = _notebook(tmp_path, "from tenantml.apps.notebook import widget\nprint('v=' + widget('v', 'd'))")
     assert main([str(ok), "-w", "v=1"]) == 0 and "v=1" in capsys.readouterr().out
     bad = _notebook(tmp_path, "x = 1", "raise RuntimeError('boom')")
     assert main([str(bad)]) == 1

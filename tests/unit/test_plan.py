@@ -28,7 +28,7 @@ def test_every_tenant_assigned_once_and_deterministic() -> None:
 
 def test_tiers_by_share_of_the_job_and_after_row_quota() -> None:
     from tenantml.config import TenantQuota, TierConfig, TrainingConfig
-    from tenantml.training.tenant_models import plan_tiers
+    from tenantml.training.plan import plan_tiers
 
     cfg = TrainingConfig(tiers=TierConfig(small_max_rows=1_000, giant_min_rows=50_000, giant_share=0.25),
                          tenant_quotas={"capped": TenantQuota(max_rows=10_000), "vip": TenantQuota(tier="giant")})
@@ -53,7 +53,7 @@ def test_tier_thresholds_must_be_ordered() -> None:
 
 def test_auto_giant_path_goes_data_parallel_when_giants_would_hold_over_a_third_of_the_cores() -> None:
     from tenantml.config import TierConfig, TrainingConfig
-    from tenantml.training.tenant_models import giants_go_distributed
+    from tenantml.training.plan import giants_go_distributed
 
     auto = TrainingConfig()
     assert auto.tiers.giant_path == "auto"

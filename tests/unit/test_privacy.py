@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from tenantml.config import PrivacyConfig
-from tenantml.errors import ConfigError
-from tenantml.privacy import deidentify, keyed_hash, resolve_salt, salt_id
+from tenantml.core.errors import ConfigError
+from tenantml.training.privacy import deidentify, keyed_hash, resolve_salt, salt_id
 
 
 def test_salt_reference_must_not_be_a_value() -> None:

@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from tenantml.pipeline.promote import Candidate, decide
-from tenantml.pipeline.score import entitled
-from tenantml.tenants import TenantPolicy
+from tenantml.core.policy import TenantPolicy, entitled
+from tenantml.training.selection import Candidate, decide
 
 AUTO = TenantPolicy("t1", "auto", True, True)
 NO_SHARED = TenantPolicy("t1", "auto", True, False)

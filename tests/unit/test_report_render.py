@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from tenantml.report import MAX_CHART_ROWS, RunReport, bar_chart, render
+from tenantml.apps.report import MAX_CHART_ROWS, RunReport, bar_chart, render
 
 
 def _log(step: str, tenant: str | None, status: str, error: str | None = None) -> dict[str, Any]:

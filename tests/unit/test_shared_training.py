@@ -88,7 +88,7 @@ def test_shared_worker_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: 
 
 
 def test_unknown_backend_is_a_config_error() -> None:
-    from tenantml.errors import ConfigError
+    from tenantml.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown backend"):
         require_backend("mpi")
@@ -97,7 +97,7 @@ def test_unknown_backend_is_a_config_error() -> None:
 def test_missing_horovod_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from tenantml.errors import ConfigError
+    from tenantml.core.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "horovod.torch", None)  # as if horovod were not installed
     with pytest.raises(ConfigError, match="make horovod"):

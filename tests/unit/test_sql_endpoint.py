@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tenantml.apps.sql_endpoint import SqlEndpoint, bi_tables, check_port_free, register_tables, serve
 from tenantml.config import TablesConfig
-from tenantml.context import JobContext
-from tenantml.errors import ConfigError
-from tenantml.sql_endpoint import SqlEndpoint, bi_tables, check_port_free, register_tables, serve
-from tenantml.tables import Tables
+from tenantml.core.errors import ConfigError
+from tenantml.io.context import JobContext
+from tenantml.io.tables import Tables
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tenantml.errors import InvalidTenantIdError
-from tenantml.registry.tracking import model_name
-from tenantml.tenancy import is_valid_tenant_id, tenant_in_predicate, validate_tenant_id
+from tenantml.core.errors import InvalidTenantIdError
+from tenantml.core.ids import is_valid_tenant_id, model_name, tenant_in_predicate, validate_tenant_id
 
 HOSTILE = ["", " ", "bad tenant", "../etc", "..", "a/b", "a\\b", "x'; DROP TABLE t; --", 'q"q',
            "t\n1", "é", "-lead", "a" * 65, None, 42]

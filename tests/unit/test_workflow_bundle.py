@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from localbundle import BundleError, bundle_schema_available, load_bundle, run_job, validate_bundle
+from localbundle.cli import main as workflow_main
+from localbundle.runner import override_args, substitute, topological_order
+from localbundle.validation import entry_step, find_cycle, quartz_cron_problems
 
-from tenantml import cli
-from tenantml.pipeline import STEPS
-from tenantml.workflows import BundleError, bundle_schema_available, load_bundle, run_job, validate_bundle
-from tenantml.workflows.runner import override_args, substitute, topological_order
-from tenantml.workflows.validation import entry_step, find_cycle, quartz_cron_problems
+from tenantml.steps.runner import pipeline_steps
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "workflows"
@@ -99,8 +99,8 @@ def test_nightly_graph_runs_every_step_through_its_job_file() -> None:
     assert "{{input}}" in score.for_each.task.parameters
     assert set(job.parameters) >= {"dataset", "run_id", "tenants"} and job.schedule is not None
     steps = {entry_step(t.python_file)[0] for t in job.all_tasks() if t.python_file is not None}
-    assert steps == set(STEPS)  # a step added to the pipeline must be added to the workflow
-    for step in STEPS:
+    assert steps == set(pipeline_steps())  # a step added to the pipeline must be added to the workflow
+    for step in pipeline_steps():
         assert entry_step(REPO / "jobs" / f"{step}.py") == (step, None)
 
 
@@ -197,7 +197,7 @@ def test_broken_copy_fails_with_a_clear_message(repo_copy: Path, case: str) -> N
 
 def test_job_file_must_be_a_known_step_entry(repo_copy: Path) -> None:
     (repo_copy / "jobs" / "report.py").write_text("print('not a job')\n")
-    (repo_copy / "jobs" / "bogus.py").write_text("from tenantml.jobs import job_main\njob_main('bogus', [])\n")
+    (repo_copy / "jobs" / "bogus.py").write_text("from tenantml.apps.jobs import job_main\njob_main('bogus', [])\n")
     _edit(repo_copy, JOB_FILE, lambda d: _task(d, "promote")["spark_python_task"].__setitem__(
         "python_file", "../../jobs/report.py"))
     _edit(repo_copy, JOB_FILE, lambda d: _task(d, "score")["for_each_task"]["task"]["spark_python_task"]
@@ -205,7 +205,7 @@ def test_job_file_must_be_a_known_step_entry(repo_copy: Path) -> None:
     messages = _messages(repo_copy)
     assert any("task 'promote': python_file jobs/report.py is not a job entry point" in m for m in messages)
     assert any("task 'score' > 'score_batch': python_file jobs/bogus.py runs step 'bogus', which "
-               "tenantml.pipeline.STEPS does not have" in m for m in messages), messages
+               "the step registry does not have" in m for m in messages), messages
 
 
 def test_find_cycle_and_cron() -> None:
@@ -329,18 +329,18 @@ def test_run_if_conditions(tmp_path: Path) -> None:
 def test_cli_validate_and_run(repo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _edit(repo_copy, JOB_FILE, _set("ingest", "max_retries", 0))
     bundle = str(repo_copy / "workflows")
-    code = cli.run(["workflow", "run", "nightly", "--bundle", bundle, "--param", "dataset=nope", "--only",
+    code = workflow_main(["run", "nightly", "--bundle", bundle, "--param", "dataset=nope", "--only",
                     "ingest,validate", "--data-dir", str(tmp_path), "--json", "--quiet", "--run-id", "cli-1"])
     out = json.loads(capsys.readouterr().out)
     assert code == 1 and out["status"] == "failed" and out["run_id"] == "cli-1"
     assert {t["task_key"]: t["status"] for t in out["tasks"]} == {
         "ingest": "failed", "validate": "upstream_failed", "train_shared": "excluded", "train": "excluded",
         "train_tuned": "excluded", "promote": "excluded", "score": "excluded", "publish": "excluded"}
-    assert cli.run(["workflow", "run", "nightly", "--bundle", bundle, "--param", "datasetnope", "--quiet"]) == 2
+    assert workflow_main(["run", "nightly", "--bundle", bundle, "--param", "datasetnope", "--quiet"]) == 2
     assert "--param 'datasetnope': expected NAME=VALUE" in capsys.readouterr().err
 
     _edit(repo_copy, JOB_FILE, _set("promote", "depends_on", [{"task_key": "trian"}]))
-    code = cli.run(["workflow", "validate", "--bundle", bundle, "--json"])
+    code = workflow_main(["validate", "--bundle", bundle, "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 2 and report["status"] == "invalid" and report["schema_checked"] is True
     assert any("task 'promote' depends on 'trian'" in i for i in report["issues"])

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import random
-import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenantml.errors import TableNotFoundError, TenantMLError
-from tenantml.tables import TableRef
-from tenantml.tenancy import tenant_in_predicate
+from tenantml.core.errors import ConcurrentWriteError, TableNotFoundError
+from tenantml.core.ids import tenant_in_predicate
+from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
     from delta.tables import DeltaTable
@@ -19,23 +18,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_RETRYABLE = (
-    "ConcurrentAppendException",
-    "ConcurrentDeleteReadException",
-    "ConcurrentDeleteDeleteException",
-    "ConcurrentTransactionException",
-    "MetadataChangedException",
-    "ProtocolChangedException",
-    "DELTA_CONCURRENT",
-)
+def conflict_types() -> tuple[type[BaseException], ...]:
+    """Delta's optimistic-concurrency exceptions (classic and Spark Connect subclass these).
+
+    Importing ``delta.exceptions.captured`` installs delta-spark's conversion of the JVM's conflict
+    exceptions into these Python types (without it a classic session raises a bare Py4JJavaError)."""
+    with contextlib.suppress(ImportError):  # a client without the classic PySpark
+        import delta.exceptions.captured  # noqa: F401
+    from delta.exceptions.base import (
+        ConcurrentAppendException,
+        ConcurrentDeleteDeleteException,
+        ConcurrentDeleteReadException,
+        ConcurrentTransactionException,
+        ConcurrentWriteException,
+        DeltaConcurrentModificationException,
+        MetadataChangedException,
+        ProtocolChangedException,
+    )
+
+    return (ConcurrentAppendException, ConcurrentDeleteReadException, ConcurrentDeleteDeleteException,
+            ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
+            MetadataChangedException, ProtocolChangedException)
 
 
-class ConcurrentWriteError(TenantMLError):
-    """A Delta commit still lost to concurrent writers of the same table after every retry (exit 1).
-
-    Nothing of the losing write is visible: a Delta commit is all or nothing. Another run (another
-    process, job or cluster) is writing the same rows; rerunning the step once it has finished
-    converges, as every write here is idempotent."""
+def is_conflict(exc: BaseException) -> bool:
+    """A lost commit race: one of Delta's typed conflict exceptions, or (where the Python wrapper is
+    not installed, e.g. some Connect clients) a Spark error whose condition is a Delta conflict."""
+    if isinstance(exc, conflict_types()):
+        return True
+    condition = getattr(exc, "getCondition", None)
+    try:
+        value = condition() if callable(condition) else None
+    except Exception:
+        value = None
+    return isinstance(value, str) and value.startswith("DELTA_CONCURRENT")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -51,23 +67,24 @@ def with_conflict_retries(fn: Callable[[], T], *, what: str, attempts: int = 5,
     own JVM): Delta detects both the same way. When the last attempt still conflicts, raise
     :class:`ConcurrentWriteError` naming ``what`` (the table, and the tenants where known).
     """
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            if not any(marker in text for marker in _RETRYABLE):
-                raise
-            if attempt == attempts:
-                raise ConcurrentWriteError(
-                    f"concurrent write conflict on table {what}: still conflicting after {attempts} "
-                    f"attempts with backoff ({_first_line(exc)}); another run is writing the same "
-                    f"rows: rerun this step once it has finished") from exc
-            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("concurrent commit on %s (attempt %d/%d), retrying in %.1fs", what, attempt,
-                        attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    conflict_types()  # before the first attempt: the conversion must be in place when a commit loses
+
+    def warn(state: Any) -> None:
+        log.warning("concurrent commit on %s (attempt %d/%d), retrying", what, state.attempt_number, attempts)
+
+    retrying = Retrying(retry=retry_if_exception(is_conflict), stop=stop_after_attempt(attempts),
+                        wait=wait_random_exponential(multiplier=base_delay, max=base_delay * 2 ** attempts),
+                        before_sleep=warn, reraise=False)
+    try:
+        return retrying(fn)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise ConcurrentWriteError(
+            f"concurrent write conflict on table {what}: still conflicting after {attempts} attempts with "
+            f"backoff ({_first_line(last) if last else 'conflict'}); another run is writing the same rows: "
+            f"rerun this step once it has finished") from last
 
 
 def table_exists(spark: SparkSession, ref: TableRef) -> bool:
@@ -198,8 +215,12 @@ def replace_where(df: DataFrame, ref: TableRef, predicate: str, partition_by: Se
 
 
 def replace_tenants(df: DataFrame, ref: TableRef, tenants: Iterable[str],
-                    partition_by: Sequence[str] = ("tenant_id",), include_null: bool = False) -> None:
-    """Rewrite the given tenants' partitions in one commit: a rerun replaces, never duplicates."""
+                    partition_by: Sequence[str] = ("tenant_id",), include_null: bool = False,
+                    extra_predicate: str | None = None) -> None:
+    """Rewrite the given tenants' rows in one commit: a rerun replaces, never duplicates.
+
+    ``extra_predicate`` (built from validated values only) narrows the replaced rows within those
+    tenants, e.g. to one scoring batch so earlier batches are kept."""
     ids = list(tenants)
     parts = []
     if ids:
@@ -209,5 +230,7 @@ def replace_tenants(df: DataFrame, ref: TableRef, tenants: Iterable[str],
     if not parts:
         return
     named = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-    replace_where(df, ref, " OR ".join(f"({p})" for p in parts), partition_by,
-                  what=f"{ref.display} (tenant(s) {named})" if ids else None)
+    predicate = " OR ".join(f"({p})" for p in parts)
+    if extra_predicate:
+        predicate = f"({predicate}) AND ({extra_predicate})"
+    replace_where(df, ref, predicate, partition_by, what=f"{ref.display} (tenant(s) {named})" if ids else None)

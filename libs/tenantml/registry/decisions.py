@@ -9,11 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tenantml.core.ids import SHARED_ID, tenant_in_predicate, validate_run_id
 from tenantml.io import replace_where
-from tenantml.pipeline.result import validate_run_id
-from tenantml.registry.store import SHARED_ID
-from tenantml.tables import TableRef
-from tenantml.tenancy import tenant_in_predicate
+from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

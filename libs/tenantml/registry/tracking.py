@@ -10,38 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tenantml.registry.store import SHARED_ID, load_models
-from tenantml.tenancy import validate_tenant_id
-
-__all__ = ["SHARED_ID"]  # re-exported: callers name the shared model's owner id through here too
+from tenantml.core.ids import SHARED_ID, model_name, shared_model_name, validate_tenant_id
+from tenantml.io.model_store import load_models
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
-    from tenantml.context import JobContext
+    from tenantml.io.context import JobContext
 
 log = logging.getLogger(__name__)
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
-
-
-def model_name(prefix: str, dataset: str, tenant_id: str) -> str:
-    """One registered model per (dataset, tenant): a champion lookup is one alias read.
-
-    Every strategy's versions for a tenant live here (tags say which), so `@champion` is always
-    the one model that serves the tenant, whichever strategy produced it.
-    """
-    return f"{prefix}{dataset}__{validate_tenant_id(tenant_id)}"
-
-
-def shared_model_name(prefix: str, dataset: str) -> str:
-    return f"{prefix}{dataset}__{SHARED_ID}"
 
 
 def ensure_registered_model(client: MlflowClient, name: str, tags: dict[str, str]) -> None:
@@ -89,16 +75,34 @@ def log_batches(client: MlflowClient, run_id: str, metrics: Sequence[tuple[str, 
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in chunk], synchronous=True)
 
 
-def existing_models(client: MlflowClient, prefix: str) -> set[str]:
-    names: set[str] = set()
-    token = None
-    while True:
-        page = client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000,
-                                               page_token=token)
-        names.update(m.name for m in page)
-        token = page.token
-        if not token:
-            return names
+def _not_found(exc: Exception) -> bool:
+    text = str(exc)
+    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "NOT_FOUND" in text
+
+
+def registered_model_exists(ctx: JobContext, name: str) -> bool:
+    """One lookup by exact name (no search)."""
+    try:
+        ctx.mlflow.get_registered_model(name)
+    except Exception as exc:
+        if _not_found(exc):
+            return False
+        raise
+    return True
+
+
+def registered_names(ctx: JobContext, dataset: str) -> set[str]:
+    """Registered models tenantml created for ``dataset``: the model store records every version it
+    registered, so no registry search is needed (Unity Catalog's registry allows no filtered search)."""
+    from pyspark.sql import functions as F
+
+    from tenantml.io.delta import read_table, table_exists
+
+    ref = ctx.tables.model_store
+    if not table_exists(ctx.spark, ref):
+        return set()
+    rows = read_table(ctx.spark, ref).where(F.col("dataset") == dataset).select("model_name").distinct().collect()
+    return {r[0] for r in rows}
 
 
 def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
@@ -163,7 +167,7 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
                 ctx.progress.advance()
         ctx.progress.done()
 
-        known = existing_models(client, f"{prefix}{dataset}__")
+        known = registered_names(ctx, dataset)
         ctx.progress.start("registering models", len(ok))
         for r in ok.itertuples(index=False):
             name = model_name(prefix, dataset, r.tenant_id)
@@ -244,7 +248,7 @@ def shared_champion(ctx: JobContext, dataset: str) -> Any | None:
     try:
         return ctx.mlflow.get_model_version_by_alias(name, ctx.config.tracking.champion_alias)
     except Exception as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        if _not_found(exc):
             return None
         raise
 
@@ -276,29 +280,28 @@ def register_serving_version(ctx: JobContext, dataset: str, tenant_id: str, sour
 def tenant_run_ids(ctx: JobContext, tenant_id: str, include_deleted: bool = False) -> list[str]:
     """Every per-tenant (child) run of ``tenant_id`` in the project's experiment, all pages."""
     from mlflow.entities import ViewType
+    from mlflow.utils import get_results_from_paginated_fn
 
     tid = validate_tenant_id(tenant_id, where="an MLflow run filter")
     exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
     if exp is None:
         return []
     view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
-    ids: list[str] = []
-    token = None
-    while True:
-        page = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{tid}'",
-                                      run_view_type=view, max_results=1000, page_token=token)
-        ids += [r.info.run_id for r in page]
-        token = page.token
-        if not token:
-            return ids
+    runs = get_results_from_paginated_fn(
+        lambda n, token: ctx.mlflow.search_runs([exp.experiment_id],
+                                                filter_string=f"tags.`tenantml.tenant_id` = '{tid}'",
+                                                run_view_type=view, max_results=n, page_token=token), 1000)
+    return [r.info.run_id for r in runs]
 
 
 def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:
-    """tenant -> ModelVersion of its champion; tenants without one are left out."""
+    """tenant -> ModelVersion of its champion (tags included); tenants without one are left out.
+
+    One alias read per tenant that has a registered model; no registry search."""
     client = ctx.mlflow
     prefix = ctx.config.tracking.model_name_prefix
     alias = ctx.config.tracking.champion_alias
-    known = existing_models(client, f"{prefix}{dataset}__")
+    known = registered_names(ctx, dataset)
     found: dict[str, Any] = {}
     for t in tenants:
         name = model_name(prefix, dataset, t)
@@ -307,7 +310,28 @@ def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> 
         try:
             found[t] = client.get_model_version_by_alias(name, alias)
         except Exception as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            if _not_found(exc):
                 continue
             raise
     return found
+
+
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+
+def version_tags(ctx: JobContext, names: Iterable[str]) -> dict[tuple[str, str], dict[str, str]]:
+    """(name, version) -> registry tags of every version of these registered models (one paged
+    search per model, by exact name: the one filter Unity Catalog's registry supports)."""
+    from mlflow.utils import get_results_from_paginated_fn
+
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for name in sorted(set(names)):
+        if not _MODEL_NAME_RE.fullmatch(name):  # it goes into a filter string
+            log.warning("model name %r is not one tenantml registers: lineage left empty", name)
+            continue
+        versions = get_results_from_paginated_fn(
+            lambda n, token, nm=name: ctx.mlflow.search_model_versions(filter_string=f"name = '{nm}'",
+                                                                       max_results=n, page_token=token), 1000)
+        for mv in versions:
+            out[(mv.name, str(mv.version))] = dict(mv.tags or {})
+    return out

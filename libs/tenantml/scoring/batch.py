@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from pyspark.accumulators import Accumulator
+    from pyspark.accumulators import Accumulator, AccumulatorParam
     from pyspark.sql import DataFrame, SparkSession
 
 PREDICTION_SCHEMA = (
@@ -92,6 +92,22 @@ def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, 
                 out.update(model_name=meta.model_name, model_version=meta.model_version,
                            strategy=meta.strategy, mlflow_run_id=meta.mlflow_run_id, run_id=run_id)
             yield pd.DataFrame(out)
+
+
+def dict_sum_param() -> AccumulatorParam[dict[str, float]]:
+    """A Spark accumulator summing per-tenant seconds across tasks."""
+    from pyspark.accumulators import AccumulatorParam
+
+    class DictSum(AccumulatorParam[dict[str, float]]):
+        def zero(self, value: dict[str, float]) -> dict[str, float]:
+            return {}
+
+        def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+            for k, v in b.items():
+                a[k] = a.get(k, 0.0) + v
+            return a
+
+    return DictSum()
 
 
 SLICE_COL = "_slice"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tenantml.errors import ConfigError
+from tenantml.core.errors import ConfigError
 
 BACKENDS = ("torch_distributor", "horovod")
 HOROVOD_INSTALL_HINT = ("Horovod is not installed in this environment; install it with `make horovod` "

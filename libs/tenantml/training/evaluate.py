@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tenantml.config import DatasetSpec, TrainingConfig
+from tenantml.training.plan import row_quota
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -84,7 +85,7 @@ def evaluate_candidates(spark: SparkSession, silver: DataFrame, spec: DatasetSpe
         return pd.DataFrame(columns=[c.split()[0] for c in EVAL_SCHEMA.split(", ")])
     job = EvalJob(label=spec.label, key=spec.entity_key, task=spec.task, event_time=spec.event_time,
                   test_fraction=cfg.test_fraction, seed=cfg.seed,
-                  quotas={t: cfg.quota(t)[0] for t in wanted}, wanted={t: tuple(v) for t, v in wanted.items()})
+                  quotas={t: row_quota(cfg, t) for t in wanted}, wanted={t: tuple(v) for t, v in wanted.items()})
     needed = {m for ids in wanted.values() for m in ids}
     bblobs = spark.sparkContext.broadcast({m: blobs[m] for m in needed})
     cols = list(dict.fromkeys(["tenant_id", spec.entity_key, spec.label, *spec.feature_columns,

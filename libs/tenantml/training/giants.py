@@ -13,7 +13,6 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,12 +20,11 @@ import numpy as np
 import pandas as pd
 
 from tenantml.config import TrainingConfig
+from tenantml.training.fit import Fitter, train_one_tenant
+from tenantml.training.plan import TrainingPlan
 
 if TYPE_CHECKING:
     from tenantml.models import FeatureSpec, FitResult, TrainParams
-    from tenantml.training.tenant_models import TrainJob
-
-Fitter = Callable[[pd.DataFrame, str, "FeatureSpec", "TrainParams"], "FitResult"]
 
 
 def distributed_fitter(tenant_id: str, cfg: TrainingConfig, processes: int, workdir: Path) -> Fitter:
@@ -83,12 +81,12 @@ def distributed_fitter(tenant_id: str, cfg: TrainingConfig, processes: int, work
     return fit
 
 
-def train_giant(tenant_id: str, pdf: pd.DataFrame, job: TrainJob, cfg: TrainingConfig,
+def train_giant(tenant_id: str, pdf: pd.DataFrame, plan: TrainingPlan, cfg: TrainingConfig,
                 processes: int) -> dict[str, object]:
     """One giant tenant on the distributed path; the same result row as a task-trained tenant."""
-    from tenantml.training.tenant_models import train_one_tenant
     with tempfile.TemporaryDirectory(prefix=f"tenantml-giant-{tenant_id}-") as tmp:
-        row = train_one_tenant(tenant_id, pdf, job, fitter=distributed_fitter(tenant_id, cfg, processes, Path(tmp)))
+        row = train_one_tenant(tenant_id, pdf, plan,
+                               fitter=distributed_fitter(tenant_id, cfg, processes, Path(tmp)))
     # Every process was busy for the whole wall time: that is the compute the tenant used.
     row["seconds"] = float(row["seconds"]) * processes
     return row

@@ -1,9 +1,95 @@
-"""Skew-aware assignment of tenants to training tasks (no Spark here, so it is unit-testable)."""
+"""Training plans: built once on the driver from config, shipped to the workers as typed objects.
+
+The config is data; this module is where its training rules apply: per-tenant quotas (rows, epochs,
+seconds), tiers (small / standard / giant), the giant path, and skew-aware packing of tenants
+into tasks. What a worker receives is a frozen :class:`TrainingPlan`, and MLflow logs that plan
+(:meth:`TrainingPlan.to_params`), so what was logged is what was run.
+"""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from tenantml.config import DatasetSpec, TrainingConfig
+from tenantml.models import FeatureSpec, TrainParams
+
+Tier = Literal["small", "standard", "giant"]
+TIER_POOLS = {"small": "tenantml-small", "standard": "tenantml-standard", "giant": "tenantml-giant"}
+
+
+# --------------------------------------------------------------------------- per-tenant rules
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """A tenant's quotas: its own `training.tenant_quotas` entry, else the platform defaults."""
+
+    max_rows: int | None
+    max_epochs: int
+    max_seconds: float | None
+    tier: Tier | None = None                 # an explicit tier overrides the one from rows
+    scoring_concurrency: int | None = None
+
+
+def tenant_limits(cfg: TrainingConfig, tenant_id: str) -> TenantLimits:
+    q = cfg.tenant_quotas.get(tenant_id)
+    return TenantLimits(
+        max_rows=q.max_rows if q and q.max_rows is not None else cfg.max_rows_per_tenant,
+        max_epochs=q.max_epochs if q and q.max_epochs is not None else cfg.max_epochs,
+        max_seconds=q.max_seconds if q and q.max_seconds is not None else cfg.max_seconds_per_tenant,
+        tier=q.tier if q else None,
+        scoring_concurrency=q.scoring_concurrency if q else None,
+    )
+
+
+def row_quota(cfg: TrainingConfig, tenant_id: str) -> int | None:
+    """Rows a tenant trains on at most (the rest are sampled away, seeded)."""
+    return tenant_limits(cfg, tenant_id).max_rows
+
+
+def tier_of(cfg: TrainingConfig, tenant_id: str, rows: int, total_rows: int) -> Tier:
+    """small / standard / giant: the tenant's own setting, else by its share of the job's rows.
+
+    A giant is big in absolute terms AND holds a large share of the job's rows: only then does its
+    one task outlast everything the other cores can do (a big tenant among bigger ones packs fine).
+    """
+    explicit = tenant_limits(cfg, tenant_id).tier
+    if explicit:
+        return explicit
+    if rows >= cfg.tiers.giant_min_rows and rows >= cfg.tiers.giant_share * total_rows:
+        return "giant"
+    return "small" if rows < cfg.tiers.small_max_rows else "standard"
+
+
+def plan_tiers(row_counts: Mapping[str, int], cfg: TrainingConfig) -> dict[str, Tier]:
+    """Each tenant's tier, judged on the rows it will train on (after its row quota)."""
+    rows = {}
+    for t, n in row_counts.items():
+        cap = row_quota(cfg, t)
+        rows[t] = min(n, cap) if cap else n
+    total = sum(rows.values())
+    return {t: tier_of(cfg, t, n, total) for t, n in rows.items()}
+
+
+def giants_go_distributed(cfg: TrainingConfig, giants: int, cores: int) -> bool:
+    """Whether this job's giants train data-parallel after the other tiers (``giant_path``).
+
+    ``auto``: a giant in its own task holds one core until it ends, leaving ``cores - giants`` to
+    everyone else; past a third of the cores that slows the other tenants more than 1.5x (on 2
+    cores one giant halves them), so the giants wait and then use every core.
+    """
+    if giants == 0 or cfg.tiers.giant_path == "task":
+        return False
+    if cfg.tiers.giant_path == "distributed":
+        return True
+    return cores > 1 and 3 * giants > cores  # one core: nothing to spread over
+
+
+# --------------------------------------------------------------------------- packing
 
 
 def pack_tenants(costs: Mapping[str, float], bins: int) -> dict[str, int]:
@@ -29,3 +115,109 @@ def bin_loads(costs: Mapping[str, float], assignment: Mapping[str, int]) -> dict
     for tenant, b in assignment.items():
         loads[b] = loads.get(b, 0.0) + costs[tenant]
     return loads
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class TenantPlan:
+    """One tenant's part of a training job."""
+
+    rows: int
+    tier: Tier
+    max_rows: int | None
+    max_epochs: int
+    max_seconds: float | None
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """Tuned-shared: fine-tune this base model (the shared champion) instead of training from scratch."""
+
+    base_name: str
+    base_version: str
+    freeze: tuple[str, ...]
+    learning_rate: float
+    max_epochs: int
+    patience: int
+    min_rows: int
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything a training worker needs, typed; built once, shipped once per task."""
+
+    strategy: str
+    label: str
+    key: str
+    features: FeatureSpec
+    event_time: str | None
+    test_fraction: float
+    seed: int
+    retries: int
+    torch_threads: int
+    params: TrainParams
+    tenants: Mapping[str, TenantPlan] = field(default_factory=dict)
+    tune: TunePlan | None = None
+
+    @classmethod
+    def build(cls, spec: DatasetSpec, cfg: TrainingConfig, row_counts: Mapping[str, int], *,
+              strategy: str = "tenant", tune_base: tuple[str, str] | None = None) -> TrainingPlan:
+        """The plan for ``row_counts``' tenants; ``tune_base`` (name, version) makes it a tuned plan."""
+        params = TrainParams(
+            hidden_units=tuple(cfg.hidden_units), dropout=cfg.dropout, max_embedding_dim=cfg.max_embedding_dim,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+            max_epochs=cfg.max_epochs, patience=cfg.patience, val_fraction=cfg.val_fraction, seed=cfg.seed,
+            device=cfg.device)
+        tiers = plan_tiers(row_counts, cfg)
+        tenants = {}
+        for t, n in row_counts.items():
+            lim = tenant_limits(cfg, t)
+            tenants[t] = TenantPlan(rows=int(n), tier=tiers[t], max_rows=lim.max_rows, max_epochs=lim.max_epochs,
+                                    max_seconds=lim.max_seconds)
+        tune = None
+        if tune_base is not None:
+            tc = cfg.tuned
+            tune = TunePlan(base_name=tune_base[0], base_version=tune_base[1], freeze=tuple(tc.freeze),
+                            learning_rate=tc.learning_rate, max_epochs=tc.max_epochs, patience=tc.patience,
+                            min_rows=tc.min_rows)
+        return cls(strategy=strategy, label=spec.label, key=spec.entity_key,
+                   features=FeatureSpec(tuple(spec.numeric_features), tuple(spec.categorical_features), spec.task),
+                   event_time=spec.event_time, test_fraction=cfg.test_fraction, seed=cfg.seed, retries=cfg.retries,
+                   torch_threads=cfg.torch_threads, params=params, tenants=tenants, tune=tune)
+
+    @property
+    def task(self) -> str:
+        return self.features.task
+
+    def only(self, tenants: Iterable[str]) -> TrainingPlan:
+        """The same plan restricted to some tenants (e.g. one tier's job)."""
+        keep = set(tenants)
+        return replace(self, tenants={t: p for t, p in self.tenants.items() if t in keep})
+
+    def tenant(self, tenant_id: str) -> TenantPlan:
+        return self.tenants[tenant_id]
+
+    def to_params(self) -> dict[str, str]:
+        """The plan as MLflow params: job-wide settings, and the tenants' quotas where they differ
+        from the defaults (one param, JSON), so the logged plan is the plan that ran."""
+        out: dict[str, Any] = {
+            "strategy": self.strategy, "task": self.task, "label": self.label, "entity_key": self.key,
+            "numeric_features": list(self.features.numeric), "categorical_features": list(self.features.categorical),
+            "event_time": self.event_time, "test_fraction": self.test_fraction, "seed": self.seed,
+            "retries": self.retries, "torch_threads": self.torch_threads, "tenants_planned": len(self.tenants),
+            **{f"train_{k}": v for k, v in self.params.to_dict().items()},
+        }
+        if self.tune is not None:
+            out.update({f"tuned_{k}": v for k, v in asdict(self.tune).items()})
+        tiers: dict[str, int] = {}
+        for p in self.tenants.values():
+            tiers[p.tier] = tiers.get(p.tier, 0) + 1
+        out["tiers"] = tiers
+        special = {t: {"max_rows": p.max_rows, "max_epochs": p.max_epochs, "max_seconds": p.max_seconds}
+                   for t, p in sorted(self.tenants.items())
+                   if (p.max_rows, p.max_epochs, p.max_seconds) != (None, self.params.max_epochs, None)}
+        if special:
+            out["tenant_quotas"] = special
+        return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in out.items()}

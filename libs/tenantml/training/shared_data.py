@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tenantml.config import DatasetSpec, TrainingConfig
+from tenantml.core.ids import validate_tenant_ids
 from tenantml.io.delta import overwrite
-from tenantml.privacy import PiiPolicy
-from tenantml.tenancy import validate_tenant_ids
+from tenantml.training.plan import row_quota
+from tenantml.training.privacy import PiiPolicy
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from tenantml.tables import TableRef
+    from tenantml.io.tables import TableRef
 
 SHARD_COL = "_shard"
 ROW_ID_COL = "_row_id"
@@ -54,7 +55,7 @@ def trainset_fingerprint(*, silver: str, silver_version: int, contributors: list
         "label": spec.label, "key": spec.entity_key, "numeric": spec.numeric_features,
         "categorical": spec.categorical_features, "event_time": spec.event_time,
         "test_fraction": cfg.test_fraction, "seed": cfg.seed,
-        "quotas": {t: cfg.quota(t)[0] for t in sorted(contributors)}, "policy": policy.to_dict(),
+        "quotas": {t: row_quota(cfg, t) for t in sorted(contributors)}, "policy": policy.to_dict(),
         "num_shards": num_shards,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -115,13 +116,13 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
         schema = T.StructType(out_fields)
         names = [f.name for f in out_fields]
         bsalt = spark.sparkContext.broadcast(salt)  # the salt never enters the query plan
-        quotas = {t: cfg.quota(t)[0] for t in contributors}
+        quotas = {t: row_quota(cfg, t) for t in contributors}
         test_fraction, seed = cfg.test_fraction, cfg.seed
         pii_cols, action = tuple(c for c in pii if c not in features), policy.action
 
         def per_tenant(pdf: pd.DataFrame) -> pd.DataFrame:
             from tenantml.models import tenant_split
-            from tenantml.privacy import deidentify, keyed_hash
+            from tenantml.training.privacy import deidentify, keyed_hash
 
             tenant = str(pdf["tenant_id"].iloc[0])
             train, _, _ = tenant_split(pdf, tenant, key, test_fraction=test_fraction, seed=seed,

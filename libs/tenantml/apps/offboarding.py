@@ -1,0 +1,236 @@
+"""Offboarding: remove every trace of one tenant, and make sure time travel cannot bring it back.
+
+What a tenant leaves behind is found, not listed by hand: every Delta table of the project with a
+`tenant_id` (or raw tenant) column, the tenant's registered models, the MLflow runs tagged with
+the tenant (one child run per tenant and training job), and shared-training checkpoints. Without
+confirmation nothing is changed and the plan is returned; with it, rows are deleted, deletion
+vectors purged, and, when the operator also asks for it, old files vacuumed past retention.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenantml.core.errors import UnknownTenantError
+from tenantml.core.ids import validate_tenant_id
+from tenantml.io.tables import TableRef
+
+if TYPE_CHECKING:
+    from tenantml.io.context import JobContext
+
+log = logging.getLogger(__name__)
+TENANT_COLUMNS = ("tenant_id", "_tenant_raw")
+
+
+@dataclass
+class OffboardReport:
+    tenant_id: str
+    executed: bool
+    purged_history: bool
+    rows: dict[str, int] = field(default_factory=dict)          # table -> rows of the tenant
+    models: list[str] = field(default_factory=list)             # registered models removed
+    runs: list[str] = field(default_factory=list)               # MLflow runs removed
+    checkpoints: list[str] = field(default_factory=list)
+    shared_models_trained_with_tenant: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)            # run reports naming the tenant: re-rendered
+    figures: list[str] = field(default_factory=list)            # notebook figure folders: removed
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "executed": self.executed, "purged_history": self.purged_history,
+                "rows": self.rows, "models": self.models, "runs": self.runs, "checkpoints": self.checkpoints,
+                "shared_models_trained_with_tenant": self.shared_models_trained_with_tenant,
+                "reports": self.reports, "figures": self.figures, "notes": self.notes}
+
+
+def project_tables(ctx: JobContext) -> list[TableRef]:
+    """Every Delta table of this project: the warehouse folder locally, the schema on a catalog."""
+    from delta.tables import DeltaTable
+
+    spark = ctx.spark
+    cfg = ctx.config.tables
+    if cfg.catalog and cfg.schema_:
+        names = [t.name for t in spark.catalog.listTables(f"{cfg.catalog}.{cfg.schema_}")]
+        return [ctx.tables.ref(n) for n in sorted(names)]
+    root = ctx.tables.warehouse
+    if not root.exists():
+        return []
+    return [ctx.tables.ref(p.name) for p in sorted(root.iterdir())
+            if p.is_dir() and DeltaTable.isDeltaTable(spark, str(p))]
+
+
+def _tenant_filter(columns: list[str], tenant_id: str) -> Any:
+    from pyspark.sql import functions as F
+
+    cond = None
+    for c in TENANT_COLUMNS:
+        if c in columns:
+            term = F.col(c) == F.lit(tenant_id)  # a bound value, never SQL text
+            cond = term if cond is None else (cond | term)
+    return cond
+
+
+def _shared_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
+    """Shared model versions whose training set held this tenant's rows (they need retraining)."""
+    import json
+    import tempfile
+
+    from tenantml.registry.tracking import shared_model_name
+
+    found = []
+    for dataset in ctx.config.datasets:
+        name = shared_model_name(ctx.config.tracking.model_name_prefix, dataset)
+        try:
+            versions = ctx.mlflow.search_model_versions(f"name = '{name}'")
+        except Exception:
+            continue
+        for v in versions:
+            if not v.run_id:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    path = ctx.mlflow.download_artifacts(v.run_id, "trainset.json", tmp)
+                except Exception:
+                    continue
+                with open(path) as f:
+                    if tenant_id in json.load(f).get("contributors", {}):
+                        found.append(f"{name}/{v.version}")
+    return found
+
+
+def _reports_naming(ctx: JobContext, tenant_id: str) -> list[str]:
+    """Run reports whose page mentions the tenant id (a false match only costs a re-render)."""
+    root = ctx.data_dir / "reports"
+    if not root.exists():
+        return []
+    return sorted(str(p) for p in root.glob("*.html") if tenant_id in p.read_text(encoding="utf-8", errors="replace"))
+
+
+def _rerender_reports(ctx: JobContext, report: OffboardReport) -> None:
+    """Render each report again from the tables the tenant is now gone from; drop it if the run
+    held nothing else."""
+    from tenantml.apps.report import write_run_report
+    from tenantml.core.errors import RunNotFoundError
+
+    for path in map(Path, report.reports):
+        rendered = False
+        for dataset in ctx.config.datasets:
+            try:
+                write_run_report(ctx, dataset, path.stem)
+                rendered = True
+                break
+            except RunNotFoundError:
+                continue
+        if not rendered:
+            path.unlink(missing_ok=True)
+            report.notes.append(f"run report {path.name} covered only this tenant and was removed")
+
+
+def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
+                    purge_history: bool = False) -> OffboardReport:
+    """Plan (confirm=False) or carry out the removal of ``tenant_id`` from tables, registry and runs."""
+    from delta.tables import DeltaTable
+
+    from tenantml.core.ids import model_name
+    from tenantml.io import read_table
+    from tenantml.io.delta import delta_table, with_conflict_retries
+    from tenantml.io.tenants import list_tenant_ids
+    from tenantml.registry.tracking import registered_model_exists, tenant_run_ids
+
+    tenant_id = validate_tenant_id(tenant_id, where="tenants delete")
+    spark = ctx.spark
+    report = OffboardReport(tenant_id=tenant_id, executed=confirm, purged_history=confirm and purge_history)
+    tables = project_tables(ctx)
+    for ref in tables:
+        df = read_table(spark, ref)
+        cond = _tenant_filter(df.columns, tenant_id)
+        if cond is not None:
+            n = df.where(cond).count()
+            if n:
+                report.rows[ref.name] = n
+    prefix = ctx.config.tracking.model_name_prefix
+    report.models = sorted(model_name(prefix, d, tenant_id) for d in ctx.config.datasets
+                           if registered_model_exists(ctx, model_name(prefix, d, tenant_id)))
+    report.runs = tenant_run_ids(ctx, tenant_id, include_deleted=True)
+    ckpt_root = ctx.data_dir / "checkpoints"
+    report.checkpoints = sorted(str(p) for p in ckpt_root.glob("*.pt")) if ckpt_root.exists() else []
+    report.shared_models_trained_with_tenant = _shared_models_with(ctx, tenant_id)
+    report.reports = _reports_naming(ctx, tenant_id)
+    figures_root = ctx.data_dir / "notebooks"
+    report.figures = sorted(str(p) for p in figures_root.iterdir() if p.is_dir()) if figures_root.exists() else []
+    if not (report.rows or report.models or report.runs or tenant_id in list_tenant_ids(spark, ctx.tables.tenants)):
+        raise UnknownTenantError(f"tenant {tenant_id!r} has no rows, models or runs in this project")
+    if report.shared_models_trained_with_tenant:
+        report.notes.append("shared model versions above learned from this tenant's rows; the next "
+                            "train-shared excludes the tenant, then promote replaces them")
+    if not confirm:
+        return report
+
+    for ref in tables:
+        if ref.name not in report.rows:
+            continue
+        cond = _tenant_filter(read_table(spark, ref).columns, tenant_id)
+
+        def delete(r: TableRef = ref, c: Any = cond) -> None:
+            delta_table(spark, r).delete(c)
+
+        with_conflict_retries(delete, what=ref.display)
+        _purge_deletion_vectors(ctx, ref)
+    for name in report.models:
+        ctx.mlflow.delete_registered_model(name)
+    for run_id in report.runs:
+        ctx.mlflow.delete_run(run_id)
+    _hard_delete_runs(ctx, report)
+    for p in report.checkpoints:  # weights that may have learned from the tenant's rows
+        Path(p).unlink(missing_ok=True)
+    _rerender_reports(ctx, report)
+    for folder in report.figures:  # any figure may draw the tenant; the next notebook run redraws them
+        shutil.rmtree(folder, ignore_errors=True)
+    if report.figures:
+        report.notes.append("notebook figures under <data_dir>/notebooks were removed; rerun the notebooks "
+                            "to redraw them (figures saved elsewhere with the output_dir widget are not tracked)")
+    if purge_history:
+        prev = spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true") or "true"
+        spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        try:
+            for ref in tables:
+                if ref.name in report.rows:
+                    table = DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, str(ref.path))
+                    table.vacuum(0.0)
+        finally:
+            spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", prev)
+    else:
+        report.notes.append("Delta history still holds the deleted rows until VACUUM passes the retention "
+                            "period; rerun with --purge-history to vacuum now")
+    return report
+
+
+def _purge_deletion_vectors(ctx: JobContext, ref: TableRef) -> None:
+    """With deletion vectors a DELETE only marks rows; rewrite the files so vacuum can drop them."""
+    from tenantml.io.delta import delta_table
+
+    props = delta_table(ctx.spark, ref).detail().select("properties").collect()[0][0] or {}
+    if str(props.get("delta.enableDeletionVectors", "false")).lower() == "true":
+        target = f"`{ref.fqn}`" if ref.fqn else f"delta.`{ref.path}`"
+        ctx.spark.sql(f"REORG TABLE {target} APPLY (PURGE)")
+
+
+def _hard_delete_runs(ctx: JobContext, report: OffboardReport) -> None:
+    """Soft-deleted runs keep their data; `mlflow gc` removes them and their artifacts for good."""
+    if not report.runs:
+        return
+    uri = ctx.tracking_uri
+    if not uri.startswith("sqlite:"):
+        report.notes.append("runs were deleted; the tracking server purges deleted runs on its own schedule")
+        return
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri,
+                           "--run-ids", ",".join(report.runs)], capture_output=True, text=True, check=False,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlflow gc failed for tenant {report.tenant_id!r}: {proc.stderr[-2000:]}")

@@ -1,0 +1,346 @@
+"""The configuration schema: typed, validated data and nothing else.
+
+Unknown keys, missing keys and type errors are rejected before any work starts. Rules that apply
+the settings (tiers, quotas, budgets, entitlement) live with the code that applies them
+(`tenantml.training.plan`, `tenantml.core.policy`), so the schema stays data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tenantml.core.errors import ConfigError
+from tenantml.core.ids import is_valid_tenant_id
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_column(name: str) -> str:
+    if not _COLUMN_RE.fullmatch(name):
+        raise ValueError(f"column name {name!r} is not allowed (letters, digits, '_', ' ', '.', '-')")
+    return name
+
+
+class SourceSpec(_Strict):
+    """Where a dataset's raw rows come from: files (csv, parquet, json) or an existing table."""
+
+    path: str | None = None
+    table: str | None = None
+    format: Literal["csv", "parquet", "json", "delta", "table"] = "csv"
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSpec:
+        if (self.path is None) == (self.table is None):
+            raise ValueError("give exactly one of 'path' or 'table'")
+        if self.table is not None and self.format not in ("table", "delta"):
+            raise ValueError("a 'table' source needs format 'table' or 'delta'")
+        if self.path is not None and self.format == "table":
+            raise ValueError("format 'table' needs 'table' (a catalog name), not 'path'")
+        return self
+
+
+class RangeRule(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RangeRule:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs 'min', 'max' or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range min {self.min} is above max {self.max}")
+        return self
+
+
+class ValidationRules(_Strict):
+    """Row rules; they compile into a Great Expectations suite (see tenantml.quality)."""
+
+    not_null: list[str] = Field(default_factory=list)
+    ranges: dict[str, RangeRule] = Field(default_factory=dict)
+    allowed_values: dict[str, list[str]] = Field(default_factory=dict)
+    unique_key: bool = True
+    max_rejected_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class DatasetSpec(_Strict):
+    """A user's dataset: where it is, who owns each row, what to predict from what."""
+
+    source: SourceSpec
+    tenant_column: str
+    entity_key: str
+    label: str
+    task: Literal["binary", "regression"]
+    positive_label: str | None = None
+    numeric_features: list[str] = Field(default_factory=list)
+    categorical_features: list[str] = Field(default_factory=list)
+    pii_columns: list[str] = Field(default_factory=list)
+    event_time: str | None = None
+    rules: ValidationRules = Field(default_factory=ValidationRules)
+
+    @field_validator("tenant_column", "entity_key", "label", "event_time")
+    @classmethod
+    def _col(cls, v: str | None) -> str | None:
+        return None if v is None else _check_column(v)
+
+    @field_validator("numeric_features", "categorical_features", "pii_columns")
+    @classmethod
+    def _cols(cls, v: list[str]) -> list[str]:
+        return [_check_column(c) for c in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if not self.numeric_features and not self.categorical_features:
+            raise ValueError("declare at least one of numeric_features / categorical_features")
+        feats = self.numeric_features + self.categorical_features
+        dup = sorted({c for c in feats if feats.count(c) > 1})
+        if dup:
+            raise ValueError(f"columns declared twice as features: {dup}")
+        for special in (self.tenant_column, self.entity_key, self.label):
+            if special in feats:
+                raise ValueError(f"column {special!r} cannot be both a feature and tenant/key/label")
+        leaked = sorted(set(self.pii_columns) & set(feats))
+        if leaked:
+            raise ValueError(f"PII columns {leaked} cannot be model features")
+        declared = set(self.declared_columns)
+        undeclared = sorted({*self.rules.not_null, *self.rules.ranges, *self.rules.allowed_values} - declared)
+        if undeclared:
+            raise ValueError(f"rules name undeclared column(s) {undeclared}")
+        if self.task == "regression" and self.positive_label is not None:
+            raise ValueError("positive_label only applies to task 'binary'")
+        return self
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric_features, *self.categorical_features]
+
+    @property
+    def declared_columns(self) -> list[str]:
+        """Every source column the platform reads; order is stable and duplicates removed."""
+        cols = [self.tenant_column, self.entity_key, self.label, *self.feature_columns,
+                *self.pii_columns]
+        if self.event_time:
+            cols.append(self.event_time)
+        return list(dict.fromkeys(cols))
+
+
+class ProjectConfig(_Strict):
+    name: str = "tenantml"
+    data_dir: str = ".data"
+    default_dataset: str = "demo"
+
+
+class SparkConfig(_Strict):
+    master: str = "local[2]"
+    app_name: str = "tenantml"
+    shuffle_partitions: int = Field(default=4, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class TablesConfig(_Strict):
+    """Local path-based Delta by default; a catalog + schema make names `catalog.schema.table`."""
+
+    catalog: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    location: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "tenantml"
+    model_name_prefix: str = ""
+    champion_alias: str = "champion"
+
+
+class TenantsConfig(_Strict):
+    auto_register: bool = True
+    default_strategy: Literal["auto", "tenant", "shared", "tuned"] = "auto"
+    default_consent_share_data: bool = False
+    default_consent_shared_inference: bool = True
+    budget_seconds_per_month: float | None = Field(default=None, gt=0)
+    budgets: dict[str, float] = Field(default_factory=dict)  # tenant -> compute seconds per month
+    budget_action: Literal["warn", "stop"] = "warn"
+
+
+
+class ValidationConfig(_Strict):
+    max_rejected_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+class TenantQuota(_Strict):
+    """Per-tenant limits that keep one tenant from holding a training task for long."""
+
+    max_rows: int | None = Field(default=None, ge=2)
+    max_epochs: int | None = Field(default=None, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)  # training stops after the epoch that passes it
+    tier: Literal["small", "standard", "giant"] | None = None  # default: from rows (training.tiers)
+    scoring_concurrency: int | None = Field(default=None, ge=1)  # scoring tasks the tenant may hold at once
+
+
+class SharedTrainingConfig(_Strict):
+    """The shared model: one network over every consenting tenant's de-identified rows."""
+
+    backend: Literal["torch_distributor", "horovod"] = "torch_distributor"
+    num_processes: int = Field(default=2, ge=1)
+    local_mode: bool = True            # TorchDistributor: processes on the driver (torchrun)
+    use_gpu: Literal["auto", True, False] = False  # NCCL when on GPU, gloo on CPU
+    min_tenants: int = Field(default=2, ge=1)   # fewer consenting tenants: no shared model
+    max_epochs: int = Field(default=20, ge=1)
+    patience: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    hidden_units: list[int] | None = None   # default: training.hidden_units
+    preprocess_sample_rows: int = Field(default=200_000, ge=100)
+    checkpoint_dir: str | None = None  # default <data_dir>/checkpoints; resumes an interrupted run
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class TunedTrainingConfig(_Strict):
+    """Fine-tuning the shared champion on one tenant: what is frozen and how hard it trains."""
+
+    min_rows: int = Field(default=30, ge=2)
+    freeze: list[str] = Field(default_factory=lambda: ["embeddings"])  # parameter-name prefixes
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    max_epochs: int = Field(default=15, ge=1)
+    patience: int = Field(default=3, ge=1)
+
+
+class TierConfig(_Strict):
+    """Tenant tiers by training rows. Each tier trains in its own FAIR scheduler pool.
+
+    A giant trains in its own task in the lowest-weight pool, or (``giant_path: distributed``) after
+    the other tiers, data-parallel across all cores. ``auto`` picks per job: a giant's task holds
+    one core for its whole run, so when the giants would hold more than a third of the cores (every
+    other tenant slowed more than 1.5x), they go data-parallel instead.
+    """
+
+    small_max_rows: int = Field(default=5_000, ge=1)      # below: small
+    # A giant is big in absolute terms AND holds a large share of the job's rows: only then does
+    # its one task outlast everything the other cores can do (a big tenant among bigger ones packs fine).
+    giant_min_rows: int = Field(default=50_000, ge=2)
+    giant_share: float = Field(default=0.25, gt=0.0, le=1.0)
+    # task: the giant's own task in the giant pool; the cheapest in compute. distributed: after the
+    # other tiers, data-parallel on all cores; on CPU it costs more compute-seconds than one process
+    # (launch and all-reduce: 2.7x for a 60,000-row giant on 2 cores) but frees the small tenants.
+    # auto: task while the giants hold at most a third of the cores, else distributed.
+    giant_path: Literal["auto", "distributed", "task"] = "auto"
+    giant_processes: int | None = Field(default=None, ge=1)  # default: the cores Spark has
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierConfig:
+        if self.giant_min_rows <= self.small_max_rows:
+            raise ValueError(f"giant_min_rows ({self.giant_min_rows}) must exceed small_max_rows "
+                             f"({self.small_max_rows})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    strategies: list[Literal["tenant", "shared", "tuned"]] = Field(
+        default_factory=lambda: ["tenant", "shared", "tuned"])  # type: ignore[arg-type]  # candidates trained each run
+    promotion_margin: float = Field(default=0.005, ge=0.0)  # challenger must beat champion by this
+    shared: SharedTrainingConfig = Field(default_factory=SharedTrainingConfig)
+    tuned: TunedTrainingConfig = Field(default_factory=TunedTrainingConfig)
+    tiers: TierConfig = Field(default_factory=TierConfig)
+    min_rows: int = Field(default=200, ge=2)
+    max_rows_per_tenant: int | None = Field(default=None, ge=2)
+    max_seconds_per_tenant: float | None = Field(default=None, gt=0)
+    retries: int = Field(default=1, ge=0)
+    tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
+    max_epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-5, ge=0.0)
+    hidden_units: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_embedding_dim: int = Field(default=8, ge=1)
+    seed: int = 7
+    torch_threads: int = Field(default=1, ge=1)
+    parallelism: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+    @field_validator("tenant_quotas")
+    @classmethod
+    def _quota_ids(cls, v: dict[str, TenantQuota]) -> dict[str, TenantQuota]:
+        bad = [t for t in v if not is_valid_tenant_id(t)]
+        if bad:
+            raise ValueError(f"invalid tenant id(s) {bad}")
+        return v
+
+
+
+class PrivacyConfig(_Strict):
+    """How PII leaves a tenant for shared training: dropped, or replaced by a keyed hash."""
+
+    pii_action: Literal["hash", "drop"] = "hash"
+    # A secret reference, never the salt itself: env:NAME, file:PATH (relative to data_dir),
+    # or secret:SCOPE/KEY (a Databricks secret scope).
+    pii_salt: str = "env:TENANTML_PII_SALT"
+    generate_local_salt: bool = False  # file: references only; creates a random salt once (0600)
+
+    @field_validator("pii_salt")
+    @classmethod
+    def _salt_reference(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if kind not in ("env", "file", "secret") or not rest:
+            raise ValueError("must be a secret reference env:NAME, file:PATH or secret:SCOPE/KEY, "
+                             "never the salt value itself")
+        return v
+
+
+class ScoringConfig(_Strict):
+    arrow_batch_size: int = Field(default=50_000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallelism: int | None = Field(default=None, ge=1)
+    # Scoring tasks one tenant may hold at once (a tenant's own quota overrides it); None: half
+    # of the scoring tasks, at least one, so no tenant can take every core.
+    tenant_concurrency: int | None = Field(default=None, ge=1)
+    rows_per_slice: int = Field(default=100_000, ge=1)  # a tenant spreads over more tasks only above this
+
+
+class Config(_Strict):
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    tables: TablesConfig = Field(default_factory=TablesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, v: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name in v:
+            if not _NAME_RE.fullmatch(name):
+                raise ValueError(f"dataset name {name!r} must match {_NAME_RE.pattern}")
+        return v
+
+    def dataset(self, name: str | None = None) -> tuple[str, DatasetSpec]:
+        name = name or self.project.default_dataset
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise ConfigError(f"unknown dataset {name!r} (datasets in config: {known})")
+        return name, self.datasets[name]
+
+    def config_hash(self) -> str:
+        """Stable hash recorded with every model so a prediction can be traced to its config."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

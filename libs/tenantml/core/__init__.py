@@ -1,0 +1,1 @@
+"""Pure rules imported by every layer: ids, errors, tenant policy, progress. Imports nothing above."""

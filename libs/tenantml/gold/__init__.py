@@ -1,0 +1,1 @@
+"""Gold tables for BI: the star schema's contracts and builders (written by the publish step)."""

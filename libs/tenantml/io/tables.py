@@ -1,0 +1,106 @@
+"""Table names and locations in one place: local path-based Delta, or `catalog.schema.table`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenantml.config import TablesConfig
+
+_TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A Delta table: by path on the embedded default, by full name in a catalog."""
+
+    name: str
+    path: str | None = None
+    fqn: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.fqn or self.path or self.name
+
+
+class Tables:
+    """Resolves logical table names; every step asks here instead of spelling a location."""
+
+    def __init__(self, cfg: TablesConfig, warehouse: Path) -> None:
+        self._cfg = cfg
+        self._warehouse = Path(cfg.location) if cfg.location else warehouse
+
+    @property
+    def warehouse(self) -> Path:
+        return self._warehouse
+
+    def ref(self, name: str) -> TableRef:
+        if not _TABLE_RE.fullmatch(name):
+            raise ValueError(f"invalid table name {name!r}")
+        if self._cfg.catalog and self._cfg.schema_:
+            return TableRef(name=name, fqn=f"{self._cfg.catalog}.{self._cfg.schema_}.{name}")
+        return TableRef(name=name, path=str(self._warehouse / name))
+
+    # Platform tables, shared by every dataset.
+    @property
+    def tenants(self) -> TableRef:
+        return self.ref("tenants")
+
+    @property
+    def run_log(self) -> TableRef:
+        return self.ref("run_log")
+
+    @property
+    def model_store(self) -> TableRef:
+        return self.ref("model_store")
+
+    @property
+    def cost_ledger(self) -> TableRef:
+        return self.ref("cost_ledger")
+
+    @property
+    def promotions(self) -> TableRef:
+        """Every champion/challenger decision: who, against whom, metrics, why."""
+        return self.ref("promotions")
+
+    # Per-dataset tables.
+    def bronze(self, dataset: str) -> TableRef:
+        return self.ref(f"bronze_{dataset.lower()}")
+
+    def inference(self, dataset: str) -> TableRef:
+        """Rows to score (no label), ingested as batches like bronze."""
+        return self.ref(f"inference_{dataset.lower()}")
+
+    def silver(self, dataset: str) -> TableRef:
+        return self.ref(f"silver_{dataset.lower()}")
+
+    def quarantine(self, dataset: str) -> TableRef:
+        return self.ref(f"quarantine_{dataset.lower()}")
+
+    def quality(self, dataset: str) -> TableRef:
+        return self.ref(f"quality_{dataset.lower()}")
+
+    def predictions(self, dataset: str) -> TableRef:
+        return self.ref(f"predictions_{dataset.lower()}")
+
+    def shared_trainset(self, dataset: str) -> TableRef:
+        """De-identified rows of consenting tenants, sharded for data-parallel training."""
+        return self.ref(f"shared_train_{dataset.lower()}")
+
+    # Gold tables for BI (a star schema written by `publish`; see docs/data-contracts.md).
+    @property
+    def gold_tenant_dim(self) -> TableRef:
+        """One row per tenant, shared by every dataset's facts."""
+        return self.ref("gold_tenant_dim")
+
+    @property
+    def gold_date_dim(self) -> TableRef:
+        """Calendar days covering every scoring date, shared by every dataset's facts."""
+        return self.ref("gold_date_dim")
+
+    def gold_model_dim(self, dataset: str) -> TableRef:
+        return self.ref(f"gold_{dataset.lower()}_model_dim")
+
+    def gold_prediction_fact(self, dataset: str) -> TableRef:
+        return self.ref(f"gold_{dataset.lower()}_prediction_fact")

@@ -1,0 +1,320 @@
+"""Run steps with their bookkeeping, for every entry point (CLI, jobs, workflow tasks, notebooks).
+
+`run_step` resolves which tenants the step may act for (present, active, not blocked by data
+quality, within budget), opens the tenant scope over them, runs the step, times it, and writes
+every (run, step, tenant) outcome to `run_log` and the step's compute to `cost_ledger`. A step
+that raises is logged as failed, then re-raised. `--resume` and `--from` are handled here too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from tenantml.core.errors import ConfigError, TenantMLError, UnknownTenantError
+from tenantml.core.ids import sql_identifier, tenant_in_predicate, validate_run_id, validate_tenant_ids
+from tenantml.core.policy import monthly_budget, over_budget
+from tenantml.io.delta import read_table, replace_where, table_exists, table_version
+from tenantml.steps.base import (
+    Excluded,
+    Step,
+    StepOutput,
+    StepResult,
+    StepScope,
+    TenantOutcome,
+    get_step,
+    pipeline_order,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from tenantml.io.context import JobContext
+    from tenantml.io.tables import TableRef
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- eligibility
+
+
+@dataclass
+class Resolved:
+    input_ref: TableRef | None
+    version: int | None
+    rows: dict[str, int]
+    excluded: dict[str, Excluded]
+
+
+def _blocked(ctx: JobContext, dataset: str, purpose: str) -> dict[str, float]:
+    """Tenants blocked by validation for ``purpose`` (training / scoring): rejected share."""
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.quality(dataset)
+    if not table_exists(ctx.spark, ref):
+        return {}
+    q = read_table(ctx.spark, ref).where(F.col("blocked"))
+    if "purpose" in q.columns:
+        q = q.where(F.coalesce(F.col("purpose"), F.lit("training")) == purpose)
+    elif purpose != "training":
+        return {}
+    return {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+
+
+def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None) -> Resolved:
+    """Row counts per tenant in the step's input, minus the tenants this run must leave out (with why)."""
+    from pyspark.sql import functions as F
+
+    if step.eligibility == "own":
+        return Resolved(None, None, {}, {})
+    if step.eligibility == "silver":
+        ref, purpose, what = ctx.tables.silver(dataset), "training", "validated rows"
+    else:
+        ref, purpose, what = ctx.tables.inference(dataset), "scoring", "rows to score"
+    version = table_version(ctx.spark, ref)
+    frame: DataFrame = read_table(ctx.spark, ref, version=version)
+    if requested:
+        frame = frame.where(F.col("tenant_id").isin(list(requested)))
+    rows = {r["tenant_id"]: int(r["n"]) for r in
+            frame.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect() if r["tenant_id"] is not None}
+    blocked = _blocked(ctx, dataset, purpose)
+    if requested:
+        missing = sorted(set(requested) - set(rows) - set(blocked))
+        if missing:
+            raise UnknownTenantError(f"dataset {dataset!r} has no {what} for tenant(s) {missing} "
+                                     f"in {ref.display}")
+    excluded: dict[str, Excluded] = {}
+    for t, share in blocked.items():
+        if not requested or t in requested:
+            excluded[t] = Excluded("blocked", f"tenant {t!r} blocked by validation: {share:.1%} of "
+                                              f"{'scoring ' if purpose == 'scoring' else ''}rows rejected",
+                                   rows.get(t, 0))
+    if table_exists(ctx.spark, ctx.tables.tenants):
+        for r in read_table(ctx.spark, ctx.tables.tenants).where("status != 'active'").collect():
+            if r["tenant_id"] in rows:
+                excluded[r["tenant_id"]] = Excluded("skipped", f"tenant {r['tenant_id']!r} has status "
+                                                               f"{r['status']!r}", rows[r["tenant_id"]])
+    _apply_budgets(ctx, rows, excluded)
+    return Resolved(ref, version, {t: n for t, n in rows.items() if t not in excluded}, excluded)
+
+
+def _apply_budgets(ctx: JobContext, rows: dict[str, int], excluded: dict[str, Excluded]) -> None:
+    """Over-budget tenants get a warning, or are left out when `tenants.budget_action` is 'stop'."""
+    cfg = ctx.config.tenants
+    budgets = {t: monthly_budget(cfg.budgets, cfg.budget_seconds_per_month, t) for t in rows if t not in excluded}
+    budgeted = [t for t, b in budgets.items() if b is not None]
+    if not budgeted:
+        return
+    spent = spent_this_month(ctx.spark, ctx.tables.cost_ledger, budgeted)
+    for t in budgeted:
+        why = over_budget(t, spent.get(t, 0.0), budgets[t])
+        if why is None:
+            continue
+        log.warning(why)
+        ctx.progress.phase(f"warning: {why}")
+        if cfg.budget_action == "stop":
+            excluded[t] = Excluded("skipped", why + ": stopped (tenants.budget_action = stop)", rows[t])
+
+
+def _excluded_outcomes(excluded: dict[str, Excluded]) -> list[TenantOutcome]:
+    """Blocked tenants carry their reason as the error (it shows in summaries); skipped ones in detail."""
+    return [TenantOutcome(tenant_id=t, status=e.status, rows_in=e.rows,
+                          error=e.reason if e.status == "blocked" else None, detail={"reason": e.reason})
+            for t, e in sorted(excluded.items())]
+
+
+def open_scope(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None,
+               options: dict[str, Any] | None = None) -> StepScope:
+    """The step's scope: tenant ids are checked before any Spark work; every task then reads the
+    same version of the step's input."""
+    name, spec = ctx.config.dataset(dataset)
+    resolved = _resolve(ctx, step, name, requested)
+    eligible = sorted(resolved.rows) if step.eligibility != "own" else list(requested or [])
+    return StepScope(ctx=ctx, step=step, dataset=name, spec=spec, tenants=ctx.scope(eligible, step.name),
+                     rows=resolved.rows, requested=validate_tenant_ids(requested) if requested else None,
+                     options=dict(options or {}),
+                     input_ref=resolved.input_ref, input_version=resolved.version, excluded=resolved.excluded)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Sequence[str] | None = None,
+             resume: str | None = None, **options: Any) -> StepResult:
+    """Run one step and record it; a step that raises is logged as failed, then re-raised.
+
+    ``resume`` (a run id): rerun only the tenants that failed this step in that run; nothing to
+    do when none failed.
+    """
+    step = get_step(name)
+    ds, _ = ctx.config.dataset(dataset)
+    requested = validate_tenant_ids(tenants, where="--tenants") if tenants else None
+    unknown = sorted(set(options) - {o.dest for o in step.options})
+    if unknown:
+        raise ConfigError(f"step {name} takes no option(s) {unknown}")
+    if resume is not None:
+        if not step.resumable:
+            raise ConfigError(f"step {name} cannot be resumed: rerun it whole (it is idempotent)")
+        failed = failed_tenants(ctx.spark, ctx.tables.run_log, resume, name, ds)
+        if requested:
+            failed = [t for t in failed if t in requested]
+        if not failed:
+            ctx.progress.phase(f"run {resume}: no tenant failed {name} of {ds}; nothing to resume")
+            return StepResult(step=name, dataset=ds, run_id=ctx.run_id, summary={"resumed": []})
+        ctx.progress.phase(f"resuming {name} for {len(failed)} failed tenant(s): {', '.join(failed)}")
+        requested = validate_tenant_ids(failed)
+    started = time.perf_counter()
+    try:
+        scope = open_scope(ctx, step, ds, requested, options)
+        out = step.run(scope)
+    except TenantMLError as exc:
+        _record_failure(ctx, name, ds, str(exc), started)
+        raise
+    except Exception as exc:
+        _record_failure(ctx, name, ds, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", started)
+        raise
+    result = _result(ctx, step, ds, scope, out, time.perf_counter() - started)
+    if resume is not None:
+        result.summary["resumed"] = list(requested or [])
+    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
+    return result
+
+
+def _result(ctx: JobContext, step: Step, dataset: str, scope: StepScope, out: StepOutput,
+            seconds: float) -> StepResult:
+    outcomes = [*_excluded_outcomes(scope.excluded), *out.outcomes]
+    seen = [o.tenant_id for o in outcomes if o.tenant_id is not None]
+    if len(seen) != len(set(seen)):
+        dup = sorted({t for t in seen if seen.count(t) > 1})
+        raise RuntimeError(f"step {step.name} reported tenant(s) {dup[:5]} more than once")
+    outcomes.sort(key=lambda o: (o.tenant_id is None, o.tenant_id or ""))
+    summary = dict(out.summary)
+    if scope.input_version is not None:
+        summary.setdefault(f"{'silver' if step.eligibility == 'silver' else 'inference'}_version",
+                           scope.input_version)
+    return StepResult(step=step.name, dataset=dataset, run_id=ctx.run_id, tenants=outcomes,
+                      tables_written=out.tables_written, mlflow_run_id=out.mlflow_run_id, seconds=seconds,
+                      summary=summary)
+
+
+def _record_failure(ctx: JobContext, step: str, dataset: str, error: str, started: float) -> None:
+    try:
+        write_run_log(ctx.spark, ctx.tables.run_log, StepResult(
+            step=step, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
+            tenants=[TenantOutcome(tenant_id=None, status="failed", error=error[:4000],
+                                   seconds=time.perf_counter() - started)]))
+    except Exception:  # the original error matters more than the log write
+        log.exception("could not record the failure of step %s in run_log", step)
+
+
+def pipeline_steps(start: str | None = None, stop: str | None = None) -> tuple[str, ...]:
+    """The pipeline's steps from ``start`` to ``stop`` (inclusive), in dependency order."""
+    order = pipeline_order()
+    for value, flag in ((start, "--from"), (stop, "--to")):
+        if value is not None and value not in order:
+            raise ConfigError(f"{flag} {value!r}: not a pipeline step (steps: {', '.join(order)})")
+    first = order.index(start) if start else 0
+    last = order.index(stop) if stop else len(order) - 1
+    return order[first:last + 1]
+
+
+def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None,
+                 steps: Sequence[str] | None = None, **options: Any) -> list[StepResult]:
+    """Every step under one run id; tenants failing a step don't stop the others. ``options`` go
+    to the steps that declare them (e.g. ``source_path`` to ingest)."""
+    results = []
+    for name in steps if steps is not None else pipeline_steps():
+        step = get_step(name)
+        own = {k: v for k, v in options.items() if k in {o.dest for o in step.options} and v is not None}
+        results.append(run_step(ctx, name, dataset=dataset, tenants=tenants, **own))
+    return results
+
+
+# --------------------------------------------------------------------------- run_log
+
+
+_RUN_LOG_SCHEMA = (
+    "run_id string not null, step string not null, dataset string not null, tenant_id string, "
+    "status string not null, rows_in long not null, rows_out long not null, rows_quarantined long not null, "
+    "seconds double not null, error string, detail string, logged_at timestamp not null"
+)
+
+
+def write_run_log(spark: SparkSession, ref: TableRef, result: StepResult) -> None:
+    """Record every tenant's outcome; a rerun of the same run and step replaces its rows."""
+    validate_run_id(result.run_id)
+    sql_identifier(result.step, "step")
+    sql_identifier(result.dataset, "dataset")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [
+        (result.run_id, result.step, result.dataset, t.tenant_id, t.status, int(t.rows_in),
+         int(t.rows_out), int(t.rows_quarantined), float(t.seconds), t.error,
+         json.dumps(t.detail, default=str, sort_keys=True), now)
+        for t in result.tenants
+    ]
+    df = spark.createDataFrame(rows, _RUN_LOG_SCHEMA)
+    predicate = (f"run_id = '{result.run_id}' AND step = '{result.step}' "
+                 f"AND dataset = '{result.dataset}'")
+    ids = [t.tenant_id for t in result.tenants if t.tenant_id is not None]
+    # Only this result's tenants are replaced, so a resumed step keeps the rows of the tenants it
+    # did not rerun; a step-level failure row (tenant NULL) is always superseded.
+    scope = f"{tenant_in_predicate(ids)} OR tenant_id IS NULL" if ids else "tenant_id IS NULL"
+    replace_where(df, ref, f"{predicate} AND ({scope})")
+
+
+def failed_tenants(spark: SparkSession, ref: TableRef, run_id: str, step: str, dataset: str) -> list[str]:
+    """Tenants whose ``step`` failed in ``run_id``: what `--resume` reruns."""
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, ref):
+        return []
+    rows = (read_table(spark, ref)
+            .where((F.col("run_id") == validate_run_id(run_id)) & (F.col("step") == step)
+                   & (F.col("dataset") == dataset) & (F.col("status") == "failed")
+                   & F.col("tenant_id").isNotNull())
+            .select("tenant_id").distinct().collect())
+    return sorted(r[0] for r in rows)
+
+
+# --------------------------------------------------------------------------- cost ledger
+
+
+def write_cost_ledger(spark: SparkSession, ref: TableRef, result: StepResult, *, measured: bool) -> None:
+    """One row per tenant of the step; replaced on rerun like run_log.
+
+    Measured steps time each tenant inside the Spark tasks; the others process all tenants in
+    shared jobs, so their wall time is allocated by row share and marked as such."""
+    validate_run_id(result.run_id)
+    tenants = [t for t in result.tenants if t.tenant_id is not None and t.status in ("ok", "failed")]
+    if not tenants:
+        return
+    total_rows = sum(t.rows_in for t in tenants) or 1
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [(result.run_id, result.step, result.dataset, t.tenant_id,
+             float(t.seconds) if measured else result.seconds * t.rows_in / total_rows,
+             int(t.rows_in), "measured" if measured else "allocated", now) for t in tenants]
+    df = spark.createDataFrame(rows, "run_id string, step string, dataset string, tenant_id string, "
+                                     "compute_seconds double, rows long, method string, recorded_at timestamp")
+    predicate = (f"run_id = '{result.run_id}' AND step = '{sql_identifier(result.step, 'step')}' "
+                 f"AND dataset = '{sql_identifier(result.dataset, 'dataset')}' "
+                 f"AND {tenant_in_predicate([t.tenant_id for t in tenants if t.tenant_id])}")
+    replace_where(df, ref, predicate)
+
+
+def spent_this_month(spark: SparkSession, ref: TableRef, tenants: list[str]) -> dict[str, float]:
+    """Compute seconds recorded per tenant since the first of the current month (UTC)."""
+    from pyspark.sql import functions as F
+
+    if not tenants or not table_exists(spark, ref):
+        return {}
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+    rows = (read_table(spark, ref).where(F.col("tenant_id").isin(tenants) & (F.col("recorded_at") >= start))
+            .groupBy("tenant_id").agg(F.sum("compute_seconds").alias("s")).collect())
+    return {r["tenant_id"]: float(r["s"]) for r in rows}
