@@ -1,4 +1,4 @@
-"""Job task: pipeline (a thin entry over tenantml.steps; see libs/tenantml/jobs.py)."""
+"""Job task: pipeline (a thin entry over tenantml.steps; see libs/tenantml/apps/jobs.py)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Job task: promote (a thin entry over tenantml.steps; see libs/tenantml/jobs.py)."""
+"""Job task: promote (a thin entry over tenantml.steps; see libs/tenantml/apps/jobs.py)."""
 
 import sys
 

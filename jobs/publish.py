@@ -1,4 +1,4 @@
-"""Job task: publish (a thin entry over tenantml.steps; see libs/tenantml/jobs.py)."""
+"""Job task: publish (a thin entry over tenantml.steps; see libs/tenantml/apps/jobs.py)."""
 
 import sys
 

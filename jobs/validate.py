@@ -1,4 +1,4 @@
-"""Job task: validate (a thin entry over tenantml.steps; see libs/tenantml/jobs.py)."""
+"""Job task: validate (a thin entry over tenantml.steps; see libs/tenantml/apps/jobs.py)."""
 
 import sys
 

@@ -42,7 +42,7 @@ def demo_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copytree(root / "data", root / "cli-data")
     return {"root": root, "conf": root / "conf", "data_dir": root / "data", "cli_data": root / "cli-data",
-            "summary": json.loads(proc.stdout)}
+            "summary": json.loads(proc.stdout), "stderr": proc.stderr}
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,11 @@ def demo(demo_cli_run: dict[str, Any]) -> dict[str, Any]:
 
 
 LISTINGS = ("models", "decisions", "tenants", "runs")
+# `tenants` filtered by dataset and as a table (the compact default columns, then every column).
+TENANT_LISTINGS = {"tenants demo": ["tenants", "--dataset", "demo", "--json"],
+                   "tenants other": ["tenants", "--dataset", "mlc_churn", "--json"],
+                   "tenants table": ["tenants", "--dataset", "demo"],
+                   "tenants all columns": ["tenants", "--all-columns"]}
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +83,15 @@ def after_demo(demo_cli_run: dict[str, Any], workdir: Path) -> dict[str, dict[st
 
     data = str(demo_cli_run["cli_data"])
     commands = [[name, "--json", "--data-dir", data, "--quiet"] for name in LISTINGS]
+    commands += [[*argv, "--data-dir", data, "--quiet"] for argv in TENANT_LISTINGS.values()]
     if not torch.cuda.is_available():
         conf = workdir / "conf-cuda"
         shutil.copytree(workdir / "conf", conf)
         (conf / "local" / "zz.yml").write_text("training: {device: cuda}\n")
         commands.append(["train", "--json", "--conf-dir", str(conf), "--data-dir", data, "--tenants", "t000,t001"])
-    return {r["argv"][0]: r for r in _cli_batch(commands, workdir)}
+    results = _cli_batch(commands, workdir)
+    named = [*LISTINGS, *TENANT_LISTINGS, *(["train"] if len(results) > len(LISTINGS) + len(TENANT_LISTINGS) else [])]
+    return dict(zip(named, results, strict=True))
 
 
 def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -> None:
@@ -114,6 +122,42 @@ def test_listing_commands(after_demo: dict[str, dict[str, Any]]) -> None:
     assert "t-dirty" in {t["tenant_id"] for t in tenants}
     runs = json.loads(after_demo["runs"]["stdout"])
     assert {r["step"] for r in runs} == set(pipeline_steps())
+
+
+def test_tenants_by_dataset_and_compact_columns(after_demo: dict[str, dict[str, Any]]) -> None:
+    assert all(after_demo[name]["code"] == 0 for name in TENANT_LISTINGS), \
+        {n: (after_demo[n]["code"], after_demo[n]["stdout"][-500:]) for n in TENANT_LISTINGS}
+    everyone = json.loads(after_demo["tenants"]["stdout"])
+    demo = json.loads(after_demo["tenants demo"]["stdout"])
+    # Every registered tenant came from the demo's rows (bronze/silver); no other dataset has rows.
+    assert sorted(t["tenant_id"] for t in demo) == sorted(t["tenant_id"] for t in everyone)
+    assert "t-dirty" in {t["tenant_id"] for t in demo} and json.loads(after_demo["tenants other"]["stdout"]) == []
+    assert set(demo[0]) >= {"consent_share_data", "created_at"}  # --json keeps every column
+    table = after_demo["tenants table"]["stdout"].splitlines()
+    (header,) = [line for line in table if "tenant_id" in line]
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["tenant_id", "strategy", "consents", "status"]
+    rows = {line.split("│")[1].strip(): line for line in table if line.startswith("│")}
+    assert set(rows) == {t["tenant_id"] for t in demo}  # one line per tenant: nothing wrapped
+    # The demo's consents: t003 does not share its data, everyone else does, all accept shared models.
+    assert "│ shared inference " in rows["t003"] and "share data, shared inference" in rows["t000"]
+    wide = after_demo["tenants all columns"]["stdout"]
+    assert all(c in wide for c in ("consent_share_data", "consent_shared_inference", "created_at", "updated_at"))
+
+
+def test_the_demo_starts_quietly(demo_cli_run: dict[str, Any]) -> None:
+    """With the jar folder set-up fills, the command's first stderr line is its own: no Ivy report,
+    no Spark banner."""
+    from tenantml.io.spark import local_delta_jars
+
+    if local_delta_jars() is None:
+        pytest.skip("no Delta jars in the jar folder (run `make setup`): sessions resolve them through Ivy")
+    err = demo_cli_run["stderr"].splitlines()
+    noise = [line for line in err if any(s in line for s in (":: resolving dependencies", "found io.delta",
+                                                               "downloading", "Ivy Default Cache",
+                                                               "log4j profile", "Setting default log level",
+                                                               "incubator modules"))]
+    assert not noise, "\n".join(noise[:20])
+    assert err and "demo data written to" in err[0], err[:5]
 
 
 def test_hostile_tenant_argument_is_a_usage_error(workdir: Path) -> None:

@@ -119,7 +119,11 @@ def test_chromium_renders_every_tenant_and_the_charts(spark: Any, analyst_run: d
     n_candidates = sum(1 for r in read_table(spark, ctx.tables.promotions).where(f"run_id = '{ctx.run_id}'")
                        .collect() if r["tenant_id"] != "_shared" for c in json.loads(r["candidates_json"])
                        if c.get("auc") is not None)
-    assert dom.classes.get("rect.bar") == 2 * len(quality) + n_candidates + len(scored)
+    assert dom.classes.get("rect.bar") == 2 * len(quality) + len(scored)
+    assert dom.classes.get("circle.dot") == n_candidates
+    assert dom.classes.get("circle.champion") == sum(1 for r in read_table(spark, ctx.tables.promotions)
+                                                     .where(f"run_id = '{ctx.run_id}'").collect()
+                                                     if r["tenant_id"] != "_shared" and r["decision"] == "promoted")
     assert dom.texts["h1"] == ["Run report: demo"] and "pwned" not in dom.texts["title"][0]
     assert dom.tags.get("script", 0) == 0
     assert "failures-table" not in dom.rows and "pre" not in dom.texts  # this run has no failure
@@ -137,6 +141,72 @@ def test_the_screenshot_shows_the_charts(report: Path, tmp_path: Path, check_png
 
     missing = [name for name, rgb in CHART_COLORS.items() if not drawn(rgb)]
     assert not missing, f"chart colours not on screen: {missing}"
+
+
+def _close_candidates_report() -> Any:
+    """A run whose one tenant's candidates score 0.88 (tenant) and 0.90 (tuned, promoted)."""
+    from datetime import UTC, datetime
+
+    from tenantml.apps.report import RunReport
+
+    log = {"run_id": "r-close", "step": "promote", "dataset": "demo", "tenant_id": "acme", "status": "ok",
+           "rows_in": 500, "rows_out": 500, "rows_quarantined": 0, "seconds": 1.0, "error": None,
+           "logged_at": datetime(2026, 1, 1)}
+    decision = {"tenant_id": "acme", "decision": "promoted", "reason": "tuned beats champion by 0.0100",
+                "metric_name": "auc", "margin": 0.005, "serving_model": "demo__acme/3", "serving_strategy": "tuned",
+                "champion_before_metric": 0.89, "holdout_rows": 100, "challenger_metric": 0.90,
+                "candidates_json": json.dumps([{"strategy": "tenant", "model": "demo__acme/1", "auc": 0.88},
+                                               {"strategy": "tuned", "model": "demo__acme/2", "auc": 0.90}])}
+    return RunReport(run_id="r-close", dataset="demo", generated_at=datetime(2026, 1, 1, tzinfo=UTC),
+                     run_log=[log], decisions=[decision], metric_name="auc")
+
+
+def test_chromium_draws_close_candidates_far_apart(tmp_path: Path, check_png: Any) -> None:
+    """0.88 and 0.90 on the strategy chart: their dots are a large share of the plot apart, in the
+    DOM Chromium builds and on its screenshot (bars from 0 put them 2% apart)."""
+    import numpy as np
+
+    from tenantml.apps.report import AXIS_COLOR, STRATEGY_COLORS, render
+
+    page = tmp_path / "close.html"
+    page.write_text(render(_close_candidates_report()), encoding="utf-8")
+    markup = _browse(page, tmp_path, "--dump-dom")
+    assert Dom(markup).tags.get("script", 0) == 0
+    chart = markup[markup.index('id="chart-strategies"'):]
+    dots = dict(re.findall(r'<circle class="dot" data-strategy="(\w+)" cx="([0-9.]+)"', chart))
+    (x0, x1), = re.findall(r'<line class="axis" x1="([0-9.]+)" y1="[0-9.]+" x2="([0-9.]+)"', chart)
+    assert set(dots) == {"tenant", "tuned"}
+    assert (float(dots["tuned"]) - float(dots["tenant"])) / (float(x1) - float(x0)) > 0.3, (dots, x0, x1)
+    assert re.findall(r'<text class="tick"[^>]*>([^<]+)</text>', chart), "no labelled ticks"
+    assert "auc on the tenant's holdout" in chart
+
+    shot = tmp_path / "close.png"
+    _browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,1400", "--hide-scrollbars")
+    px = np.asarray(check_png(shot, min_size=(1200, 1400)), dtype=np.int16)
+
+    def mask(hex_color: str) -> Any:
+        rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.int16)
+        return np.all(np.abs(px - rgb) <= 3, axis=2)
+
+    # The axis: the longest horizontal run of its colour gives the plot's pixel span and its row.
+    axis = mask(AXIS_COLOR)
+    runs = []
+    for y in np.nonzero(axis.sum(axis=1) > 200)[0]:
+        xs = np.nonzero(axis[y])[0]
+        breaks = np.nonzero(np.diff(xs) > 1)[0]
+        for seg in np.split(xs, breaks + 1):
+            runs.append((int(seg[-1] - seg[0] + 1), int(y), int(seg[0]), int(seg[-1])))
+    assert runs, "no axis line on screen"
+    plot_px, axis_y, left, right = max(runs)
+    assert plot_px > 300, runs
+    scale = plot_px / 470  # the SVG's plot width in user units
+    band = slice(max(0, int(axis_y - 22 * scale)), axis_y)  # the one row of dots, below the legend
+    centres = {}
+    for strategy in ("tenant", "tuned"):
+        _, xs = np.nonzero(mask(STRATEGY_COLORS[strategy])[band, left:right + 1])
+        assert len(xs) > 10, f"no {strategy} dot drawn above the axis"
+        centres[strategy] = left + float(xs.mean())
+    assert (centres["tuned"] - centres["tenant"]) / plot_px > 0.3, (centres, plot_px)
 
 
 def test_error_text_is_escaped_and_the_cli_writes_the_report(spark: Any, analyst_run: dict[str, Any],

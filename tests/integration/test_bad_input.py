@@ -892,3 +892,31 @@ def test_batch_with_changed_column_types_is_cast_or_quarantined(spark: Any, tmp_
             float(r["tenure_months"]), float(r["monthly_spend"]), float(r["churned"])), r["customer_id"]
     for r in batch1[6:]:
         assert silver.loc[r["customer_id"], "tenure_months"] == float(r["tenure_months"])
+
+
+# --------------------------------------------------------------------------- tenant ids and case
+def test_tenant_ids_are_unique_case_insensitively(spark: Any, tmp_path: Path) -> None:
+    """`Acme` and `acme` cannot both exist (Unity Catalog lower-cases names, some disks ignore case):
+    the first registered keeps the name; rows of the other spelling are quarantined with a reason."""
+    from tenantml.io.tenants import list_tenant_ids
+
+    rng = random.Random(11)
+    src = tmp_path / "data" / "sources" / "acct"
+    write_csv(src / "b1.csv", [good_row(rng, t, f"{t}-{i}") for t in ("Acme", "acme", "beta") for i in range(12)])
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data", spark=spark)
+    ing = run_step(ctx, "ingest", dataset="acct")
+    assert ing.summary["tenants_registered"] == 2
+    assert list_tenant_ids(spark, ctx.tables.tenants) == ["Acme", "beta"]
+    val = {t.tenant_id: t for t in run_step(ctx, "validate", dataset="acct").tenants}
+    assert val["Acme"].rows_quarantined == 0 and val["beta"].rows_quarantined == 0
+    assert val["acme"].rows_quarantined == 12 and val["acme"].detail["case_collision_with"] == "Acme"
+    q = read_table(spark, ctx.tables.quarantine("acct")).where("tenant_id = 'acme'").toPandas()
+    assert len(q) == 12 and q["_reason"].str.contains("differs only in case from registered tenant 'Acme'").all()
+    assert set(counts(spark, ctx.tables.silver("acct"))) == {"Acme", "beta"}
+    assert_reconciled(ctx, "acct")
+
+    # A later batch spelling it ACME: still the registered tenant's name, still quarantined.
+    write_csv(tmp_path / "b2" / "b2.csv", [good_row(rng, "ACME", f"ACME-{i}") for i in range(5)])
+    run_step(ctx, "ingest", dataset="acct", source_path=str(tmp_path / "b2"))
+    val = {t.tenant_id: t for t in run_step(ctx, "validate", dataset="acct").tenants}
+    assert val["ACME"].rows_quarantined == 5 and list_tenant_ids(spark, ctx.tables.tenants) == ["Acme", "beta"]

@@ -174,6 +174,84 @@ def test_scoring_refuses_another_tenants_model(spark: Any, run: dict[str, Any]) 
         client.set_registered_model_alias("demo__t002", "champion", max(int(v.version) for v in prev))
 
 
+def _store_row(spark: Any, ctx: JobContext, tenant: str, version: str) -> Any:
+    return (read_table(spark, ctx.tables.model_store)
+            .where(f"tenant_id = '{tenant}' AND model_version = '{version}' AND dataset = 'demo'").toPandas())
+
+
+def _put_store_rows(spark: Any, ctx: JobContext, rows: Any, predicate: str) -> None:
+    """What someone with write access to the table (not the platform) could do: replace rows as given."""
+    df = spark.createDataFrame(rows, read_table(spark, ctx.tables.model_store).schema)
+    df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).save(ctx.tables.model_store.path)
+
+
+def test_forged_registry_tags_and_a_forged_store_row_are_refused(spark: Any, run: dict[str, Any]) -> None:
+    """A version of t002's model tagged as t002's own (tenant, strategy, digest all claiming t002) but
+    built from t003's artifacts: without a model_store row it has no bytes; with a forged row (t003's
+    row relabelled) the signature gives it away. t002 is never scored with t003's model."""
+    ctx = run["ctx"]
+    client = ctx.mlflow
+    own = client.get_model_version_by_alias("demo__t002", "champion")
+    other = client.get_model_version_by_alias("demo__t003", "champion")
+    forged_tags = {**own.tags, "model_sha256": other.tags["model_sha256"]}
+    mv = client.create_model_version("demo__t002", source=other.source, run_id=other.run_id, tags=forged_tags)
+    client.set_registered_model_alias("demo__t002", "champion", mv.version)
+    where = f"tenant_id = 't002' AND model_version = '{mv.version}'"
+    try:
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"]).tenants}
+        assert out["t002"].status == "failed" and "missing from" in out["t002"].error, out["t002"]
+        forged = _store_row(spark, ctx, "t003", str(other.version)).assign(
+            tenant_id="t002", model_name="demo__t002", model_version=str(mv.version))
+        _put_store_rows(spark, ctx, forged, where)
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"]).tenants}
+        assert out["t002"].status == "failed" and "signature does not match" in out["t002"].error, out["t002"]
+        assert out["t003"].status == "ok"
+        preds = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't002'").toPandas()
+        assert set(preds["model_name"]) == {"demo__t002"} and set(preds["model_version"]) == {str(own.version)}
+    finally:
+        client.set_registered_model_alias("demo__t002", "champion", own.version)
+        (spark.read.format("delta").load(ctx.tables.model_store.path).where(f"NOT ({where})")
+         .write.format("delta").mode("overwrite").option("replaceWhere", where).save(ctx.tables.model_store.path))
+
+
+def test_a_strategy_tag_that_lies_is_refused(spark: Any, run: dict[str, Any]) -> None:
+    ctx = run["ctx"]
+    client = ctx.mlflow
+    own = client.get_model_version_by_alias("demo__t002", "champion")
+    mv = client.create_model_version("demo__t002", source=own.source, run_id=own.run_id,
+                                     tags={**own.tags, "strategy": "shared"})
+    client.set_registered_model_alias("demo__t002", "champion", mv.version)
+    try:
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        assert out["t002"].status == "failed" and "claims strategy 'shared'" in out["t002"].error, out["t002"]
+    finally:
+        client.set_registered_model_alias("demo__t002", "champion", own.version)
+
+
+def test_a_tampered_model_store_row_is_refused(spark: Any, run: dict[str, Any]) -> None:
+    """t002's champion row given t003's bytes: first as is (the digest gives it away), then with the
+    digest recomputed by someone without the signing key (the signature does)."""
+    import hashlib
+
+    ctx = run["ctx"]
+    own = ctx.mlflow.get_model_version_by_alias("demo__t002", "champion")
+    other = ctx.mlflow.get_model_version_by_alias("demo__t003", "champion")
+    original = _store_row(spark, ctx, "t002", str(own.version))
+    swapped_bytes = bytes(_store_row(spark, ctx, "t003", str(other.version)).iloc[0]["model"])
+    where = f"tenant_id = 't002' AND model_version = '{own.version}' AND dataset = 'demo'"
+    try:
+        _put_store_rows(spark, ctx, original.assign(model=[swapped_bytes]), where)
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        assert out["t002"].status == "failed" and "do not match the digest" in out["t002"].error, out["t002"]
+        _put_store_rows(spark, ctx, original.assign(model=[swapped_bytes],
+                                                    model_sha256=hashlib.sha256(swapped_bytes).hexdigest()), where)
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        assert out["t002"].status == "failed" and "signature does not match" in out["t002"].error, out["t002"]
+    finally:
+        _put_store_rows(spark, ctx, original, where)
+    assert run_step(ctx, "score", dataset="demo", tenants=["t002"]).status == "ok"
+
+
 def test_a_later_batch_supersedes_earlier_rows_without_quarantining_them(spark: Any, run: dict[str, Any],
                                                                         tmp_path: Path) -> None:
     import pandas as pd

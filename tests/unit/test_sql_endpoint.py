@@ -57,3 +57,30 @@ def test_catalog_tables_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Databricks SQL warehouse"):
         serve(ctx, port=1)  # refused before a session or a port is touched
     assert ctx.spark_session is None and "spark" not in ctx.__dict__
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "bi.example.internal"])
+def test_a_reachable_host_is_refused_without_authentication(tmp_path: Path, host: str) -> None:
+    """serve-sql exposes every tenant's rows: off loopback it needs sql_endpoint.authentication, and
+    it refuses before any Spark or socket work."""
+    ctx = JobContext.create(conf_dir=REPO_CONF, data_dir=tmp_path)
+    with pytest.raises(ConfigError, match=rf"--host {host}: the endpoint would serve every tenant's rows.*"
+                                          r"sql_endpoint\.authentication"):
+        serve(ctx, host=host, port=1)
+    assert "spark" not in ctx.__dict__  # no session was started
+
+
+def test_loopback_is_allowed_and_authentication_opens_other_hosts() -> None:
+    from tenantml.apps.sql_endpoint import check_exposure, is_loopback
+    from tenantml.config import SqlEndpointConfig
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.3.4.5"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.2", "example.com"))
+    check_exposure("127.0.0.1", SqlEndpointConfig())
+    ldap = SqlEndpointConfig(authentication="ldap",
+                             settings={"hive.server2.authentication.ldap.url": "ldaps://ldap.internal"})
+    check_exposure("0.0.0.0", ldap)
+    with pytest.raises(ValueError, match="needs its hive.server2"):
+        SqlEndpointConfig(authentication="ldap")
+    with pytest.raises(ValueError, match="hive.server2"):
+        SqlEndpointConfig(authentication="custom", settings={"spark.x": "y"})

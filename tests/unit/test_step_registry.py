@@ -18,10 +18,12 @@ def test_registry_holds_every_step_module_once_in_dependency_order() -> None:
     reg = registry()
     assert set(reg) == set(STEP_MODULES)
     order = pipeline_order()
-    assert order == ("ingest", "validate", "train_shared", "train", "train_tuned", "promote", "score", "publish")
+    assert order == ("ingest", "ingest_scoring", "validate", "validate_scoring", "monitor", "train_shared", "train",
+                     "train_tuned", "promote", "score", "publish")
     for i, name in enumerate(order):  # every step runs after the steps it declares
         assert set(reg[name].after) <= set(order[:i]), name
     assert {n for n, s in reg.items() if s.measured} == {"train", "train_tuned", "score"}
+    assert {n for n, s in reg.items() if s.gated} == {"train", "train_tuned", "promote"}
 
 
 def test_jobs_folder_has_one_entry_per_step_and_nothing_else() -> None:
@@ -94,7 +96,7 @@ def test_report_orders_steps_by_the_registry() -> None:
 
 def test_pipeline_steps_slices_and_rejects_unknown_steps() -> None:
     assert pipeline_steps(start="promote") == ("promote", "score", "publish")
-    assert pipeline_steps(stop="validate") == ("ingest", "validate")
+    assert pipeline_steps(stop="validate") == ("ingest", "ingest_scoring", "validate")
     with pytest.raises(ConfigError, match="--from 'trian': not a pipeline step"):
         pipeline_steps(start="trian")
 

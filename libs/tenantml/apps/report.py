@@ -245,6 +245,142 @@ def bar_chart(chart_id: str, title: str, labels: Sequence[str],
     return "".join(parts)
 
 
+@dataclass(frozen=True)
+class DotRow:
+    """One tenant's row of `dot_plot`: each candidate strategy's metric, the candidate now serving
+    (``champion``: ringed; None when no candidate of this run serves), the champion before the
+    decision with the margin a challenger had to clear, and the serving model's metric (``served``:
+    the value column; default the ringed candidate's)."""
+
+    label: str
+    values: dict[str, float | None]
+    champion: str | None = None
+    before: float | None = None
+    margin: float | None = None
+    served: float | None = None
+
+
+HIGHER_IS_BETTER = {"auc": True, "rmse": False}
+_BOUNDED_01 = {"auc"}
+AXIS_COLOR, GRID_COLOR, MARK_COLOR = "#5a5a5a", "#e4e7ec", "#222222"
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5) -> tuple[float, float, list[float], int]:
+    """An axis over [lo, hi], padded a little and rounded to a 1-2-2.5-5 step: (start, end, ticks,
+    decimals for their labels). A zero span gets a small one around the value."""
+    span = hi - lo
+    if span <= 0:
+        span = max(abs(hi) * 0.02, 0.01)
+        lo, hi = lo - span / 2, hi + span / 2
+    lo, hi = lo - span * 0.08, hi + span * 0.08
+    raw = (hi - lo) / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start, end = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    n = round((end - start) / step)
+    ticks = [start + i * step for i in range(n + 1)]
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / mag, 6) == 2.5 else 0)
+    return start, end, ticks, decimals
+
+
+def dot_plot(chart_id: str, title: str, rows: Sequence[DotRow], series: Sequence[tuple[str, str]], *,
+             metric_name: str) -> str:
+    """A dot plot as inline SVG: one row per tenant, one dot per candidate (``series``: strategy and
+    colour), the serving champion ringed, the champion before as a bar with its promotion margin
+    shaded. The axis spans only the values drawn (so 0.88 and 0.90 are far apart), with labelled
+    ticks and the metric's name. Text is escaped; no script, no font file."""
+    rows = list(rows)[:MAX_CHART_ROWS]
+    higher = HIGHER_IS_BETTER.get(metric_name)
+    label_w, plot_w, value_w, legend_h, row_h, axis_h = 170, 470, 90, 26, 22, 44
+    width, height = label_w + plot_w + value_w, legend_h + row_h * len(rows) + axis_h
+    drawn: list[float] = []
+    for row in rows:
+        drawn += [v for v in (_finite(x) for x in row.values.values()) if v is not None]
+        before = _finite(row.before)
+        if before is not None:
+            drawn.append(before)
+            if _finite(row.margin) and higher is not None:
+                drawn.append(before + (1 if higher else -1) * float(row.margin or 0))
+    lo, hi = (min(drawn), max(drawn)) if drawn else (0.0, 1.0)
+    start, end, ticks, decimals = nice_ticks(lo, hi)
+    if metric_name in _BOUNDED_01:  # no axis room beyond what the metric can reach
+        start, end = max(start, 0.0), min(end, 1.0)
+        ticks = [t for t in ticks if start - 1e-12 <= t <= end + 1e-12]
+
+    def x(v: float) -> float:
+        return label_w + (v - start) / (end - start) * plot_w
+
+    def fmt(v: float) -> str:
+        return f"{v:.{max(3, decimals)}f}"
+
+    parts = [f'<svg id="{_e(chart_id)}" class="chart dotplot" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}" '
+             f'data-axis-start="{start:.6g}" data-axis-end="{end:.6g}">',
+             f"<title>{_e(title)}</title>"]
+    lx = label_w
+    for name, color in series:  # legend
+        parts.append(f'<circle class="key" cx="{lx + 6}" cy="12" r="5" fill="{_e(color)}"></circle>'
+                     f'<text x="{lx + 16}" y="16" class="legend">{_e(name)}</text>')
+        lx += 24 + 7 * len(name)
+    parts.append(f'<circle cx="{lx + 6}" cy="12" r="8" fill="none" stroke="{MARK_COLOR}" stroke-width="1.5"></circle>'
+                 f'<text x="{lx + 18}" y="16" class="legend">serving</text>')
+    lx += 80
+    parts.append(f'<rect x="{lx}" y="4" width="2" height="16" fill="{MARK_COLOR}"></rect>'
+                 f'<text x="{lx + 8}" y="16" class="legend">champion before (+ margin)</text>')
+    top, bottom = legend_h, legend_h + row_h * len(rows)
+    for t in ticks:  # grid, behind the dots
+        parts.append(f'<line class="grid" x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{bottom}" '
+                     f'stroke="{GRID_COLOR}" stroke-width="1"></line>')
+    for i, row in enumerate(rows):
+        cy = top + i * row_h + row_h / 2
+        parts.append(f'<text x="{label_w - 8}" y="{cy + 4:.0f}" text-anchor="end">{_e(row.label)}</text>')
+        before, margin = _finite(row.before), _finite(row.margin)
+        if before is not None:
+            if margin and higher is not None:
+                x0, x1 = sorted((x(before), x(before + (margin if higher else -margin))))
+                parts.append(f'<rect class="margin" x="{x0:.1f}" y="{cy - 8:.1f}" width="{max(x1 - x0, 1.0):.1f}" '
+                             f'height="16" fill="{MARK_COLOR}" fill-opacity="0.12">'
+                             f'<title>{_e(row.label)}: promotion margin {_e(fmt(margin))}</title></rect>')
+            parts.append(f'<rect class="baseline" x="{x(before) - 1:.1f}" y="{cy - 8:.1f}" width="2" height="16" '
+                         f'fill="{MARK_COLOR}"><title>{_e(row.label)}: champion before {_e(fmt(before))}</title></rect>')
+        xs = {name: x(v) for name, _ in series if (v := _finite(row.values.get(name))) is not None}
+        for s, (name, color) in enumerate(series):
+            v = _finite(row.values.get(name))
+            if v is None:
+                continue
+            # Dots that would overlap move apart vertically, so equal values stay visible.
+            close = any(abs(xs[name] - other) < 10 for o, other in xs.items() if o != name)
+            dy = (s - (len(series) - 1) / 2) * 5 if close else 0.0
+            if name == row.champion:
+                parts.append(f'<circle class="champion" cx="{x(v):.1f}" cy="{cy + dy:.1f}" r="8" fill="none" '
+                             f'stroke="{MARK_COLOR}" stroke-width="1.5"></circle>')
+            parts.append(f'<circle class="dot" data-strategy="{_e(name)}" cx="{x(v):.1f}" cy="{cy + dy:.1f}" '
+                         f'r="5" fill="{_e(color)}" stroke="#ffffff" stroke-width="1">'
+                         f'<title>{_e(row.label)}: {_e(name)} {_e(fmt(v))}</title></circle>')
+        served = _finite(row.served) if row.served is not None else _finite(row.values.get(row.champion or ""))
+        parts.append(f'<text x="{label_w + plot_w + 8}" y="{cy + 4:.0f}" class="value">'
+                     f'{_e(NONE if served is None else fmt(served))}</text>')
+    parts.append(f'<line class="axis" x1="{label_w}" y1="{bottom + 0.5}" x2="{label_w + plot_w}" y2="{bottom + 0.5}" '
+                 f'stroke="{AXIS_COLOR}" stroke-width="1" shape-rendering="crispEdges"></line>')
+    for t in ticks:
+        parts.append(f'<line x1="{x(t):.1f}" y1="{bottom}" x2="{x(t):.1f}" y2="{bottom + 5}" stroke="{AXIS_COLOR}" '
+                     f'stroke-width="1"></line><text class="tick" x="{x(t):.1f}" y="{bottom + 17}" '
+                     f'text-anchor="middle">{_e(f"{t:.{decimals}f}")}</text>')
+    better = "" if higher is None else (", higher is better" if higher else ", lower is better")
+    parts.append(f'<text class="axis-label" x="{label_w + plot_w / 2}" y="{bottom + 37}" text-anchor="middle">'
+                 f"{_e(metric_name)} on the tenant's holdout{_e(better)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _figure(svg: str, caption: str, shown: int, total: int) -> str:
     more = f" ({shown} of {total} shown)" if total > shown else ""
     return f'<figure>{svg}<figcaption>{_e(caption + more)}</figcaption></figure>'
@@ -311,6 +447,26 @@ def _candidates(row: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def _dot_row(label: str, d: dict[str, Any], values: dict[str, float | None]) -> DotRow:
+    """A decision as a dot-plot row. Promoted: the candidate of the serving strategy serves. Kept: the
+    champion before serves, which is a candidate of this run only when its model is one."""
+    champion: str | None = None
+    if d["decision"] == "promoted":
+        champion = d["serving_strategy"]
+    elif d["decision"] == "kept":
+        try:
+            raw = json.loads(d.get("candidates_json") or "[]")
+        except ValueError:
+            raw = []
+        champion = next((str(c["strategy"]) for c in raw if isinstance(raw, list) and isinstance(c, dict)
+                         and c.get("model") and c.get("model") == d.get("serving_model")), None)
+    served = values.get(champion) if champion else None
+    if served is None and d["decision"] == "kept":
+        served = d["champion_before_metric"]
+    return DotRow(label, values, champion=champion, before=d["champion_before_metric"], margin=d.get("margin"),
+                  served=_finite(served))
+
+
 def _strategy_section(r: RunReport) -> str:
     from tenantml.core.ids import SHARED_ID
 
@@ -328,14 +484,16 @@ def _strategy_section(r: RunReport) -> str:
                               _e(d["serving_model"] or NONE), _num(d["holdout_rows"]), _e(d["reason"])])
             for d, c in zip(tenants, cands, strict=True)]
     labels = [f"{d['tenant_id']} → {d['serving_strategy'] or 'none'}" for d in tenants]
-    chart = bar_chart("chart-strategies", f"{r.metric_name} of each candidate on the tenant's holdout", labels,
-                      [(s, STRATEGY_COLORS[s], [c.get(s) for c in cands]) for s in strategies], stacked=False,
-                      fmt=lambda v: f"{v:.3f}")
+    chart = dot_plot("chart-strategies", f"{r.metric_name} of each candidate on the tenant's holdout",
+                     [_dot_row(label, d, c) for label, d, c in zip(labels, tenants, cands, strict=True)],
+                     [(s, STRATEGY_COLORS[s]) for s in strategies], metric_name=r.metric_name)
     shared_note = "".join(
         f'<p>Shared model: <b>{_e(d["decision"])}</b> {_e(d["serving_model"] or "")} '
         f'({_e(r.metric_name)} {_num(d["challenger_metric"])}): {_e(d["reason"])}</p>' for d in shared)
     return ('<section id="strategies"><h2>Strategies and metrics</h2>' + shared_note
-            + _figure(chart, f"{r.metric_name} per candidate; the label names the strategy now serving",
+            + _figure(chart, f"{r.metric_name} per candidate, on a scale that spans only these values; ringed: the "
+                      "candidate now serving (the label names its strategy); bar: the champion before, which still "
+                      "serves where no dot is ringed; shaded: the margin a challenger had to clear",
                       min(len(labels), MAX_CHART_ROWS), len(labels))
             + _table("strategies-table", ["tenant", f"tenant {r.metric_name}", f"tuned {r.metric_name}",
                                           f"shared {r.metric_name}", "champion before", "decision", "serving",
@@ -393,7 +551,8 @@ pre.error{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max
 .strategy.shared{color:#3a9a5b}
 figure{margin:12px 0}figcaption{font-size:12px;color:#666}
 svg.chart{font-size:12px;font-family:inherit;max-width:100%;height:auto}
-svg.chart text.value,svg.chart text.legend{fill:#444}
+svg.chart text.value,svg.chart text.legend,svg.chart text.tick{fill:#444}
+svg.chart text.axis-label{fill:#444;font-size:12px}
 """
 
 

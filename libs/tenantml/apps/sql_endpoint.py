@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tenantml.config import SqlEndpointConfig
 from tenantml.core.errors import ConfigError
 from tenantml.io.tables import TableRef, Tables
 
@@ -87,6 +88,27 @@ def register_tables(spark: SparkSession, refs: list[TableRef], database: str) ->
     return new
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (a name other than `localhost` counts as reachable)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, cfg: SqlEndpointConfig) -> None:
+    """The endpoint serves every tenant's published rows: off loopback only with authentication."""
+    if not is_loopback(host) and cfg.authentication == "none":
+        raise ConfigError(f"serve-sql --host {host}: the endpoint would serve every tenant's rows to anyone who "
+                          f"can reach {host}; bind to 127.0.0.1 (the default), or configure "
+                          f"sql_endpoint.authentication (ldap, kerberos or custom, with its hive.server2.* "
+                          f"settings) in conf/<env>")
+
+
 def check_port_free(host: str, port: int) -> None:
     """A clear usage error instead of a JVM stack trace when the port is taken."""
     if not 0 < port < 65536:
@@ -113,7 +135,8 @@ def require_thrift_server(spark: SparkSession) -> None:
             f"serve-sql needs the pip `pyspark` distribution, which ships it in pyspark/jars") from exc
 
 
-def start_thrift_server(spark: SparkSession, host: str, port: int, log_dir: str | None = None) -> Any:
+def start_thrift_server(spark: SparkSession, host: str, port: int, log_dir: str | None = None,
+                        auth: SqlEndpointConfig | None = None) -> Any:
     """Start Spark's HiveServer2 inside this driver, sharing its catalog; returns the JVM server.
 
     Each connection gets its own Spark session over the shared catalog, as on a cluster.
@@ -123,8 +146,10 @@ def start_thrift_server(spark: SparkSession, host: str, port: int, log_dir: str 
     jvm: Any = spark.sparkContext._jvm
     if log_dir:  # the server's scratch Derby (execution metadata only) logs here, not into the cwd
         jvm.java.lang.System.setProperty("derby.stream.error.file", f"{log_dir}/derby.log")
+    mode = "NONE" if auth is None else auth.authentication.upper()
     for key, value in (("hive.server2.thrift.bind.host", host), ("hive.server2.thrift.port", str(port)),
-                       ("hive.server2.transport.mode", TRANSPORT), ("hive.server2.authentication", "NONE")):
+                       ("hive.server2.transport.mode", TRANSPORT), ("hive.server2.authentication", mode),
+                       *((auth.settings if auth is not None else {}).items())):
         spark.conf.set(key, value)
     server_class = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2
     return server_class.startWithContext(spark._jsparkSession.sqlContext())  # type: ignore[attr-defined]
@@ -143,6 +168,7 @@ def serve(ctx: JobContext, host: str = "127.0.0.1", port: int = 10000, database:
         raise ConfigError("serve-sql serves the local path-based warehouse; with tables.catalog/tables.schema "
                           "set, connect BI tools to a Databricks SQL warehouse instead (docs/powerbi.md)")
     db = _database(database)
+    check_exposure(host, ctx.config.sql_endpoint)
     check_port_free(host, port)
     spark = ctx.spark
     ctx.progress.phase(f"serve-sql: registering the published tables of {ctx.tables.warehouse}")
@@ -153,7 +179,7 @@ def serve(ctx: JobContext, host: str = "127.0.0.1", port: int = 10000, database:
     log_dir = ctx.data_dir / "sql-endpoint"
     log_dir.mkdir(parents=True, exist_ok=True)
     ctx.progress.phase(f"serve-sql: starting the Thrift server on {host}:{port}")
-    server = start_thrift_server(spark, host, port, str(log_dir))
+    server = start_thrift_server(spark, host, port, str(log_dir), auth=ctx.config.sql_endpoint)
     endpoint = SqlEndpoint(host, port, db, tuple(sorted(names)))
     stop = stop or threading.Event()
     restore = _on_sigterm(stop.set)

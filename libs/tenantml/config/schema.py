@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tenantml.core.errors import ConfigError
 from tenantml.core.ids import is_valid_tenant_id
+from tenantml.core.secrets import check_reference
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,127}$")
@@ -77,6 +78,8 @@ class DatasetSpec(_Strict):
     """A user's dataset: where it is, who owns each row, what to predict from what."""
 
     source: SourceSpec
+    # Rows that need predictions: the same columns as `source` minus the label (optional).
+    scoring_source: SourceSpec | None = None
     tenant_column: str
     entity_key: str
     label: str
@@ -125,6 +128,11 @@ class DatasetSpec(_Strict):
         return [*self.numeric_features, *self.categorical_features]
 
     @property
+    def scoring_columns(self) -> list[str]:
+        """The columns a scoring batch carries: every declared column but the label."""
+        return [c for c in self.declared_columns if c != self.label]
+
+    @property
     def declared_columns(self) -> list[str]:
         """Every source column the platform reads; order is stable and duplicates removed."""
         cols = [self.tenant_column, self.entity_key, self.label, *self.feature_columns,
@@ -163,6 +171,15 @@ class TrackingConfig(_Strict):
     experiment: str = "tenantml"
     model_name_prefix: str = ""
     champion_alias: str = "champion"
+    # Key of the HMAC that signs every model_store row (a secret reference, like privacy.pii_salt):
+    # scoring refuses a row whose bytes, owner or strategy were changed after training.
+    signing_key: str = "env:TENANTML_MODEL_SIGNING_KEY"
+    generate_local_signing_key: bool = False  # file: references only; creates a random key once (0600)
+
+    @field_validator("signing_key")
+    @classmethod
+    def _key_reference(cls, v: str) -> str:
+        return check_reference(v)
 
 
 class TenantsConfig(_Strict):
@@ -296,11 +313,7 @@ class PrivacyConfig(_Strict):
     @field_validator("pii_salt")
     @classmethod
     def _salt_reference(cls, v: str) -> str:
-        kind, _, rest = v.partition(":")
-        if kind not in ("env", "file", "secret") or not rest:
-            raise ValueError("must be a secret reference env:NAME, file:PATH or secret:SCOPE/KEY, "
-                             "never the salt value itself")
-        return v
+        return check_reference(v)
 
 
 class ScoringConfig(_Strict):
@@ -313,6 +326,52 @@ class ScoringConfig(_Strict):
     rows_per_slice: int = Field(default=100_000, ge=1)  # a tenant spreads over more tasks only above this
 
 
+class MonitoringConfig(_Strict):
+    """When a tenant's champion counts as drifted or degraded (per scoring batch)."""
+
+    psi_warn: float = Field(default=0.1, ge=0.0)
+    psi_alert: float = Field(default=0.25, ge=0.0)   # a feature or the prediction above this: drift
+    drift_features: int = Field(default=1, ge=1)      # features in drift before the tenant counts as drifted
+    metric_drop: float = Field(default=0.05, ge=0.0)  # realised metric worse than promoted by more: degraded
+    min_labelled_rows: int = Field(default=30, ge=1)  # labelled, scored rows a realised metric needs
+    min_drift_rows: int = Field(default=50, ge=1)     # rows a batch needs before its PSI counts (noise below)
+    bins: int = Field(default=10, ge=2, le=100)       # reference bins per numeric feature
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MonitoringConfig:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError(f"psi_warn ({self.psi_warn}) must not exceed psi_alert ({self.psi_alert})")
+        return self
+
+
+class RetrainingConfig(_Strict):
+    """Which tenants the train steps retrain each run (decided by the monitor step)."""
+
+    force: bool = False                     # retrain every eligible tenant every run
+    min_new_rows: int = Field(default=200, ge=1)          # new labelled rows since the champion's data ...
+    min_new_fraction: float = Field(default=0.25, gt=0.0)  # ... or this share of its training rows
+    on_drift: bool = True
+    on_degradation: bool = True
+    max_age_days: float | None = Field(default=30.0, gt=0)  # champions older than this are retrained
+
+
+class SqlEndpointConfig(_Strict):
+    """`serve-sql`: who may connect. Without authentication it binds to loopback only."""
+
+    authentication: Literal["none", "ldap", "kerberos", "custom"] = "none"
+    # hive.server2.* properties for the chosen mode, e.g. hive.server2.authentication.ldap.url
+    settings: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _hive_keys(self) -> SqlEndpointConfig:
+        bad = [k for k in self.settings if not k.startswith("hive.server2.")]
+        if bad:
+            raise ValueError(f"settings must be hive.server2.* properties, not {bad}")
+        if self.authentication != "none" and not self.settings:
+            raise ValueError(f"authentication {self.authentication!r} needs its hive.server2.* settings")
+        return self
+
+
 class Config(_Strict):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
@@ -323,6 +382,9 @@ class Config(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    sql_endpoint: SqlEndpointConfig = Field(default_factory=SqlEndpointConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    retraining: RetrainingConfig = Field(default_factory=RetrainingConfig)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
 
     @field_validator("datasets")

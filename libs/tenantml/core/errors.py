@@ -43,6 +43,12 @@ class SourceError(TenantMLError):
     """The source files or table are missing, unreadable, or lack declared columns."""
 
 
+class SourceNotFoundError(SourceError):
+    """The source path given (config or --source) does not exist: a usage error."""
+
+    exit_code = EXIT_USAGE
+
+
 class TableNotFoundError(TenantMLError):
     """A step needs a table that an earlier step has not written yet."""
 

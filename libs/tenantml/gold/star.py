@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 # The published contracts: exact column names, order and types (tested; documented in
 # docs/data-contracts.md). Change them only together with the docs and the BI reports.
 FACT_SCHEMA = (
-    "tenant_id string, tenant_key bigint, entity_key string, scoring_run_id string, score_date_key int, "
-    "scored_at timestamp, model_key bigint, strategy string, prediction double, score double"
+    "tenant_id string, tenant_key bigint, entity_key string, scoring_run_id string, scoring_batch_id string, "
+    "score_date_key int, scored_at timestamp, model_key bigint, strategy string, prediction double, score double"
 )
 TENANT_DIM_SCHEMA = (
     "tenant_key bigint, tenant_id string, display_name string, strategy string, consent_share_data boolean, "
@@ -200,6 +200,7 @@ def prediction_fact(predictions: DataFrame) -> DataFrame:
     df = (predictions
           .withColumn("tenant_key", tenant_key(F.col("tenant_id")))
           .withColumn("scoring_run_id", F.col("run_id"))
+          .withColumn("scoring_batch_id", F.col("batch_id") if "batch_id" in predictions.columns else F.lit(None))
           .withColumn("score_date_key", date_key(F.to_date(F.col("scored_at"))))
           .withColumn("model_key", model_key(F.col("model_name"), F.col("model_version"))))
     return _cast(df, FACT_SCHEMA)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tenantml.config import Config, load_config
 from tenantml.core.errors import ConfigError
@@ -89,7 +89,17 @@ class JobContext:
                progress: Progress | None = None) -> JobContext:
         config = load_config(conf_dir, env)
         root = Path(data_dir or os.environ.get("TENANTML_DATA_DIR") or config.project.data_dir)
-        ctx = cls(config=config, data_dir=root.resolve(), spark_session=spark)
+        if "\x00" in str(root):
+            raise ConfigError(f"data directory {str(root)!r} is not a path")
+        root = root.resolve()
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"data directory {root} exists and is not a folder")
+        for parent in root.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"data directory {root}: {parent} is a file, not a folder")
+                break
+        ctx = cls(config=config, data_dir=root, spark_session=spark)
         if run_id:
             ctx.run_id = run_id
         if progress is not None:
@@ -172,11 +182,30 @@ class JobContext:
                 raise
             return str(exp.experiment_id)
 
+    def dbutils(self) -> Any:
+        """Databricks' dbutils for this session (secret scopes), or None off Databricks."""
+        try:
+            from pyspark.dbutils import DBUtils  # type: ignore[import-not-found]
+
+            return DBUtils(self.spark)
+        except ImportError:
+            return None
+
+    @cached_property
+    def signing_key(self) -> bytes:
+        """The key that signs model_store rows (`tracking.signing_key`), resolved once per context."""
+        from tenantml.core.secrets import resolve_secret
+
+        t = self.config.tracking
+        return resolve_secret(t.signing_key, self.data_dir, key="tracking.signing_key",
+                              generate=t.generate_local_signing_key,
+                              generate_key="tracking.generate_local_signing_key", dbutils=self.dbutils())
+
     def scope(self, tenants: Iterable[str], step: str) -> TenantScope:
         """A tenant scope over ``tenants`` for ``step``: how steps and readers touch tenant data."""
         from tenantml.io.scope import TenantScope
 
-        return TenantScope(self.spark, tenants, step, model_store=self.tables.model_store,
+        return TenantScope(lambda: self.spark, tenants, step, model_store=self.tables.model_store,
                            model_prefix=self.config.tracking.model_name_prefix,
                            datasets=tuple(self.config.datasets), data_dir=self.data_dir)
 

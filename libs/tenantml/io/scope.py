@@ -18,7 +18,7 @@ Every refusal is a `TenantIsolationError` naming the step, the tenants and the t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,9 +36,11 @@ ISOLATION_MARKER = "tenantml-isolation:"
 class TenantScope:
     """A set of tenants that one step (or one reader) acts for; see the module docstring."""
 
-    def __init__(self, spark: SparkSession, tenants: Iterable[str], step: str, *, model_store: TableRef,
-                 model_prefix: str = "", datasets: Sequence[str] = (), data_dir: Path | None = None) -> None:
-        self.spark = spark
+    def __init__(self, spark: SparkSession | Callable[[], SparkSession], tenants: Iterable[str], step: str, *,
+                 model_store: TableRef, model_prefix: str = "", datasets: Sequence[str] = (),
+                 data_dir: Path | None = None) -> None:
+        # A callable is called on first use: opening a scope starts no session.
+        self._spark = spark
         self.step = step
         self.tenants: tuple[TenantId, ...] = tuple(sorted({validate_tenant_id(t, where=f"step {step}")
                                                            for t in tenants}))
@@ -46,6 +48,12 @@ class TenantScope:
         self._prefix = model_prefix
         self._datasets = tuple(datasets)
         self._data_dir = data_dir
+
+    @property
+    def spark(self) -> SparkSession:
+        if callable(self._spark) and not hasattr(self._spark, "sparkContext") and not hasattr(self._spark, "client"):
+            self._spark = self._spark()
+        return self._spark  # type: ignore[return-value]
 
     def _refuse(self, what: str) -> TenantIsolationError:
         shown = ", ".join(self.tenants[:5]) + (f" and {len(self.tenants) - 5} more" if len(self.tenants) > 5 else "")
@@ -58,7 +66,7 @@ class TenantScope:
         """A scope over a subset of these tenants (never a tenant outside them)."""
         ids = list(tenants)
         self.check(ids, "narrowing the scope")
-        return TenantScope(self.spark, ids, step or self.step, model_store=self._model_store,
+        return TenantScope(self._spark, ids, step or self.step, model_store=self._model_store,
                            model_prefix=self._prefix, datasets=self._datasets, data_dir=self._data_dir)
 
     # ------------------------------------------------------------------ data
@@ -121,6 +129,20 @@ class TenantScope:
         self.check([tenant_id], f"naming the model of dataset {dataset!r}")
         return model_name(self._prefix, dataset, tenant_id)
 
+    def _check_own(self, wanted: dict[str, tuple[str, str]]) -> None:
+        for tenant, (name, _) in wanted.items():
+            if tenant not in self.tenants:
+                raise self._refuse(f"loading a model for tenant {tenant!r}")
+            if name not in {model_name(self._prefix, ds, tenant) for ds in self._datasets}:
+                raise self._refuse(f"loading model {name!r} for tenant {tenant!r}: not its own model")
+
+    def model_rows(self, wanted: dict[str, tuple[str, str]]) -> DataFrame:
+        """`load_models` as a Spark frame: the bytes stay in Spark (scoring joins them to the rows)."""
+        from tenantml.io.model_store import stored_rows
+
+        self._check_own(wanted)
+        return stored_rows(self.spark, self._model_store, wanted)
+
     def load_models(self, wanted: dict[str, tuple[str, str]]) -> pd.DataFrame:
         """Stored bytes of each tenant's (model, version), which must be a version of its own model.
 
@@ -128,11 +150,7 @@ class TenantScope:
         tenant's model cannot pull that tenant's bytes in."""
         from tenantml.io.model_store import load_models
 
-        for tenant, (name, _) in wanted.items():
-            if tenant not in self.tenants:
-                raise self._refuse(f"loading a model for tenant {tenant!r}")
-            if name not in {model_name(self._prefix, ds, tenant) for ds in self._datasets}:
-                raise self._refuse(f"loading model {name!r} for tenant {tenant!r}: not its own model")
+        self._check_own(wanted)
         return load_models(self.spark, self._model_store, wanted)
 
     # ------------------------------------------------------------------ files

@@ -22,16 +22,18 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote
 
 from tenantml.config import DatasetSpec, SourceSpec
-from tenantml.core.errors import SourceError
+from tenantml.core.errors import ConfigError, SourceError, SourceNotFoundError
 from tenantml.core.ids import TENANT_ID_JAVA_REGEX
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import DataType
+
+    from tenantml.io.tables import TableRef
 
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,24 @@ _COMPRESSED = (".gz",)  # csv/json only; Spark picks the codec from the extensio
 _PARQUET_MAGIC = (b"PAR1", b"PARE")
 _NAMED_FILES = 5
 _NOTHING_WRITTEN = "nothing was ingested"
+
+
+Purpose = Literal["history", "scoring"]
+
+
+def batch_source(spec: DatasetSpec, purpose: Purpose) -> SourceSpec:
+    """Where a batch of ``purpose`` comes from: the labelled history, or the rows to score."""
+    if purpose == "history":
+        return spec.source
+    if spec.scoring_source is None:
+        raise ConfigError("the dataset declares no 'scoring_source' (rows to score); add one to its "
+                          "config, or give the rows with --source")
+    return spec.scoring_source
+
+
+def batch_columns(spec: DatasetSpec, purpose: Purpose) -> list[str]:
+    """The columns a batch of ``purpose`` must carry: rows to score have no label."""
+    return spec.declared_columns if purpose == "history" else spec.scoring_columns
 
 
 def _source_files(path: Path, fmt: str) -> list[Path]:
@@ -91,12 +111,11 @@ def _col(name: str) -> Column:
 
 
 def _read_table_source(spark: SparkSession, resolve: Callable[[str], Path], dataset: str,
-                       spec: DatasetSpec) -> tuple[DataFrame, str]:
+                       src: SourceSpec, purpose: Purpose = "history") -> tuple[DataFrame, str]:
     """A table source's batch is its Delta version: the same snapshot ingested twice is one batch."""
     from tenantml.io import table_exists, table_version
     from tenantml.io.tables import TableRef
 
-    src = spec.source
     location = src.table or str(resolve(src.path or ""))
     ref = TableRef(name=dataset, fqn=src.table) if src.table else TableRef(name=dataset, path=location)
     try:
@@ -107,7 +126,8 @@ def _read_table_source(spark: SparkSession, resolve: Callable[[str], Path], data
         raise SourceError(f"dataset {dataset!r}: source table {location} does not exist or is not Delta")
     version = table_version(spark, ref)
     df = spark.read.table(src.table) if src.table else spark.read.format("delta").load(location)
-    batch = hashlib.sha256(f"{dataset}:{location}:v{version}".encode()).hexdigest()[:24]
+    key = dataset if purpose == "history" else f"{dataset}:scoring"
+    batch = hashlib.sha256(f"{key}:{location}:v{version}".encode()).hexdigest()[:24]
     return df, batch
 
 
@@ -116,6 +136,28 @@ def source_location(src: SourceSpec, path_override: str | None, resolve: Callabl
     if path_override or src.path:
         return str(resolve(path_override or src.path or ""))
     return str(src.table)
+
+
+def effective_source(spec: DatasetSpec, purpose: Purpose, path_override: str | None) -> SourceSpec:
+    """The source a batch is read from: the configured one, or ``--source PATH`` read in the configured
+    format (a table source's override is a Delta path); rows to score given with --source need no
+    configured scoring source (the history source's format is used)."""
+    if not path_override:
+        return batch_source(spec, purpose)
+    configured = spec.scoring_source if purpose == "scoring" and spec.scoring_source else spec.source
+    fmt = "delta" if configured.format in ("table", "delta") else configured.format
+    return SourceSpec(path=path_override, format=fmt, options=dict(configured.options) if fmt != "delta" else {})
+
+
+def check_source_exists(dataset: str, spec: DatasetSpec, path_override: str | None,
+                        resolve: Callable[[str], Path], purpose: Purpose = "history") -> None:
+    """A file source (or --source) that does not exist is a usage error, found before any Spark work."""
+    src = effective_source(spec, purpose, path_override)
+    if src.table is not None:
+        return
+    location = source_location(src, None, resolve)
+    if not Path(location).exists():
+        raise SourceNotFoundError(f"dataset {dataset!r}: source path {location} does not exist")
 
 
 # --------------------------------------------------------------------------- file checks
@@ -273,14 +315,14 @@ def _string_value(name: str, dtype: DataType, identity: bool) -> Column:
     return col.cast("string")
 
 
-def _declared_strings(df: DataFrame, spec: DatasetSpec, source: Column, fmt: str) -> DataFrame:
+def _declared_strings(df: DataFrame, spec: DatasetSpec, source: Column, fmt: str, columns: list[str]) -> DataFrame:
     """Declared columns as strings + ``_source``, ``_malformed`` and the all-fields helper."""
     from pyspark.sql import functions as F
 
     identity = {spec.tenant_column, spec.entity_key, *spec.categorical_features,
                 *([spec.label] if spec.task == "binary" else [])}
     types = {f.name: f.dataType for f in df.schema.fields}
-    cols = [_string_value(c, types[c], c in identity).alias(c) for c in spec.declared_columns]
+    cols = [_string_value(c, types[c], c in identity).alias(c) for c in columns]
     malformed = _col(_CORRUPT) if _CORRUPT in types else F.lit(None).cast("string")
     data_cols = [n for n in types if n != _CORRUPT]
     all_fields = F.xxhash64(*[_col(n) for n in data_cols]) if fmt == "csv" and data_cols else F.lit(0)
@@ -288,9 +330,18 @@ def _declared_strings(df: DataFrame, spec: DatasetSpec, source: Column, fmt: str
                      all_fields.cast("long").alias(ALL_FIELDS))
 
 
-def _check_columns(dataset: str, spec: DatasetSpec, columns: list[str], where: str) -> list[str]:
-    """Raise naming the missing declared columns (with close matches); return the undeclared ones."""
-    missing = [c for c in spec.declared_columns if c not in columns]
+def _check_columns(dataset: str, spec: DatasetSpec, columns: list[str], where: str,
+                   purpose: Purpose = "history") -> list[str]:
+    """Raise naming the missing declared columns (with close matches); return the undeclared ones.
+
+    Rows to score must not carry the label: a scoring batch with a label column is refused (labelled
+    rows belong in the history source, where they train and, for scored entities, are monitored)."""
+    declared = batch_columns(spec, purpose)
+    if purpose == "scoring" and spec.label in columns:
+        raise SourceError(f"dataset {dataset!r}: scoring source {where} has the label column {spec.label!r}: "
+                          f"rows to score carry no label (labelled rows go to the history source); "
+                          f"{_NOTHING_WRITTEN}")
+    missing = [c for c in declared if c not in columns]
     if missing:
         hints = []
         for c in missing:
@@ -298,11 +349,36 @@ def _check_columns(dataset: str, spec: DatasetSpec, columns: list[str], where: s
             hints.append(f"{c!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise SourceError(f"dataset {dataset!r}: source {where} lacks declared "
                           f"column(s) {', '.join(hints)}; it has {sorted(columns)}; {_NOTHING_WRITTEN}")
-    return sorted(set(columns) - set(spec.declared_columns))
+    return sorted(set(columns) - set(declared))
+
+
+def batch_identity(spark: SparkSession, resolve: Callable[[str], Path], dataset: str, spec: DatasetSpec,
+                   path_override: str | None = None, purpose: Purpose = "history") -> str:
+    """The batch id a read would give, without reading the rows: the content hash of the files, or
+    the table's version. Ingest uses it to skip a batch it already holds."""
+    src = effective_source(spec, purpose, path_override)
+    location = source_location(src, None, resolve)
+    key = dataset if purpose == "history" else f"{dataset}:scoring"
+    if src.format in ("table", "delta"):
+        from tenantml.io import table_exists, table_version
+        from tenantml.io.tables import TableRef
+
+        ref = TableRef(name=dataset, fqn=src.table) if src.table else TableRef(name=dataset, path=location)
+        if not table_exists(spark, ref):
+            raise SourceError(f"dataset {dataset!r}: source table {location} does not exist or is not Delta")
+        return hashlib.sha256(f"{key}:{location}:v{table_version(spark, ref)}".encode()).hexdigest()[:24]
+    path = Path(location)
+    if not path.exists():
+        raise SourceNotFoundError(f"dataset {dataset!r}: source path {location} does not exist")
+    files = _source_files(path, src.format)
+    if not files:
+        raise SourceError(f"dataset {dataset!r}: no {src.format} files under {location}")
+    return batch_id_for(files, key)
 
 
 def read_source(spark: SparkSession, resolve: Callable[[str], Path], dataset: str, spec: DatasetSpec,
-                path_override: str | None = None) -> tuple[DataFrame, str, list[str]]:
+                path_override: str | None = None, purpose: Purpose = "history",
+                batch_id: str | None = None) -> tuple[DataFrame, str, list[str]]:
     """Read the raw source with every declared column as a string; bronze keeps values as given.
 
     Returns the frame (declared columns, ``_source``, ``_malformed`` and a helper column that
@@ -310,18 +386,19 @@ def read_source(spark: SparkSession, resolve: Callable[[str], Path], dataset: st
     """
     from pyspark.sql import functions as F
 
-    src = spec.source
-    location = source_location(src, path_override, resolve)
-    if src.format in ("table", "delta") and not path_override:
-        raw, batch = _read_table_source(spark, resolve, dataset, spec)
-        extra = _check_columns(dataset, spec, raw.columns, location)
+    src = effective_source(spec, purpose, path_override)
+    columns_wanted = batch_columns(spec, purpose)
+    location = source_location(src, None, resolve)
+    if src.format in ("table", "delta"):
+        raw, batch = _read_table_source(spark, resolve, dataset, src, purpose)
+        extra = _check_columns(dataset, spec, raw.columns, location, purpose)
         if extra:
             log.warning("dataset %s: ignoring undeclared source columns %s", dataset, extra)
-        df = _declared_strings(raw, spec, F.lit(src.table or src.path), src.format)
+        df = _declared_strings(raw, spec, F.lit(src.table or location), src.format, columns_wanted)
     else:
         path = Path(location)
         if not path.exists():
-            raise SourceError(f"dataset {dataset!r}: source path {location} does not exist")
+            raise SourceNotFoundError(f"dataset {dataset!r}: source path {location} does not exist")
         files = _source_files(path, src.format)
         if not files:
             raise SourceError(f"dataset {dataset!r}: no {src.format} files under {location}")
@@ -342,25 +419,25 @@ def read_source(spark: SparkSession, resolve: Callable[[str], Path], dataset: st
             raw = _read_group(spark, dataset, src.format, options, group)
             columns = [c for c in raw.columns if c != _CORRUPT]
             where = location if len(groups) == 1 else f"file(s) {_name_files(group)}"
-            group_extra = _check_columns(dataset, spec, columns, where)
+            group_extra = _check_columns(dataset, spec, columns, where, purpose)
             if group_extra:
                 extra_by_group[_name_files(group)] = group_extra
-            frames.append(_declared_strings(raw, spec, F.col("_metadata.file_path"), src.format))
+            frames.append(_declared_strings(raw, spec, F.col("_metadata.file_path"), src.format, columns_wanted))
         df = frames[0]
         for other in frames[1:]:
             df = df.unionByName(other)
-        batch = batch_id_for(files, dataset)
+        batch = batch_id or batch_id_for(files, dataset if purpose == "history" else f"{dataset}:scoring")
         for where, cols in extra_by_group.items():
             log.warning("dataset %s: ignoring undeclared source columns %s in %s", dataset, cols, where)
         extra = sorted({c for cols in extra_by_group.values() for c in cols})
     return df, batch, extra
 
 
-def check_json_documents(bronze: DataFrame, dataset: str, spec: DatasetSpec) -> None:
+def check_json_documents(bronze: DataFrame, dataset: str, src: SourceSpec) -> None:
     """With ``multiLine`` a JSON file is one document: a corrupt one cannot be read in part."""
     from pyspark.sql import functions as F
 
-    if spec.source.format != "json" or _lower_keys(spec.source.options).get("multiline", "").lower() != "true":
+    if src.format != "json" or _lower_keys(src.options).get("multiline", "").lower() != "true":
         return
     bad = [r[0] for r in bronze.where(F.col(MALFORMED).isNotNull()).select("_source").distinct()
            .orderBy("_source").limit(_NAMED_FILES + 1).collect()]
@@ -371,7 +448,7 @@ def check_json_documents(bronze: DataFrame, dataset: str, spec: DatasetSpec) -> 
                           f"{_NOTHING_WRITTEN}")
 
 
-def to_bronze(df: DataFrame, spec: DatasetSpec, batch_id: str) -> DataFrame:
+def to_bronze(df: DataFrame, spec: DatasetSpec, batch_id: str, purpose: Purpose = "history") -> DataFrame:
     """Declared columns as strings, the raw tenant kept, and a validated ``tenant_id`` (NULL if unsafe).
 
     ``df`` is what :func:`read_source` returns; the helper column it carries is kept here (so the
@@ -382,7 +459,7 @@ def to_bronze(df: DataFrame, spec: DatasetSpec, batch_id: str) -> DataFrame:
     raw = _col(spec.tenant_column).cast("string")
     cols = [raw.alias(RAW_TENANT),
             F.when(raw.rlike(TENANT_ID_JAVA_REGEX), raw).alias("tenant_id")]
-    cols += [_col(c).cast("string").alias(c) for c in spec.declared_columns if c != spec.tenant_column]
+    cols += [_col(c).cast("string").alias(c) for c in batch_columns(spec, purpose) if c != spec.tenant_column]
     return df.select(
         *cols,
         F.lit(batch_id).alias("_batch_id"),
@@ -394,3 +471,22 @@ def to_bronze(df: DataFrame, spec: DatasetSpec, batch_id: str) -> DataFrame:
     )
 
 
+
+
+def held_batch(spark: SparkSession, ref: TableRef, batch_id: str) -> dict[str | None, int] | None:
+    """Rows per tenant of batch ``batch_id`` in ``ref`` when a complete ingest wrote it (not one limited
+    with --tenants), else None: the batch is read and written again."""
+    from pyspark.sql import functions as F
+
+    from tenantml.io import read_table, table_exists
+
+    if not table_exists(spark, ref):
+        return None
+    rows = read_table(spark, ref).where(F.col("_batch_id") == batch_id)
+    if "_partial" not in rows.columns:
+        return None
+    held = rows.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n"),
+                                         F.max(F.coalesce(F.col("_partial"), F.lit(True)).cast("int")).alias("p")).collect()
+    if not held or any(r["p"] for r in held):
+        return None
+    return {r["tenant_id"]: int(r["n"]) for r in held}

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 
 
 SCHEDULER_POOLS_FILE = Path(__file__).resolve().parents[1] / "resources" / "fairscheduler.xml"
+# Driver logging of local sessions: errors only (what the session is set to once it runs), so
+# start-up prints no log4j banner, no default-profile notice and no level hint.
+LOG4J2_FILE = Path(__file__).resolve().parents[1] / "resources" / "log4j2.properties"
+
+# The Delta Lake jars, resolved once by `python -m tenantml.apps.setup` into this folder (the
+# variable, else `<venv>/share/tenantml/jars`); sessions then start from the local files.
+DELTA_JARS_ENV = "TENANTML_JARS_DIR"
+DELTA_JARS_MANIFEST = "delta-jars.json"
+# Lines the JVM prints on stderr at start whatever the logging configuration says (Spark's launcher
+# always adds `--add-modules=jdk.incubator.vector`): dropped on their way to this process's stderr.
+_JVM_START_NOISE = (b"WARNING: Using incubator modules:",)
 
 
 def on_databricks() -> bool:
@@ -27,6 +38,76 @@ def on_databricks() -> bool:
 LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 
 
+def ivy_dir() -> Path:
+    """Spark's Ivy folder (cache and retrieved jars) for `spark.jars.packages`."""
+    return Path(os.environ.get("TENANTML_IVY_DIR", os.path.expanduser("~/.ivy2.5.2")))
+
+
+def delta_package() -> str:
+    """The Maven coordinate `delta.configure_spark_with_delta_pip` asks Ivy for: delta-spark built for
+    this PySpark's major.minor and Scala 2.13, at the installed delta-spark version."""
+    import importlib.metadata
+
+    import pyspark
+
+    spark_major_minor = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_major_minor}_2.13:{importlib.metadata.version('delta-spark')}"
+
+
+def delta_jars_dir() -> Path:
+    """Where set-up keeps the Delta jars: ``$TENANTML_JARS_DIR``, else ``share/tenantml/jars`` in the
+    environment this interpreter runs in (the project's venv)."""
+    configured = os.environ.get(DELTA_JARS_ENV)
+    return Path(configured).expanduser() if configured else Path(sys.prefix) / "share" / "tenantml" / "jars"
+
+
+def local_delta_jars(folder: Path | None = None) -> list[Path] | None:
+    """The jars set-up saved for the installed delta-spark, in Ivy's order; None when the folder does
+    not hold them (no set-up yet, another Delta version, a file missing)."""
+    import json
+
+    folder = delta_jars_dir() if folder is None else folder
+    try:
+        manifest = json.loads((folder / DELTA_JARS_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("package") != delta_package():
+            return None
+        jars = [folder / str(name) for name in manifest["jars"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return jars if jars and all(j.is_file() for j in jars) else None
+
+
+def save_delta_jars(spark: SparkSession, folder: Path | None = None) -> list[Path]:
+    """Copy the jars Ivy resolved for ``spark`` (a session built with ``resolve_delta=True``) into
+    ``folder`` with a manifest naming the Delta package; returns the copies."""
+    import json
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    folder = delta_jars_dir() if folder is None else folder
+    retrieved = (ivy_dir() / "jars").resolve()
+    resolved = [Path(unquote(urlparse(u).path)) if u.startswith("file:") else Path(u)
+                for u in (spark.sparkContext.getConf().get("spark.jars", "") or "").split(",") if u]
+    jars = [j for j in resolved if j.resolve().parent == retrieved]
+    if not any(j.name.startswith("io.delta_delta-spark_") for j in jars):
+        raise RuntimeError(f"the session holds no Delta jar from {retrieved} (spark.jars: {resolved})")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DELTA_JARS_MANIFEST).unlink(missing_ok=True)  # no half-copied folder is ever used
+    for jar in jars:
+        tmp = folder / f".{jar.name}.tmp"
+        shutil.copyfile(jar, tmp)
+        os.replace(tmp, folder / jar.name)
+    kept = {j.name for j in jars} | {DELTA_JARS_MANIFEST}
+    for old in folder.iterdir():  # jars of an earlier Delta version
+        if old.suffix == ".jar" and old.name not in kept:
+            old.unlink()
+    tmp = folder / f".{DELTA_JARS_MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"package": delta_package(), "jars": [j.name for j in jars]}, indent=2) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, folder / DELTA_JARS_MANIFEST)
+    return [folder / j.name for j in jars]
+
+
 def build_local_spark(
     master: str = "local[2]",
     app_name: str = "tenantml",
@@ -34,17 +115,23 @@ def build_local_spark(
     arrow_batch_size: int = 10_000,
     warehouse_dir: str | None = None,
     extra_conf: Mapping[str, str] | None = None,
+    resolve_delta: bool = False,
 ) -> SparkSession:
-    """A local session with Delta Lake; the Delta jars resolve from the package registry on first use.
+    """A local session with Delta Lake.
+
+    The Delta jars come from the folder set-up fills (`delta_jars_dir`) as ``spark.jars``, so the
+    session starts offline and silently; without them (a fresh checkout before set-up, or
+    ``resolve_delta``) Spark resolves them through Ivy from Maven Central, as
+    `delta.configure_spark_with_delta_pip` asks, printing its dependency report on stderr.
 
     Workers must run this interpreter (torch, pandas and tenantml live there), so PYSPARK_PYTHON is
     pinned to ``sys.executable`` unless the caller set it.
     """
-    from delta import configure_spark_with_delta_pip
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    extra = dict(extra_conf or {})
     builder = (
         SparkSession.builder.master(master)
         .appName(app_name)
@@ -64,28 +151,85 @@ def build_local_spark(
         # One FAIR pool per tenant tier (resources/fairscheduler.xml); spark.conf may replace the file.
         .config("spark.scheduler.mode", "FAIR")
         .config("spark.scheduler.allocation.file", str(SCHEDULER_POOLS_FILE))
-        .config("spark.jars.ivy", os.environ.get("TENANTML_IVY_DIR", os.path.expanduser("~/.ivy2.5.2")))
+        .config("spark.jars.ivy", str(ivy_dir()))
     )
     if warehouse_dir:
         builder = builder.config("spark.sql.warehouse.dir", warehouse_dir)
-    for key, value in (extra_conf or {}).items():
+    java_options = extra.pop("spark.driver.extraJavaOptions", "")
+    if "log4j2.configurationFile" not in java_options:  # a caller's own logging configuration wins
+        java_options = f"-Dlog4j2.configurationFile={LOG4J2_FILE.as_uri()} {java_options}".strip()
+    builder = builder.config("spark.driver.extraJavaOptions", java_options)
+    jars = None if resolve_delta else local_delta_jars()
+    if jars is not None:
+        own = extra.pop("spark.jars", "")  # a caller's jars come after Delta's
+        builder = builder.config("spark.jars", ",".join([*(str(j) for j in jars), *([own] if own else [])]))
+    else:
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+    for key, value in extra.items():
         builder = builder.config(key, value)
-    # The JVM (and Ivy's dependency report) inherit fd 1; point it at stderr so that stdout stays
-    # clean for `--json` output.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        spark = configure_spark_with_delta_pip(builder).getOrCreate()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    with _jvm_output_to_stderr():
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     # Delta's VACUUM lists a table's directories in a job of this many tasks (default 10,000):
     # locally that cost 28-40 s per small partitioned table, against 2 s at a few per core.
     if LISTING_PARALLELISM not in (extra_conf or {}):
         spark.conf.set(LISTING_PARALLELISM, str(4 * spark.sparkContext.defaultParallelism))
     return spark
+
+
+_FILTERS: list[Any] = []  # the filter processes started (kept, so none is reported as left running)
+_STDERR_FILTER = f"""
+import sys
+noise = {_JVM_START_NOISE!r}
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not line.startswith(noise):
+        out.write(line)
+        out.flush()
+"""
+
+
+@contextmanager
+def _jvm_output_to_stderr() -> Iterator[None]:
+    """While a session starts: the JVM it launches inherits fds 1 and 2, so both are pointed at a
+    small filter process that passes everything on to this process's stderr (stdout stays clean for
+    `--json`) except the JVM's own start-up warnings. The filter lives as long as the JVM (and the
+    Python workers it starts) hold the pipe. Nothing changes when this process already has a JVM."""
+    import subprocess
+
+    from pyspark import SparkContext
+
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    try:
+        _FILTERS.append(subprocess.Popen([sys.executable, "-S", "-c", _STDERR_FILTER], stdin=read_end, stdout=2,
+                                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True))
+    except OSError:  # no filter: the JVM writes to stderr directly
+        os.close(read_end)
+        os.close(write_end)
+        read_end = write_end = -1
+    else:
+        os.close(read_end)
+    target = write_end if write_end >= 0 else 2
+    saved = os.dup(1), os.dup(2)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, write_end):
+            if fd >= 0:
+                os.close(fd)
 
 
 def get_or_build_spark(**kwargs: object) -> SparkSession:

@@ -72,6 +72,22 @@ class Tables:
         """Rows to score (no label), ingested as batches like bronze."""
         return self.ref(f"inference_{dataset.lower()}")
 
+    def scoring(self, dataset: str) -> TableRef:
+        """Validated rows to score, typed like silver without the label, one row per (tenant, key, batch)."""
+        return self.ref(f"scoring_{dataset.lower()}")
+
+    def latest_predictions(self, dataset: str) -> TableRef:
+        """Each entity's latest prediction (one row per tenant and entity key), for BI."""
+        return self.ref(f"latest_predictions_{dataset.lower()}")
+
+    def monitoring(self, dataset: str) -> TableRef:
+        """Per tenant and scoring batch: feature and prediction drift, row counts, realised metrics."""
+        return self.ref(f"monitoring_{dataset.lower()}")
+
+    def retraining(self, dataset: str) -> TableRef:
+        """Per run and tenant: whether the tenant is retrained and why."""
+        return self.ref(f"retraining_{dataset.lower()}")
+
     def silver(self, dataset: str) -> TableRef:
         return self.ref(f"silver_{dataset.lower()}")
 

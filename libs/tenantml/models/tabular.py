@@ -109,7 +109,7 @@ def _numeric_values(df: pd.DataFrame, column: str) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def _category_strings(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def category_strings(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """String keys plus a missing mask; integral floats print as ints so that a column that
     gained a NaN (and became float) at training time still matches int values at serving time."""
     missing = series.isna().to_numpy()
@@ -164,7 +164,7 @@ class Preprocessor:
             stds.append(std if std > 0 and math.isfinite(std) else 1.0)
         vocabularies = []
         for column in spec.categorical:
-            keys, is_missing = _category_strings(df[column])
+            keys, is_missing = category_strings(df[column])
             counts = pd.Series(keys[~is_missing], dtype=object).value_counts()
             # Sort by value first so frequency ties are cut deterministically.
             counts = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
@@ -183,7 +183,7 @@ class Preprocessor:
         numeric = (numeric - self.means) / self.stds
         categorical = np.zeros((n, len(self.spec.categorical)), dtype=np.int64)
         for j, column in enumerate(self.spec.categorical):
-            keys, is_missing = _category_strings(df[column])
+            keys, is_missing = category_strings(df[column])
             codes = self._indexes[j].get_indexer(keys) + 1  # unknown (-1) -> 0
             codes[is_missing] = 0
             categorical[:, j] = codes

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tenantml.models.tabular import _category_strings
+from tenantml.models.tabular import category_strings
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -55,7 +55,7 @@ def _numeric_array(values: Any) -> np.ndarray:
 
 def _category_keys(values: Any) -> tuple[np.ndarray, np.ndarray]:
     series = values if isinstance(values, pd.Series) else pd.Series(values)
-    return _category_strings(series.reset_index(drop=True))
+    return category_strings(series.reset_index(drop=True))
 
 
 def _shares(counts: np.ndarray) -> list[float]:

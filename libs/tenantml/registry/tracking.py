@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tenantml.core.ids import SHARED_ID, model_name, shared_model_name, validate_tenant_id
-from tenantml.io.model_store import load_models
+from tenantml.io.model_store import load_models, model_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -178,6 +178,7 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
             mv = client.create_model_version(
                 name, source=source, run_id=cid,
                 tags={"tenant_id": r.tenant_id, "dataset": dataset, "strategy": strategy,
+                      "model_sha256": model_sha256(bytes(r.model)),
                       "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
                       "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
                       "job_run_id": rid, **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
@@ -233,6 +234,7 @@ def track_shared(ctx: JobContext, dataset: str, blob: bytes, *, params: dict[str
         source = f"{run.info.artifact_uri}/models/{SHARED_ID}"
         mv = client.create_model_version(name, source=source, run_id=rid, tags={
             "dataset": dataset, "strategy": "shared", "tenant_id": SHARED_ID, "tenantml_run_id": ctx.run_id,
+            "model_sha256": model_sha256(blob),
             **{k: str(v) for k, v in lineage.items()}})
         out.registered[SHARED_ID] = Registered(SHARED_ID, name, str(mv.version), source)
         client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
@@ -253,14 +255,30 @@ def shared_champion(ctx: JobContext, dataset: str) -> Any | None:
         raise
 
 
-def shared_champion_model(ctx: JobContext, dataset: str) -> tuple[Any, bytes | None] | None:
-    """(ModelVersion, bytes from model_store) of the shared champion; None without a champion,
-    bytes None when the store lacks its row."""
+@dataclass
+class SharedChampion:
+    """The shared champion's registry version and its verified bytes (None, with why, when the model
+    store lacks its row or the row fails verification)."""
+
+    version: Any
+    blob: bytes | None
+    problem: str | None = None
+
+
+def shared_champion_model(ctx: JobContext, dataset: str) -> SharedChampion | None:
+    """The shared champion with its bytes from model_store, verified; None without a champion."""
+    from tenantml.io.model_store import verify
+
     mv = shared_champion(ctx, dataset)
     if mv is None:
         return None
     stored = load_models(ctx.spark, ctx.tables.model_store, {SHARED_ID: (mv.name, str(mv.version))})
-    return mv, None if stored.empty else bytes(stored.iloc[0]["model"])
+    if stored.empty:
+        return SharedChampion(mv, None, f"shared champion {mv.name} v{mv.version} is missing from "
+                                        f"{ctx.tables.model_store.display}")
+    row = stored.iloc[0]
+    problem = verify(row.to_dict(), ctx.signing_key, dict(mv.tags or {}))
+    return SharedChampion(mv, None if problem else bytes(row["model"]), problem)
 
 
 def register_serving_version(ctx: JobContext, dataset: str, tenant_id: str, source: Registered,

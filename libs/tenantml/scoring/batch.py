@@ -1,29 +1,35 @@
-"""Distributed scoring with `mapInPandas`: Arrow batches stream through, models are cached per task.
+"""Distributed scoring: Arrow in and out, every tenant's rows of a batch in one batched forward pass.
 
-Model bytes travel as one broadcast (tenant -> entitled champion); a task deserialises a tenant's
-model the first time it meets that tenant and reuses it for every later batch.
+Models travel with the data instead of in a broadcast (which Spark Connect does not have): each
+tenant's model row (its bytes, read from `model_store` inside Spark) is put into every partition
+that holds rows of that tenant, sorted before them. A task (`mapInArrow`) deserialises the models
+it meets once, then scores each Arrow batch, all its tenants together, with a `BatchedScorer`
+that gives every row its own tenant's weights and refuses a row whose tenant has no model here.
+Per-tenant compute seconds come back as a column, not an accumulator.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 if TYPE_CHECKING:
-    from pyspark.accumulators import Accumulator, AccumulatorParam
-    from pyspark.sql import DataFrame, SparkSession
+    import pyarrow as pa
+    from pyspark.sql import DataFrame
 
 PREDICTION_SCHEMA = (
-    "tenant_id string, entity_key string, prediction double, score double, model_name string, "
+    "tenant_id string, entity_key string, batch_id string, prediction double, score double, model_name string, "
     "model_version string, strategy string, mlflow_run_id string, run_id string"
 )
 # What the Python workers return; the per-model constants are joined on in the JVM, which is
-# cheaper than materialising them in every pandas output frame.
-WORKER_SCHEMA = "tenant_id string, entity_key string, prediction double, score double"
+# cheaper than materialising them in every output batch. `_seconds` carries each tenant's compute
+# time on one of its rows per output batch (0 elsewhere).
+WORKER_SCHEMA = "tenant_id string, entity_key string, batch_id string, prediction double, score double, _seconds double"
+SLICE_COL, IS_MODEL, BLOB = "_slice", "_is_model", "_model"
 
 
 @dataclass(frozen=True)
@@ -34,83 +40,79 @@ class ServingModel:
     model_name: str
     model_version: str
     strategy: str
-    mlflow_run_id: str
-    blob: bytes
+    mlflow_run_id: str | None
 
 
 class ModelCache:
-    """Per-task cache; counts loads so tests can prove 'once per task, never per batch'.
+    """A task's models, deserialised once each; counts loads so tests can prove 'once per task'.
 
-    Tenants whose ServingModels share one bytes object (many tenants served by the shared model)
-    share one deserialised model too.
-    """
+    Tenants served by the same bytes (the shared model) share one deserialised model."""
 
-    def __init__(self, models: dict[str, ServingModel], device: str) -> None:
-        self._models = models
+    def __init__(self, device: str) -> None:
         self._device = device
-        self._loaded: dict[str, Any] = {}
-        self._by_blob: dict[int, Any] = {}
+        self.models: dict[str, Any] = {}
+        self._by_blob: dict[bytes, Any] = {}
         self.loads = 0
+        self._scorer: Any = None
 
-    def get(self, tenant_id: str) -> tuple[ServingModel, Any]:
-        meta = self._models.get(tenant_id)
-        if meta is None:
-            raise PermissionError(f"tenant {tenant_id!r} has no entitled model in this scoring run")
-        if tenant_id not in self._loaded:
-            model = self._by_blob.get(id(meta.blob))
-            if model is None:
-                from tenantml.models import TabularModel
+    def add(self, tenant_id: str, blob: bytes) -> None:
+        if tenant_id in self.models:
+            return
+        model = self._by_blob.get(blob)
+        if model is None:
+            from tenantml.models import TabularModel
 
-                model = TabularModel.from_bytes(meta.blob, device=self._device)
-                self._by_blob[id(meta.blob)] = model
-                self.loads += 1
-            self._loaded[tenant_id] = model
-        return meta, self._loaded[tenant_id]
+            model = TabularModel.from_bytes(blob, device=self._device)
+            self._by_blob[blob] = model
+            self.loads += 1
+        self.models[tenant_id] = model
+        self._scorer = None
 
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from tenantml.models.batched import BatchedScorer
 
-def score_batches(batches: Iterable[pd.DataFrame], cache: ModelCache, key: str, task: str,
-                  run_id: str, threshold: float = 0.5, costs: dict[str, float] | None = None,
-                  lean: bool = False) -> Iterator[pd.DataFrame]:
-    """Score tenant by tenant within each Arrow batch; ``costs`` collects seconds per tenant.
-
-    ``lean`` yields only tenant, key, prediction and score (WORKER_SCHEMA).
-    """
-    import time
-
-    for batch in batches:
-        for tenant_id, rows in batch.groupby("tenant_id", sort=False):
-            started = time.perf_counter()
-            meta, model = cache.get(str(tenant_id))
-            # The model reads only its own features; tenant id and key never reach it.
-            score = model.predict(rows)
-            if costs is not None:
-                costs[str(tenant_id)] = costs.get(str(tenant_id), 0.0) + time.perf_counter() - started
-            pred = (score >= threshold).astype(np.float64) if task == "binary" else score
-            out = {"tenant_id": str(tenant_id), "entity_key": rows[key].astype(str).to_numpy(),
-                   "prediction": pred, "score": score.astype(np.float64)}
-            if not lean:
-                out.update(model_name=meta.model_name, model_version=meta.model_version,
-                           strategy=meta.strategy, mlflow_run_id=meta.mlflow_run_id, run_id=run_id)
-            yield pd.DataFrame(out)
+            self._scorer = BatchedScorer(self.models, device=self._device)
+        return self._scorer
 
 
-def dict_sum_param() -> AccumulatorParam[dict[str, float]]:
-    """A Spark accumulator summing per-tenant seconds across tasks."""
-    from pyspark.accumulators import AccumulatorParam
+def score_arrow(batches: Iterable[pa.RecordBatch], *, key: str, features: list[str], task: str,
+                device: str, threshold: float = 0.5, torch_threads: int = 1) -> Iterator[pa.RecordBatch]:
+    """One task: model rows first (they sort before data rows), then data rows scored batch by batch."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import torch
 
-    class DictSum(AccumulatorParam[dict[str, float]]):
-        def zero(self, value: dict[str, float]) -> dict[str, float]:
-            return {}
-
-        def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-            for k, v in b.items():
-                a[k] = a.get(k, 0.0) + v
-            return a
-
-    return DictSum()
-
-
-SLICE_COL = "_slice"
+    torch.set_num_threads(torch_threads)
+    cache = ModelCache(device)
+    out_schema = pa.schema([("tenant_id", pa.string()), ("entity_key", pa.string()), ("batch_id", pa.string()),
+                            ("prediction", pa.float64()), ("score", pa.float64()), ("_seconds", pa.float64())])
+    for rb in batches:
+        if rb.num_rows == 0:
+            continue
+        is_model = rb.column(IS_MODEL)
+        models = rb.filter(pc.equal(is_model, 1))
+        for tenant, blob in zip(models.column("tenant_id").to_pylist(), models.column(BLOB).to_pylist(), strict=True):
+            cache.add(str(tenant), bytes(blob))
+        data = rb.filter(pc.equal(is_model, 0))
+        if data.num_rows == 0:
+            continue
+        started = time.perf_counter()
+        frame = pd.DataFrame({c: data.column(c).to_pandas() for c in ["tenant_id", *features]})
+        score = cache.scorer().predict(frame)  # KeyError for a row whose tenant has no model here
+        pred = (score >= threshold).astype(np.float64) if task == "binary" else score
+        seconds = time.perf_counter() - started
+        tenants = frame["tenant_id"].to_numpy()
+        codes, uniques = pd.factorize(tenants)
+        share = np.bincount(codes, minlength=len(uniques)) / len(tenants) * seconds
+        first = np.unique(codes, return_index=True)[1]
+        cost = np.zeros(len(tenants))
+        cost[first] = share[codes[first]]
+        yield pa.RecordBatch.from_arrays(
+            [data.column("tenant_id"), pc.cast(data.column(key), pa.string()), data.column("_batch_id"),
+             pa.array(pred, pa.float64()), pa.array(score.astype(np.float64), pa.float64()),
+             pa.array(cost, pa.float64())], schema=out_schema)
 
 
 def scoring_slices(rows: dict[str, int], partitions: int, concurrency: dict[str, int | None],
@@ -130,52 +132,52 @@ def scoring_slices(rows: dict[str, int], partitions: int, concurrency: dict[str,
     return out
 
 
-def slice_frame(data: DataFrame, slices: dict[str, int], key: str, partitions: int) -> DataFrame:
-    """Repartition so that tenant t's rows land in at most ``slices[t]`` partitions."""
+def with_slices(data: DataFrame, slices: dict[str, int], key: str) -> DataFrame:
+    """``data`` with a `_slice` column: tenant t's rows hashed by entity key into ``slices[t]`` slices."""
     from pyspark.sql import functions as F
 
     spread = {t: n for t, n in slices.items() if n > 1}
     if not spread:
-        return data.repartition(partitions, "tenant_id")
+        return data.withColumn(SLICE_COL, F.lit(0).cast("long"))
     table = F.create_map(*[x for t, n in sorted(spread.items()) for x in (F.lit(t), F.lit(n))])
     n_slices = F.coalesce(F.element_at(table, F.col("tenant_id")), F.lit(1))
-    sliced = data.withColumn(SLICE_COL, F.pmod(F.xxhash64(F.col(f"`{key}`").cast("string")), n_slices))
-    return sliced.repartition(partitions, "tenant_id", SLICE_COL).drop(SLICE_COL)
+    return data.withColumn(SLICE_COL, F.pmod(F.xxhash64(F.col(f"`{key}`").cast("string")), n_slices).cast("long"))
 
 
-def score_frame(spark: SparkSession, data: DataFrame, models: dict[str, ServingModel], *, key: str,
-                task: str, run_id: str, device: str, partitions: int,
-                cost_accumulator: Accumulator[dict[str, float]] | None = None,
-                features: list[str] | None = None, slices: dict[str, int] | None = None) -> DataFrame:
-    """Rows of tenants in ``models`` only; others are filtered out before any model is touched.
+def score_frame(data: DataFrame, model_rows: DataFrame, models: dict[str, ServingModel], *, key: str,
+                features: list[str], task: str, run_id: str, device: str, partitions: int,
+                slices: dict[str, int] | None = None) -> DataFrame:
+    """Predictions for the rows of tenants in ``models`` (others are filtered out before any model is
+    touched). ``model_rows`` holds (tenant_id, model bytes as `_model`) for exactly those tenants.
 
-    Only tenant, key and ``features`` travel to the Python workers (labels and PII never do).
-    With ``cost_accumulator`` each task adds the seconds it spent per tenant once it finishes.
-    ``slices`` (from `scoring_slices`) caps the tasks each tenant's rows spread over; without it
-    every tenant's rows stay in one task.
+    Only tenant, key, batch id and ``features`` travel to the Python workers (labels and PII never
+    do). Output: PREDICTION_SCHEMA plus `_seconds` (drop it before writing).
     """
     from pyspark.sql import functions as F
 
-    bmodels = spark.sparkContext.broadcast(models)
+    spark = data.sparkSession
+    scoped = (data.where(F.col("tenant_id").isin(list(models)))
+              .select("tenant_id", F.col(f"`{key}`").alias(key), "_batch_id", *[F.col(f"`{c}`") for c in features]))
+    rows = with_slices(scoped, slices or {}, key).withColumn(IS_MODEL, F.lit(0)).withColumn(BLOB, F.lit(None).cast("binary"))
+    slice_df = spark.createDataFrame([(t, s) for t in models for s in range((slices or {}).get(t, 1))],
+                                     f"tenant_id string, {SLICE_COL} long")
+    model_side = (model_rows.select("tenant_id", F.col(BLOB)).join(F.broadcast(slice_df), "tenant_id")
+                  .withColumn(IS_MODEL, F.lit(1)))
+    both = rows.unionByName(model_side, allowMissingColumns=True)
+    ordered = both.repartition(partitions, "tenant_id", SLICE_COL).sortWithinPartitions(F.col(IS_MODEL).desc())
 
-    def run(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        import torch
+    def run(batches: Iterable[Any]) -> Iterator[Any]:
+        return score_arrow(batches, key=key, features=features, task=task, device=_device(device))
 
-        from tenantml.models import resolve_device
-
-        torch.set_num_threads(1)
-        cache = ModelCache(bmodels.value, resolve_device(device))
-        costs: dict[str, float] = {}
-        yield from score_batches(batches, cache, key, task, run_id, costs=costs, lean=True)
-        if cost_accumulator is not None:
-            cost_accumulator.add(costs)
-
-    scoped = data.where(F.col("tenant_id").isin(list(models)))
-    if features is not None:
-        scoped = scoped.select("tenant_id", F.col(f"`{key}`"), *[F.col(f"`{c}`") for c in features])
+    scored = ordered.mapInArrow(run, schema=WORKER_SCHEMA)
     meta = spark.createDataFrame(
         [(m.tenant_id, m.model_name, m.model_version, m.strategy, m.mlflow_run_id) for m in models.values()],
         "tenant_id string, model_name string, model_version string, strategy string, mlflow_run_id string")
-    scored = slice_frame(scoped, slices or {}, key, partitions).mapInPandas(run, schema=WORKER_SCHEMA)
     out = scored.join(F.broadcast(meta), on="tenant_id", how="inner").withColumn("run_id", F.lit(run_id))
-    return out.select(*[c.split()[0] for c in PREDICTION_SCHEMA.split(", ")])
+    return out.select(*[c.split()[0] for c in PREDICTION_SCHEMA.split(", ")], "_seconds")
+
+
+def _device(setting: str) -> str:
+    from tenantml.models import resolve_device
+
+    return resolve_device(setting)

@@ -35,13 +35,13 @@ TenantStatus = Literal["ok", "skipped", "blocked", "failed"]
 ExcludedStatus = Literal["skipped", "blocked"]
 # How the runner finds the tenants a step may act for:
 #   silver     tenants with validated rows (pinned silver version), minus blocked, paused, over budget
-#   inference  tenants with rows in the current scoring batch, minus blocked for scoring, paused, over budget
+#   inference  tenants with validated rows to score, minus blocked for scoring, paused, over budget
 #   own        the step resolves them from its own input (ingest: the source; validate: bronze)
 Eligibility = Literal["silver", "inference", "own"]
 
 # The step modules, in no particular order (the order comes from each step's `after`).
-STEP_MODULES = ("ingest", "validate", "train_shared", "train", "train_tuned",
-                "promote", "score", "publish")
+STEP_MODULES = ("ingest", "ingest_scoring", "validate", "validate_scoring", "monitor", "train_shared", "train",
+                "train_tuned", "promote", "score", "publish")
 
 
 @dataclass
@@ -121,6 +121,7 @@ class Option:
     dest: str                   # "source_path"
     help: str
     type: Callable[[str], Any] = str
+    switch: bool = False        # a flag without a value (True when given)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Step:
     resumable: bool = True      # `--resume --run-id R` reruns the tenants that failed it in R
     options: tuple[Option, ...] = ()
     in_pipeline: bool = True    # part of `tenantml pipeline` (False: run on its own, e.g. ad hoc)
+    gated: bool = False         # acts only for the tenants the run's retraining decisions name
 
     @property
     def command(self) -> str:
@@ -149,7 +151,7 @@ _REGISTRY: dict[str, Step] = {}
 def step(*, name: str, help: str, after: Sequence[str] = (), reads: Sequence[str] = (),
          writes: Sequence[str] = (), eligibility: Eligibility = "silver", measured: bool = False,
          resumable: bool = True, options: Sequence[Option] = (),
-         in_pipeline: bool = True) -> Callable[[Callable[[StepScope], StepOutput]], Callable[[StepScope], StepOutput]]:
+         in_pipeline: bool = True, gated: bool = False) -> Callable[[Callable[[StepScope], StepOutput]], Callable[[StepScope], StepOutput]]:
     """Declare and register a step; the decorated function is its `run(scope)`."""
 
     def register(fn: Callable[[StepScope], StepOutput]) -> Callable[[StepScope], StepOutput]:
@@ -157,7 +159,7 @@ def step(*, name: str, help: str, after: Sequence[str] = (), reads: Sequence[str
             raise ValueError(f"step {name!r} is registered twice")
         _REGISTRY[name] = Step(name=name, help=help, after=tuple(after), reads=tuple(reads), writes=tuple(writes),
                                eligibility=eligibility, run=fn, measured=measured, resumable=resumable,
-                               options=tuple(options), in_pipeline=in_pipeline)
+                               options=tuple(options), in_pipeline=in_pipeline, gated=gated)
         return fn
 
     return register

@@ -66,6 +66,7 @@ def train_candidates(scope: StepScope, strategy: str, base: dict[str, Any] | Non
             "metric_name": r.metric_name, "metric": float(r.metric), "baseline_metric": float(r.baseline_metric),
             "metrics_json": r.metrics_json, "train_rows": int(r.train_rows), "delta_version": scope.input_version,
             "git_commit": lineage["git_commit"], "config_hash": lineage["config_hash"], "model": bytes(r.model),
+            "profile_json": r.profile_json,
         })
         sampled = r.sampled_from if r.sampled_from == r.sampled_from and r.sampled_from is not None else None
         outcomes.append(TenantOutcome(
@@ -79,7 +80,7 @@ def train_candidates(scope: StepScope, strategy: str, base: dict[str, Any] | Non
                     "version": reg.version, r.metric_name: round(float(r.metric), 4),
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
     write_models(ctx.spark, ctx.tables.model_store, store_rows, name, ctx.run_id, strategy=strategy,
-                 scope=scope.tenants)
+                 key=ctx.signing_key, scope=scope.tenants)
     return StepOutput(
         outcomes=outcomes, tables_written=[ctx.tables.model_store.display] if store_rows else [],
         mlflow_run_id=tracked.mlflow_run_id,

@@ -8,7 +8,17 @@ quarantine). New tenants are registered in `tenants` (unique case-insensitively)
 
 from __future__ import annotations
 
-from tenantml.io.sources import ALL_FIELDS, check_json_documents, read_failure, read_source, to_bronze
+from tenantml.io.sources import (
+    ALL_FIELDS,
+    batch_identity,
+    check_json_documents,
+    check_source_exists,
+    effective_source,
+    held_batch,
+    read_failure,
+    read_source,
+    to_bronze,
+)
 from tenantml.io.tenants import register_tenants
 from tenantml.steps.base import Option, StepOutput, StepScope, TenantOutcome, step
 
@@ -21,9 +31,19 @@ def run(scope: StepScope) -> StepOutput:
 
     ctx, name, spec = scope.ctx, scope.dataset, scope.spec
     bronze_ref = ctx.tables.bronze(name)
+    override = scope.options.get("source_path")
+    check_source_exists(name, spec, override, ctx.resolve_path)  # before any Spark work
+    batch_id = batch_identity(ctx.spark, ctx.resolve_path, name, spec, override)
+    held = held_batch(ctx.spark, bronze_ref, batch_id)
+    if held is not None and (not scope.requested or set(scope.requested) <= set(held)):
+        scope.phase(f"batch {batch_id} is in {bronze_ref.display} already: nothing to ingest")
+        return StepOutput(outcomes=[TenantOutcome(tenant_id=t, status="ok", rows_in=n, detail={
+            "batch_id": batch_id, "unchanged": True}) for t, n in held.items()
+            if not scope.requested or t in scope.requested],
+            summary={"batch_id": batch_id, "unchanged": True, "rows_ingested": 0})
     scope.phase("reading source")
-    df, batch_id, ignored = read_source(ctx.spark, ctx.resolve_path, name, spec, scope.options.get("source_path"))
-    bronze = to_bronze(df, spec, batch_id)
+    df, batch_id, ignored = read_source(ctx.spark, ctx.resolve_path, name, spec, override, batch_id=batch_id)
+    bronze = to_bronze(df, spec, batch_id).withColumn("_partial", F.lit(bool(scope.requested)))
     if scope.requested:
         bronze = bronze.where(F.col("tenant_id").isin(list(scope.requested)))
     # Everything is read here, before any write: a file that cannot be read to its end fails the
@@ -35,7 +55,7 @@ def run(scope: StepScope) -> StepOutput:
         if failure is None:
             raise
         raise failure from exc
-    check_json_documents(bronze, name, spec)
+    check_json_documents(bronze, name, effective_source(spec, "history", override))
     counts = {r["tenant_id"]: int(r["n"]) for r in
               bronze.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
     seen = sorted(t for t in counts if t is not None)

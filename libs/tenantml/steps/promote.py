@@ -16,7 +16,7 @@ from typing import Any
 
 from tenantml.core.ids import SHARED_ID
 from tenantml.io.delta import table_exists
-from tenantml.io.model_store import write_models
+from tenantml.io.model_store import model_sha256, verify, write_models
 from tenantml.registry.decisions import write_decisions
 from tenantml.registry.tracking import (
     Registered,
@@ -51,7 +51,7 @@ def _latest_candidates(scope: StepScope) -> dict[str, dict[str, Any]]:
 
 @step(name="promote", help="judge candidates on each tenant's holdout; move champions on a clear win",
       after=("train", "train_tuned"), reads=("silver", "tenants", "model_store", "registry"),
-      writes=("model_store", "promotions", "registry"))
+      writes=("model_store", "promotions", "registry"), gated=True)
 def run(scope: StepScope) -> StepOutput:
     from tenantml.models import primary_metric
 
@@ -68,13 +68,18 @@ def run(scope: StepScope) -> StepOutput:
     latest = _latest_candidates(scope)
     blobs: dict[str, bytes] = {}
     cands: dict[str, list[Candidate]] = {t: [] for t in scope.eligible}
+    refused: dict[str, list[str]] = {}  # tenant -> why a stored model was not considered
     for t, by_strategy in latest.items():
         for s, r in by_strategy.items():
+            problem = verify(r, ctx.signing_key)
+            if problem:
+                refused.setdefault(t, []).append(problem)
+                continue
             c = Candidate(f"{r['model_name']}/{r['model_version']}", s, r["model_name"], r["model_version"], owner=t)
             cands[t].append(c)
             blobs[c.model_id] = bytes(r["model"])
     found = shared_champion_model(ctx, name)
-    shared_mv, shared_blob = found if found is not None else (None, None)
+    shared_mv, shared_blob = (found.version, found.blob) if found is not None else (None, None)
     shared_run_id = shared_mv.run_id if shared_mv is not None else None
     if shared_mv is not None and shared_blob is not None:
         sc = Candidate(f"{shared_mv.name}/{shared_mv.version}", "shared", shared_mv.name, str(shared_mv.version),
@@ -85,8 +90,14 @@ def run(scope: StepScope) -> StepOutput:
     champs = champion_versions(ctx, name, scope.eligible)
     champ_rows = scope.tenants.load_models({t: (mv.name, str(mv.version)) for t, mv in champs.items()})
     champions: dict[str, Candidate] = {}
+    refused_champion: dict[str, str] = {}
     for r in champ_rows.itertuples(index=False):
         tags = dict(champs[r.tenant_id].tags)
+        problem = verify(r, ctx.signing_key, tags)
+        if problem:  # a champion whose stored row was changed may not serve: it is replaced
+            refused.setdefault(r.tenant_id, []).append(problem)
+            refused_champion[r.tenant_id] = r.model_name
+            continue
         c = Candidate(f"{r.model_name}/{r.model_version}", r.strategy, r.model_name, r.model_version,
                       owner=tags.get("tenant_id"), base_version=tags.get("base_version"))
         champions[r.tenant_id] = c
@@ -96,7 +107,9 @@ def run(scope: StepScope) -> StepOutput:
               for t in scope.eligible}
     ctx.progress.phase(f"promote {name}: evaluating {sum(len(v) for v in wanted.values())} candidate models "
                        f"on per-tenant holdouts")
-    evals = evaluate_candidates(spark, silver, spec, cfg, wanted, blobs)
+    shared_ids = {c.model_id for cs in cands.values() for c in cs if c.strategy == "shared"}
+    evals = evaluate_candidates(spark, silver, spec, cfg, wanted, blobs, profile_for=shared_ids)
+    profile_of = {(r.tenant_id, r.model_id): r.profile_json for r in evals.itertuples(index=False)}
     metric_of = {(r.tenant_id, r.model_id): float(r.metric) for r in evals.itertuples(index=False)}
     holdout = {r.tenant_id: int(r.holdout_rows) for r in evals.itertuples(index=False)}
     baseline = {r.tenant_id: float(r.baseline_metric) for r in evals.itertuples(index=False)}
@@ -114,10 +127,14 @@ def run(scope: StepScope) -> StepOutput:
         serving = d.serving
         if d.decision == "none" and ch is not None:
             to_unset.append(ch.name)
+        elif d.decision == "none" and t in refused_champion:
+            to_unset.append(refused_champion[t])
         if d.decision == "promoted" and serving is not None:
             if serving.strategy == "shared":
                 reg = register_serving_version(ctx, name, t, Registered(SHARED_ID, serving.name, serving.version,
-                                                                        serving.source), {"strategy": "shared"},
+                                                                        serving.source),
+                                              {"strategy": "shared",
+                                               "model_sha256": model_sha256(blobs[serving.model_id])},
                                               run_id=shared_run_id)
                 serving_rows.append({
                     "dataset": name, "tenant_id": t, "strategy": "shared", "model_name": reg.name,
@@ -125,7 +142,7 @@ def run(scope: StepScope) -> StepOutput:
                     "metric_name": metric_name, "metric": serving.metric, "baseline_metric": baseline.get(t),
                     "metrics_json": json.dumps({"base_model": serving.model_id}), "train_rows": 0,
                     "delta_version": version, "git_commit": None, "config_hash": ctx.config.config_hash(),
-                    "model": blobs[serving.model_id]})
+                    "model": blobs[serving.model_id], "profile_json": profile_of.get((t, serving.model_id))})
                 serving = replace(serving, name=reg.name, version=reg.version)
             to_alias.append(Registered(t, serving.name, serving.version, serving.source))
         candidates_json = json.dumps([{"strategy": c.strategy, "model": c.model_id,
@@ -144,13 +161,13 @@ def run(scope: StepScope) -> StepOutput:
             "holdout_rows": holdout.get(t), "candidates_json": candidates_json})
         outcomes.append(TenantOutcome(
             tenant_id=t, status="skipped" if d.decision == "none" else "ok", rows_in=elig_rows[t], detail={
-                "decision": d.decision, "reason": d.reason,
+                "decision": d.decision, "reason": d.reason, **({"refused": refused[t]} if t in refused else {}),
                 **({"serving": f"{serving.name}/{serving.version}", "strategy": serving.strategy} if serving else {}),
                 **{f"{c.strategy}_{metric_name}": round(c.metric, 4) for c in tc if math.isfinite(c.metric)}}))
     # Bytes first, then the audit trail, then the aliases: a crash never leaves an alias whose
     # model the scorer cannot load, and a rerun recomputes the same decisions.
     write_models(spark, ctx.tables.model_store, serving_rows, name, ctx.run_id, strategy="shared",
-                 scope=scope.tenants)
+                 key=ctx.signing_key, scope=scope.tenants)
     write_decisions(spark, ctx.tables.promotions, decisions, name, ctx.run_id)
     set_champions(ctx, to_alias)
     for model in to_unset:

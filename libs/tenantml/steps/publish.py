@@ -51,6 +51,9 @@ def run(scope: StepScope) -> StepOutput:
     t = ctx.tables
     pred_ref, fact_ref, model_ref = t.predictions(name), t.gold_prediction_fact(name), t.gold_model_dim(name)
     scope.phase("reading predictions, models and tenants")
+    if not table_exists(spark, pred_ref):
+        return StepOutput(summary={"fact_rows": 0, "reason": f"nothing to publish: {pred_ref.display} does not "
+                                                              f"exist yet (no tenant has been scored)"})
 
     pred_version = table_version(spark, pred_ref)  # one snapshot for the counts and the facts
     preds = (read_table(spark, pred_ref, version=pred_version)

@@ -53,18 +53,32 @@ class Resolved:
 
 
 def _blocked(ctx: JobContext, dataset: str, purpose: str) -> dict[str, float]:
-    """Tenants blocked by validation for ``purpose`` (training / scoring): rejected share."""
+    """Tenants blocked by validation for ``purpose`` (history: training; scoring): rejected share."""
     from pyspark.sql import functions as F
 
     ref = ctx.tables.quality(dataset)
     if not table_exists(ctx.spark, ref):
         return {}
-    q = read_table(ctx.spark, ref).where(F.col("blocked"))
+    q = read_table(ctx.spark, ref).where(F.col("blocked") & F.col("tenant_id").isNotNull())
     if "purpose" in q.columns:
-        q = q.where(F.coalesce(F.col("purpose"), F.lit("training")) == purpose)
-    elif purpose != "training":
+        q = q.where(F.coalesce(F.col("purpose"), F.lit("history")) == purpose)
+    elif purpose != "history":
         return {}
     return {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+
+
+def retraining_decisions(ctx: JobContext, dataset: str) -> dict[str, tuple[bool, str]] | None:
+    """This run's retraining decisions (tenant -> (retrain, why)), or None when none were made:
+    without a monitor step in the run, the train steps train every eligible tenant."""
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.retraining(dataset)
+    if not table_exists(ctx.spark, ref):
+        return None
+    rows = read_table(ctx.spark, ref).where((F.col("run_id") == ctx.run_id) & (F.col("dataset") == dataset)).collect()
+    if not rows:
+        return None
+    return {r["tenant_id"]: (bool(r["retrain"]), str(r["reasons"] or "")) for r in rows}
 
 
 def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None) -> Resolved:
@@ -74,9 +88,11 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
     if step.eligibility == "own":
         return Resolved(None, None, {}, {})
     if step.eligibility == "silver":
-        ref, purpose, what = ctx.tables.silver(dataset), "training", "validated rows"
+        ref, purpose, what = ctx.tables.silver(dataset), "history", "validated rows"
     else:
-        ref, purpose, what = ctx.tables.inference(dataset), "scoring", "rows to score"
+        ref, purpose, what = ctx.tables.scoring(dataset), "scoring", "validated rows to score"
+    if step.eligibility == "inference" and not table_exists(ctx.spark, ref):
+        return Resolved(ref, None, {}, {})
     version = table_version(ctx.spark, ref)
     frame: DataFrame = read_table(ctx.spark, ref, version=version)
     if requested:
@@ -101,6 +117,11 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
                 excluded[r["tenant_id"]] = Excluded("skipped", f"tenant {r['tenant_id']!r} has status "
                                                                f"{r['status']!r}", rows[r["tenant_id"]])
     _apply_budgets(ctx, rows, excluded)
+    if step.gated and not ctx.config.retraining.force:
+        decisions = retraining_decisions(ctx, dataset)
+        for t, (retrain, why) in (decisions or {}).items():
+            if t in rows and t not in excluded and not retrain:
+                excluded[t] = Excluded("skipped", f"no retraining needed: {why}", rows[t])
     return Resolved(ref, version, {t: n for t, n in rows.items() if t not in excluded}, excluded)
 
 

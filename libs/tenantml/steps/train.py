@@ -6,8 +6,8 @@ from tenantml.steps.base import StepOutput, StepScope, step
 from tenantml.steps.candidates import skip_all, train_candidates
 
 
-@step(name="train", help="train a tenant-specific candidate model per tenant", after=("validate",),
-      reads=("silver", "tenants"), writes=("model_store", "registry"), measured=True)
+@step(name="train", help="train a tenant-specific candidate model per tenant", after=("monitor",),
+      reads=("silver", "tenants", "retraining"), writes=("model_store", "registry"), measured=True, gated=True)
 def run(scope: StepScope) -> StepOutput:
     if "tenant" not in scope.ctx.config.training.strategies:
         return skip_all(scope, "strategy 'tenant' is not in training.strategies")

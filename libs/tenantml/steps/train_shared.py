@@ -10,34 +10,29 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tenantml.core.ids import SHARED_ID
 from tenantml.io.context import git_commit
 from tenantml.io.model_store import write_models
 from tenantml.registry.decisions import write_decisions
-from tenantml.registry.tracking import Registered, set_champions, shared_champion_model, track_shared
+from tenantml.registry.tracking import (
+    Registered,
+    set_champions,
+    shared_champion,
+    shared_champion_model,
+    track_shared,
+)
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
+from tenantml.steps.runner import retraining_decisions
 from tenantml.training.evaluate import evaluate_candidates
 from tenantml.training.privacy import PiiPolicy, resolve_salt, salt_id
 from tenantml.training.shared import train_shared_model
 from tenantml.training.shared_data import build_shared_trainset
 
-if TYPE_CHECKING:
-    from tenantml.io.context import JobContext
-
-
-def _dbutils(ctx: JobContext) -> Any:
-    try:
-        from pyspark.dbutils import DBUtils  # type: ignore[import-not-found]
-
-        return DBUtils(ctx.spark)
-    except ImportError:
-        return None
-
 
 @step(name="train_shared", help="train the shared model on consenting tenants' de-identified rows",
-      after=("validate",), reads=("silver", "tenants"),
+      after=("monitor",), reads=("silver", "tenants", "retraining"),
       writes=("shared_trainset", "model_store", "promotions", "registry"))
 def run(scope: StepScope) -> StepOutput:
     from tenantml.models import primary_metric
@@ -64,11 +59,15 @@ def run(scope: StepScope) -> StepOutput:
 
     if "shared" not in cfg.strategies:
         return finish("strategy 'shared' is not in training.strategies", models_trained=0)
+    decisions = retraining_decisions(ctx, name)
+    if (decisions is not None and not ctx.config.retraining.force and shared_champion(ctx, name) is not None
+            and not any(retrain for retrain, _ in decisions.values())):
+        return finish("no tenant needs retraining this run; the shared champion stays", models_trained=0)
     if len(contributors) < sh.min_tenants:
         return finish(f"{len(contributors)} consenting tenant(s), below training.shared.min_tenants="
                       f"{sh.min_tenants}", models_trained=0)
 
-    salt = resolve_salt(ctx.config.privacy, ctx.data_dir, dbutils=_dbutils(ctx))
+    salt = resolve_salt(ctx.config.privacy, ctx.data_dir, dbutils=ctx.dbutils())
     policy = PiiPolicy(columns=tuple(spec.pii_columns), action=ctx.config.privacy.pii_action,
                        salt_reference=ctx.config.privacy.pii_salt, salt_id=salt_id(salt))
     ctx.progress.phase(f"train_shared {name}: de-identifying {len(contributors)} consenting tenants' "
@@ -124,13 +123,14 @@ def run(scope: StepScope) -> StepOutput:
         "metric_name": metric_name, "metric": None, "baseline_metric": None,
         "metrics_json": json.dumps({k: v for k, v in metrics.items()}), "train_rows": trainset.rows,
         "delta_version": version, "git_commit": lineage["git_commit"], "config_hash": lineage["config_hash"],
-        "model": result.blob}], name, ctx.run_id, strategy="shared")
+        "model": result.blob}], name, ctx.run_id, strategy="shared",
+                 key=ctx.signing_key)
 
     # Shared champion/challenger on the contributors' holdouts.
     new_id = f"{reg.name}/{reg.version}"
     blobs = {new_id: result.blob}
     found = shared_champion_model(ctx, name)
-    current, current_blob = found if found is not None else (None, None)
+    current, current_blob = (found.version, found.blob) if found is not None else (None, None)
     cur_id = None
     if current is not None and current_blob is not None:
         cur_id = f"{current.name}/{current.version}"

@@ -9,14 +9,14 @@ from tenantml.steps.candidates import skip_all, train_candidates
 
 @step(name="train_tuned", help="fine-tune the shared champion per tenant (tuned-shared candidates)",
       after=("train_shared",), reads=("silver", "tenants", "model_store", "registry"),
-      writes=("model_store", "registry"), measured=True)
+      writes=("model_store", "registry"), measured=True, gated=True)
 def run(scope: StepScope) -> StepOutput:
     if "tuned" not in scope.ctx.config.training.strategies:
         return skip_all(scope, "strategy 'tuned' is not in training.strategies")
     found = shared_champion_model(scope.ctx, scope.dataset)
     if found is None:
         return skip_all(scope, "no shared champion to fine-tune (train_shared has not produced one)")
-    champ, blob = found
-    if blob is None:
-        return skip_all(scope, f"shared champion {champ.name} v{champ.version} is missing from the model store")
-    return train_candidates(scope, "tuned", {"name": champ.name, "version": str(champ.version), "blob": blob})
+    if found.blob is None:
+        return skip_all(scope, str(found.problem))
+    champ = found.version
+    return train_candidates(scope, "tuned", {"name": champ.name, "version": str(champ.version), "blob": found.blob})

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 EVAL_SCHEMA = ("tenant_id string, model_id string, metric_name string, metric double, "
-               "baseline_metric double, holdout_rows long, metrics_json string, error string")
+               "baseline_metric double, holdout_rows long, metrics_json string, error string, profile_json string")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class EvalJob:
     seed: int
     quotas: dict[str, int | None]
     wanted: dict[str, tuple[str, ...]]  # tenant -> model ids to evaluate
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    profile_for: frozenset[str] = frozenset()  # model ids whose reference profile (tenant's train split) is wanted
 
 
 def evaluate_partition(batches: Iterable[pd.DataFrame], job: EvalJob, blobs: dict[str, bytes]) -> Iterator[pd.DataFrame]:
@@ -62,13 +65,19 @@ def evaluate_partition(batches: Iterable[pd.DataFrame], job: EvalJob, blobs: dic
         for model_id in job.wanted.get(tenant, ()):
             row = {"tenant_id": tenant, "model_id": model_id, "metric_name": metric_name,
                    "baseline_metric": base.get(metric_name, math.nan), "holdout_rows": len(test),
-                   "metric": math.nan, "metrics_json": None, "error": None}
+                   "metric": math.nan, "metrics_json": None, "error": None, "profile_json": None}
             try:
                 if model_id not in cache:
                     cache[model_id] = TabularModel.from_bytes(blobs[model_id])
                 pred = cache[model_id].predict(test)
                 metrics = evaluate(y, pred, job.task)  # type: ignore[arg-type]
                 row.update(metric=float(metrics[metric_name]), metrics_json=json.dumps(metrics))
+                if model_id in job.profile_for and len(train):
+                    from tenantml.monitoring import reference_profile
+
+                    row["profile_json"] = json.dumps(reference_profile(
+                        train, list(job.numeric), list(job.categorical), scores=cache[model_id].predict(train),
+                        task=job.task), allow_nan=False)
             except Exception as exc:  # a broken candidate loses, it does not stop the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             out.append(row)
@@ -76,7 +85,8 @@ def evaluate_partition(batches: Iterable[pd.DataFrame], job: EvalJob, blobs: dic
 
 
 def evaluate_candidates(spark: SparkSession, silver: DataFrame, spec: DatasetSpec, cfg: TrainingConfig,
-                        wanted: dict[str, list[str]], blobs: dict[str, bytes]) -> pd.DataFrame:
+                        wanted: dict[str, list[str]], blobs: dict[str, bytes],
+                        profile_for: set[str] | None = None) -> pd.DataFrame:
     """One row per (tenant, model id) with the model's holdout metric and the constant baseline's."""
     from pyspark.sql import functions as F
 
@@ -85,7 +95,9 @@ def evaluate_candidates(spark: SparkSession, silver: DataFrame, spec: DatasetSpe
         return pd.DataFrame(columns=[c.split()[0] for c in EVAL_SCHEMA.split(", ")])
     job = EvalJob(label=spec.label, key=spec.entity_key, task=spec.task, event_time=spec.event_time,
                   test_fraction=cfg.test_fraction, seed=cfg.seed,
-                  quotas={t: row_quota(cfg, t) for t in wanted}, wanted={t: tuple(v) for t, v in wanted.items()})
+                  quotas={t: row_quota(cfg, t) for t in wanted}, wanted={t: tuple(v) for t, v in wanted.items()},
+                  numeric=tuple(spec.numeric_features), categorical=tuple(spec.categorical_features),
+                  profile_for=frozenset(profile_for or ()))
     needed = {m for ids in wanted.values() for m in ids}
     bblobs = spark.sparkContext.broadcast({m: blobs[m] for m in needed})
     cols = list(dict.fromkeys(["tenant_id", spec.entity_key, spec.label, *spec.feature_columns,

@@ -26,7 +26,7 @@ RESULT_SCHEMA = (
     "tenant_id string, status string, error string, rows long, train_rows long, test_rows long, "
     "metric_name string, metric double, baseline_metric double, metrics_json string, epochs int, "
     "best_epoch int, seconds double, n_parameters long, attempts int, sampled_from long, model binary, "
-    "finished_at double, tier string, pool string, path string"
+    "finished_at double, tier string, pool string, path string, profile_json string"
 )
 RESULT_COLUMNS = [c.split()[0] for c in RESULT_SCHEMA.split(", ")]
 
@@ -106,6 +106,16 @@ def _fit_and_evaluate(tenant_id: str, pdf: pd.DataFrame, plan: TrainingPlan, att
     evaluate_fit(tenant_id, fit, train, test, plan, row)
 
 
+def training_profile(model: Any, train: pd.DataFrame, plan: TrainingPlan) -> str:
+    """The reference the monitor compares scoring batches with: the distributions of the rows the
+    model was trained on, and of its scores on them (JSON, stored with the model)."""
+    from tenantml.monitoring import reference_profile
+
+    f = plan.features
+    profile = reference_profile(train, list(f.numeric), list(f.categorical), scores=model.predict(train), task=plan.task)
+    return json.dumps(profile, allow_nan=False)
+
+
 def evaluate_fit(tenant_id: str, fit: FitResult, train: pd.DataFrame, test: pd.DataFrame, plan: TrainingPlan,
                  row: dict[str, Any]) -> None:
     """Holdout metrics of a fitted model next to the constant baseline's, into ``row``."""
@@ -121,6 +131,7 @@ def evaluate_fit(tenant_id: str, fit: FitResult, train: pd.DataFrame, test: pd.D
     base_metrics = evaluate(y_test, base, plan.task)  # type: ignore[arg-type]
     row.update(
         status="ok", error=None, train_rows=len(train), test_rows=len(test),
+        profile_json=training_profile(fit.model, train, plan),
         metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
         metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
                                  "best_val_loss": fit.best_val_loss,

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tenantml.config import PrivacyConfig
-from tenantml.core.errors import ConfigError
+from tenantml.core.secrets import resolve_secret
 
 HASH_HEX_CHARS = 32
 
@@ -38,38 +36,8 @@ class PiiPolicy:
 
 def resolve_salt(cfg: PrivacyConfig, data_dir: Path, dbutils: Any = None) -> bytes:
     """The salt behind ``cfg.pii_salt``; a missing secret is an error that says how to provide it."""
-    kind, _, ref = cfg.pii_salt.partition(":")
-    value: str | None
-    if kind == "env":
-        value = os.environ.get(ref)
-        if not value:
-            raise ConfigError(f"privacy.pii_salt: environment variable {ref} is not set; export a random "
-                              f"secret (e.g. `export {ref}=$(openssl rand -hex 32)`) or point "
-                              f"privacy.pii_salt at file:PATH or secret:SCOPE/KEY")
-    elif kind == "file":
-        path = Path(ref) if Path(ref).is_absolute() else data_dir / ref
-        if not path.exists():
-            if not cfg.generate_local_salt:
-                raise ConfigError(f"privacy.pii_salt: salt file {path} does not exist (set "
-                                  f"privacy.generate_local_salt: true to create one)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        value = path.read_text().strip()
-        if not value:
-            raise ConfigError(f"privacy.pii_salt: salt file {path} is empty")
-    else:
-        scope, _, key = ref.partition("/")
-        if not scope or not key:
-            raise ConfigError(f"privacy.pii_salt: {cfg.pii_salt!r} must be secret:SCOPE/KEY")
-        if dbutils is None:
-            raise ConfigError(f"privacy.pii_salt: {cfg.pii_salt!r} is a Databricks secret, but no "
-                              f"Databricks runtime (dbutils) is available here; use env: or file: locally")
-        value = dbutils.secrets.get(scope=scope, key=key)
-        if not value:
-            raise ConfigError(f"privacy.pii_salt: Databricks secret {scope}/{key} is empty")
-    return value.encode()
+    return resolve_secret(cfg.pii_salt, data_dir, key="privacy.pii_salt", generate=cfg.generate_local_salt,
+                          generate_key="privacy.generate_local_salt", dbutils=dbutils)
 
 
 def salt_id(salt: bytes) -> str:

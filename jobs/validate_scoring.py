@@ -1,0 +1,8 @@
+"""Job task: validate_scoring (a thin entry over tenantml.steps; see libs/tenantml/apps/jobs.py)."""
+
+import sys
+
+from tenantml.apps.jobs import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("validate_scoring", sys.argv[1:]))
