@@ -262,7 +262,7 @@ def test_missing_source_path_names_dataset_and_path(spark: Any, tmp_path: Path,
 
     code, payload = run_cli(capsys, "ingest", "--dataset", "acct", "--conf-dir", str(conf),
                             "--data-dir", str(data))
-    assert code == EXIT_FAILURE and payload["status"] == "error"
+    assert code == EXIT_USAGE and payload["status"] == "error"  # a path that does not exist: usage
     assert "does not exist" in payload["error"] and "'acct'" in payload["error"]
 
 

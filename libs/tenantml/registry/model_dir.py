@@ -1,7 +1,13 @@
-"""Write MLflow model directories for many tenant models at ~file-copy cost.
+"""Write MLflow model directories for many tenant models at ~file-copy cost, servable as they are.
 
 Environment files are computed once per process and reused for every model; the MLmodel file is
 rendered from a template with the per-tenant metadata and a signature built from the dataset spec.
+
+A champion must load where tenantml is not installed (`mlflow models serve`, a serving endpoint,
+`spark_udf` with a virtualenv): so the directory ships the small pure-Python runtime its loader
+needs under `code/` (MLflow puts it on the path), and `requirements.txt` names only packages an
+index serves, with version ranges (the driver's local build of torch, `+cu128` and the like, is
+not installable anywhere else).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +24,32 @@ import yaml
 from tenantml.registry.pyfunc_flavor import MODEL_FILE
 
 LOADER_MODULE = "tenantml.registry.pyfunc_flavor"
-_RUNTIME_PACKAGES = ("tenantml", "torch", "numpy", "pandas", "mlflow")
+CODE_DIR = "code"
+# What the loader imports: the package roots, the pure torch models and the loader itself.
+RUNTIME_FILES = ("__init__.py", "models/__init__.py", "models/tabular.py", "models/metrics.py", "models/split.py",
+                 "registry/__init__.py", "registry/pyfunc_flavor.py")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _range(pkg: str) -> str:
+    """``pkg>=X.Y,<X.(Y+1)`` from the installed version, local build suffix dropped; exact for mlflow
+    (the model format), a major range for numpy and pandas."""
+    version = re.split(r"[+]", md.version(pkg))[0]
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]] + [0]
+    major, minor = parts[0], parts[1]
+    if pkg == "mlflow":
+        return f"mlflow=={version}"
+    if pkg == "torch":
+        return f"torch>={major}.{minor},<{major}.{minor + 1}"
+    return f"{pkg}>={major}.{minor},<{major + 1}"
 
 
 @functools.cache
-def _requirements() -> tuple[str, ...]:
+def requirements() -> tuple[str, ...]:
     reqs = []
-    for pkg in _RUNTIME_PACKAGES:
+    for pkg in ("mlflow", "torch", "numpy", "pandas"):
         try:
-            reqs.append(f"{pkg}=={md.version(pkg)}")
+            reqs.append(_range(pkg))
         except md.PackageNotFoundError:
             reqs.append(pkg)
     return tuple(reqs)
@@ -34,7 +58,7 @@ def _requirements() -> tuple[str, ...]:
 @functools.cache
 def _env_files() -> dict[str, str]:
     py = platform.python_version()
-    reqs = list(_requirements())
+    reqs = list(requirements())
     return {
         "requirements.txt": "\n".join(reqs) + "\n",
         "python_env.yaml": yaml.safe_dump({"python": py, "build_dependencies": ["pip"],
@@ -45,11 +69,17 @@ def _env_files() -> dict[str, str]:
     }
 
 
-def _signature(numeric: list[str], categorical: list[str]) -> dict[str, str]:
+@functools.cache
+def _runtime() -> dict[str, bytes]:
+    return {f"tenantml/{rel}": (_PACKAGE_ROOT / rel).read_bytes() for rel in RUNTIME_FILES}
+
+
+def signature(numeric: list[str], categorical: list[str]) -> dict[str, str]:
+    """Inputs typed `any`: users' frames have integer, float and string columns, and a `double`
+    column refuses int64 values (the model itself reads numbers from any of them)."""
     import json
 
-    inputs = [{"name": c, "type": "double", "required": False} for c in numeric]
-    inputs += [{"name": c, "type": "string", "required": False} for c in categorical]
+    inputs = [{"name": c, "type": "any", "required": False} for c in [*numeric, *categorical]]
     outputs = [{"name": "score", "type": "double", "required": True},
                {"name": "prediction", "type": "double", "required": True}]
     return {"inputs": json.dumps(inputs), "outputs": json.dumps(outputs), "params": None}  # type: ignore[dict-item]
@@ -57,27 +87,35 @@ def _signature(numeric: list[str], categorical: list[str]) -> dict[str, str]:
 
 def write_model_dir(target: Path, blob: bytes, *, run_id: str, artifact_path: str,
                     numeric: list[str], categorical: list[str], metadata: dict[str, Any]) -> Path:
-    """One MLflow pyfunc model directory; loadable by ``mlflow.pyfunc.load_model``."""
+    """One MLflow pyfunc model directory; loadable by ``mlflow.pyfunc.load_model`` and servable."""
     import mlflow
 
     target.mkdir(parents=True, exist_ok=True)
     (target / MODEL_FILE).write_bytes(blob)
     for name, text in _env_files().items():
         (target / name).write_text(text)
+    for rel, data in _runtime().items():
+        path = target / CODE_DIR / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     mlmodel = {
         "artifact_path": artifact_path,
         "flavors": {
             "python_function": {
                 "loader_module": LOADER_MODULE,
                 "data": MODEL_FILE,
+                "code": CODE_DIR,
                 "env": {"conda": "conda.yaml", "virtualenv": "python_env.yaml"},
                 "python_version": platform.python_version(),
             }
         },
         "mlflow_version": mlflow.__version__,
         "run_id": run_id,
-        "signature": _signature(numeric, categorical),
+        "signature": signature(numeric, categorical),
         "metadata": metadata,
     }
     (target / "MLmodel").write_text(yaml.safe_dump(mlmodel, sort_keys=False))
     return target
+
+
+__all__ = ["CODE_DIR", "LOADER_MODULE", "RUNTIME_FILES", "requirements", "signature", "write_model_dir"]
