@@ -16,6 +16,7 @@
 # MAGIC | --- | --- |
 # MAGIC | `dataset` | `project.default_dataset` |
 # MAGIC | `tenants` | every tenant and the rows without a valid tenant id (else comma-separated ids) |
+# MAGIC | `purpose` | `history` (the labelled rows models train on); `scoring` for the rows to score |
 # MAGIC | `output_dir` | `<data_dir>/notebooks/data_quality` (figures) |
 # MAGIC | `conf_dir`, `env`, `data_dir` | off Databricks: the `conf/` found from the working directory, `TENANTML_ENV` or `local`, `TENANTML_DATA_DIR` or `project.data_dir` |
 
@@ -23,11 +24,15 @@
 
 from tenantml.apps.notebook import (notebook_context, notebook_scope, output_dir, show_figure, show_table, tenant_list,
                                    widget)
+from tenantml.core.errors import ConfigError
 
 ctx = notebook_context(globals().get("spark"), conf_dir=widget("conf_dir", ""), env=widget("env", ""),
                        data_dir=widget("data_dir", ""))
 dataset, spec = ctx.config.dataset(widget("dataset", "") or None)
 tenants = tenant_list(widget("tenants", ""))
+purpose = widget("purpose", "history").strip()
+if purpose not in ("history", "scoring"):
+    raise ConfigError(f"widget purpose={purpose!r}: use history (labelled rows) or scoring (rows to score)")
 out = output_dir(ctx, widget("output_dir", ""), "data_quality")
 
 # COMMAND ----------
@@ -39,12 +44,12 @@ from tenantml.quality.rules import build_rules
 
 INVALID = "(invalid tenant id)"
 view = notebook_scope(ctx, tenants, "data_quality")  # the only way this notebook reads tenant rows
-quality = view.read(ctx.tables.quality(dataset))
-quarantine = view.read(ctx.tables.quarantine(dataset), include_null=not tenants)
-quality = (quality.select("tenant_id", "rows_in", "rows_valid", "rows_quarantined", "rejected_fraction", "blocked",
+quality = view.read(ctx.tables.quality(dataset)).where(F.col("purpose") == purpose)
+quarantine = view.read(ctx.tables.quarantine(dataset), include_null=not tenants).where(F.col("_purpose") == purpose)
+quality = (quality.select("tenant_id", "purpose", "rows_in", "rows_valid", "rows_quarantined", "rejected_fraction", "blocked",
                           "threshold", "run_id", "validated_at")
            .orderBy(F.col("rejected_fraction").desc(), "tenant_id").toPandas())
-show_table(quality, f"quality_{dataset}: latest validation per tenant")
+show_table(quality, f"quality_{dataset}: latest validation per tenant ({purpose} rows)")
 
 # COMMAND ----------
 

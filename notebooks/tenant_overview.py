@@ -47,7 +47,7 @@ from tenantml.registry.tracking import champion_versions
 
 view = notebook_scope(ctx, tenants, "tenant_overview")  # the only way this notebook reads tenant rows
 settings = view.read(ctx.tables.tenants).toPandas().set_index("tenant_id")
-quality = view.read(ctx.tables.quality(dataset)).toPandas().set_index("tenant_id")
+quality = view.read(ctx.tables.quality(dataset)).where("purpose = 'history'").toPandas().set_index("tenant_id")
 known = set(quality.index) | set(settings.index)
 ids = sorted(known & set(tenants) if tenants else known)
 

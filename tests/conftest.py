@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,14 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture()
+def restore_spark_conf(spark: Any) -> Iterator[None]:
+    """For code that builds "its own" local session (the CLI, a notebook without `spark`): in this
+    process that is the shared session, with the config's runtime settings applied; undo them."""
+    before = dict(spark.conf.getAll)
+    yield
+    for key, value in before.items():
+        if spark.conf.get(key, None) != value:
+            spark.conf.set(key, value)

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +81,3 @@ def check_png() -> Any:
     return _check_png
 
 
-@pytest.fixture()
-def restore_spark_conf(spark: Any) -> Iterator[None]:
-    """For code that builds "its own" local session (the CLI, a notebook without `spark`): in this
-    process that is the shared session, with the config's runtime settings applied; undo them."""
-    before = dict(spark.conf.getAll)
-    yield
-    for key, value in before.items():
-        if spark.conf.get(key, None) != value:
-            spark.conf.set(key, value)

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 # behind, then the run is killed in the next one.
 KILL_POINTS = [
     ("ingest", "ingest demo: writing batch", 0.5),
+    ("ingest_scoring", "ingest_scoring demo: writing batch", 0.5),
     ("validate", "validate demo: writing silver", 1.0),
+    ("monitor", "monitor demo: realised metrics", 0.5),
     # Tenant runs and artifacts being logged, registration next. (A bare "logging" would match
     # Spark's start-up banner, "To adjust logging level ...", and kill before any step.)
     ("train", "tenant runs and", 0.2),
@@ -121,7 +123,11 @@ def _table(spark: Any, data: Path, name: str) -> Any:
     ("silver_demo", ["tenant_id", "customer_id", "churned", "tenure_months", "plan"]),
     ("quarantine_demo", ["_tenant_raw", "customer_id", "_reason"]),
     ("quality_demo", ["tenant_id", "rows_in", "rows_valid", "rows_quarantined", "blocked"]),
-    ("predictions_demo", ["tenant_id", "entity_key"]),
+    ("inference_demo", ["_tenant_raw", "customer_id", "_batch_id", "tenure_months"]),
+    ("scoring_demo", ["tenant_id", "customer_id", "_batch_id", "tenure_months"]),
+    ("predictions_demo", ["tenant_id", "entity_key", "batch_id"]),
+    ("latest_predictions_demo", ["tenant_id", "entity_key", "batch_id"]),
+    ("monitoring_demo", ["tenant_id", "batch_id", "kind", "feature"]),
 ])
 def test_tables_equal_a_clean_run(spark: Any, dirs: dict[str, Path], table: str, key: list[str]) -> None:
     crashed = _table(spark, dirs["crashed"], table).select(*key).toPandas()

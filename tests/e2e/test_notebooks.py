@@ -41,7 +41,8 @@ def check_tenant_overview(ns: dict[str, Any], run: dict[str, Any], spark: Any) -
     assert sorted(overview.index) == TENANTS
     assert {"rows_in", "rows_valid", "rows_quarantined", "blocked", "serving_strategy", "metric",
             "baseline_metric", "lift_over_baseline", "rows_scored", "mean_score"} <= set(overview.columns)
-    quality = read_table(spark, ctx.tables.quality("demo")).toPandas().set_index("tenant_id")
+    quality = (read_table(spark, ctx.tables.quality("demo")).where("purpose = 'history' AND tenant_id IS NOT NULL")
+               .toPandas().set_index("tenant_id"))
     assert overview["rows_in"].to_dict() == quality["rows_in"].to_dict()
     scored = _counts(read_table(spark, ctx.tables.predictions("demo")))
     assert overview["rows_scored"].to_dict() == {t: scored.get(t, 0) for t in TENANTS}
@@ -104,7 +105,7 @@ def check_data_quality(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> l
     reasons: pd.DataFrame = ns["reasons"]
     assert list(reasons.columns) == ["tenant", "reason", "rows"]
     assert "other" not in set(reasons["reason"])  # every reason is one of the dataset's rules
-    quarantine = read_table(spark, ctx.tables.quarantine("demo"))
+    quarantine = read_table(spark, ctx.tables.quarantine("demo")).where("_purpose = 'history'")
     counts = _counts(quarantine)
     per_tenant = reasons.groupby("tenant")["rows"].sum()
     for tenant, n in counts.items():
@@ -119,7 +120,22 @@ def check_data_quality(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> l
     return ["data_quality"]
 
 
-CHECKS = {"tenant_overview": check_tenant_overview, "strategy_comparison": check_strategy_comparison,
+def check_monitoring(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> list[str]:
+    """The demo's first night: no champion existed when monitor ran, so no feature drift and no
+    realised metric yet; the scores' PSI against each new champion's training scores is there."""
+    ctx = run["ctx"]
+    mon = read_table(spark, ctx.tables.monitoring("demo")).where("kind = 'prediction'").toPandas().set_index("tenant_id")
+    got = ns["prediction_psi"]
+    assert sorted(got.index) == sorted(mon.index) == MODELLED
+    assert got["psi"].to_dict() == pytest.approx(mon["psi"].to_dict())
+    assert got["status"].to_dict() == mon["status"].to_dict()
+    assert ns["drift"].empty and ns["realised"].empty
+    decisions = ns["decisions"].set_index("tenant_id")
+    assert decisions["retrain"].all() and decisions["reasons"].str.contains("no champion").all()
+    return ["prediction_drift"]
+
+
+CHECKS = {"tenant_overview": check_tenant_overview, "monitoring": check_monitoring, "strategy_comparison": check_strategy_comparison,
           "prediction_exploration": check_prediction_exploration, "data_quality": check_data_quality}
 
 

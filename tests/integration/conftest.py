@@ -39,3 +39,43 @@ def nightly_run(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     copy = tmp_path_factory.mktemp("nightly-copy") / "data"
     shutil.copytree(data_dir, copy)
     return {"run": run, "ctx": ctx, "conf": str(conf), "data_copy": copy}
+
+
+SHARING_CONF = ("training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, "
+                "tuned: {max_epochs: 2}}\n")
+
+
+@pytest.fixture(scope="session")
+def sharing_world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Four demo tenants that all consent to share their data, after one full pipeline run (the
+    shared model, tuned models and promotion included). Built once; every module that changes it
+    (offboarding, consent withdrawal) works on its own copy from `copy_sharing_world`."""
+    from tenantml.apps.demo import DemoSpec, write_demo_source
+    from tenantml.apps.report import run_pipeline_reported
+    from tenantml.io.context import JobContext
+    from tenantml.io.tenants import list_tenant_ids, update_tenants
+    from tenantml.steps.runner import pipeline_steps, run_pipeline
+
+    conf = tmp_path_factory.mktemp("sharing-conf")
+    shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
+    (conf / "local" / "test.yml").write_text(SHARING_CONF)
+    data = tmp_path_factory.mktemp("sharing") / "data"
+    ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark, run_id="share-1")
+    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=4, largest=800, smallest=150))
+    results = run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate_scoring"))
+    update_tenants(spark, ctx.tables.tenants, list_tenant_ids(spark, ctx.tables.tenants), consent_share_data=True)
+    results += run_pipeline_reported(ctx, dataset="demo", steps=pipeline_steps(start="monitor"))
+    failed = {r.step: r.to_dict()["failures"] for r in results if r.status not in ("ok", "skipped")}
+    assert not failed, failed
+    return {"conf": conf, "data": data, "run_id": "share-1", "results": {r.step: r for r in results}}
+
+
+@pytest.fixture(scope="session")
+def copy_sharing_world(sharing_world: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``copy(name)`` -> (conf, data dir) of a private copy of the sharing world, as it was built."""
+    from worlds import copy_world
+
+    def copy(name: str) -> tuple[Path, Path]:
+        return sharing_world["conf"], copy_world(sharing_world["data"], tmp_path_factory.mktemp(name) / "data")
+
+    return copy

@@ -53,6 +53,7 @@ DATASET_YML = """\
 datasets:
   acct:
     source: {path: "${data_dir}/sources/acct", format: csv}
+    scoring_source: {path: "${data_dir}/sources/acct_scoring", format: csv}
     tenant_column: tenant
     entity_key: customer_id
     label: churned
@@ -128,12 +129,22 @@ def counts(spark: Any, ref: Any) -> dict[str | None, int]:
     return {r["tenant_id"]: int(r["count"]) for r in df.groupBy("tenant_id").count().collect()}
 
 
+def history_quarantine(ctx: JobContext, dataset: str) -> Any:
+    """The quarantined history rows (the table also holds rejected rows to score, `_purpose` scoring)."""
+    q = read_table(ctx.spark, ctx.tables.quarantine(dataset))
+    return q.where("_purpose = 'history'") if "_purpose" in q.columns else q
+
+
+def counts_of(df: Any) -> dict[str | None, int]:
+    return {r["tenant_id"]: int(r["count"]) for r in df.groupBy("tenant_id").count().collect()}
+
+
 def assert_reconciled(ctx: JobContext, dataset: str) -> tuple[dict, dict, dict]:
     """bronze = silver + quarantine for every tenant id, the NULL (invalid id) group included."""
     spark = ctx.spark
     bronze = counts(spark, ctx.tables.bronze(dataset))
     silver = counts(spark, ctx.tables.silver(dataset))
-    quarantine = counts(spark, ctx.tables.quarantine(dataset))
+    quarantine = counts_of(history_quarantine(ctx, dataset))
     assert None not in silver, "rows without a valid tenant id reached silver"
     assert set(silver) <= set(bronze) and set(quarantine) <= set(bronze)
     mismatched = {t: (n, silver.get(t, 0), quarantine.get(t, 0)) for t, n in bronze.items()
@@ -143,7 +154,7 @@ def assert_reconciled(ctx: JobContext, dataset: str) -> tuple[dict, dict, dict]:
 
 
 def quarantine_frame(ctx: JobContext, dataset: str) -> pd.DataFrame:
-    return read_table(ctx.spark, ctx.tables.quarantine(dataset)).toPandas()
+    return history_quarantine(ctx, dataset).toPandas()
 
 
 def outcome(result: StepResult, tenant: str | None) -> Any:
@@ -199,7 +210,7 @@ def messy_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
     # Wrong types in numeric columns and nulls in the label.
     bad("alpha", "A-bad-1", "column 'tenure_months' is not a number", tenure_months="abc")
     bad("alpha", "A-bad-2", "column 'monthly_spend' is not a number", monthly_spend="12,5")
-    bad("alpha", "A-bad-3", "label 'churned' is null", churned=None)
+    bad("alpha", "A-bad-3", "label 'churned' is empty", churned=None)
     bad("beta", "B-bad-1", "label 'churned' is not a binary value", churned="maybe")
     bad("beta", "B-bad-2", "column 'monthly_spend' is outside", monthly_spend="-5")
     bad("beta", "B-bad-3", "column 'tenure_months' is not a number", tenure_months="12 months")
@@ -208,7 +219,7 @@ def messy_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
     rows.insert(3, dup)
     # gamma: every row rejected -> blocked, never a crash.
     for i in range(6):
-        bad("gamma", f"G{i:03d}", "label 'churned' is null" if i % 2 else "is not a number",
+        bad("gamma", f"G{i:03d}", "label 'churned' is empty" if i % 2 else "is not a number",
             churned=None if i % 2 else "1", tenure_months="n/a" if i % 2 == 0 else "3")
     # Hostile tenant ids in the data.
     for j, tenant in enumerate(HOSTILE_IN_DATA):
@@ -237,10 +248,28 @@ def messy(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mess
     data = root / "data"
     rows, expected = messy_rows()
     write_csv(data / "sources" / "acct" / "batch1.csv", rows)
+    write_csv(data / "sources" / "acct_scoring" / "b1.csv", scoring_rows(), SCORING_COLUMNS)
     ctx = JobContext.create(env="local", conf_dir=conf, data_dir=data, spark=spark)
     results = {step: run_step(ctx, step, dataset="acct")
-               for step in ("ingest", "validate", "train", "promote", "score")}
+               for step in ("ingest", "ingest_scoring", "validate", "validate_scoring", "train", "promote", "score")}
     yield Messy(conf, data, ctx, expected, results)
+
+
+SCORING_COLUMNS = [c for c in COLUMNS if c != "churned"]
+
+
+def scoring_rows() -> list[dict[str, Any]]:
+    """Rows to score: 30 of alpha and of beta, 5 of gamma, and what rows to score get wrong: a tenant
+    no one registered, hostile ids, a repeated key, a value that is not a number."""
+    rng = random.Random(12)
+    rows = [{k: v for k, v in good_row(rng, t, f"{t[0].upper()}-new-{i:03d}").items() if k != "churned"}
+            for t, n in (("alpha", 30), ("beta", 30), ("gamma", 5)) for i in range(n)]
+    rows += [{k: v for k, v in good_row(rng, "zeta", f"Z-new-{i}").items() if k != "churned"} for i in range(3)]
+    rows += [{k: v for k, v in good_row(rng, h, f"H-new-{i}").items() if k != "churned"}
+             for i, h in enumerate(HOSTILE_IN_DATA[:2])]
+    rows.append({**rows[0]})  # alpha's first key twice: the later copy is scored, the other quarantined
+    rows.append({k: v for k, v in good_row(rng, "beta", "B-new-bad").items() if k != "churned"} | {"tenure_months": "x"})
+    return rows
 
 
 # --------------------------------------------------------------------------- source errors
@@ -308,7 +337,10 @@ def test_every_tenant_reconciles_bronze_to_silver_plus_quarantine(messy: Messy) 
     val = messy.results["validate"]
     for t, n in bronze.items():
         o = outcome(val, t)
-        assert (o.rows_in, o.rows_out, o.rows_quarantined) == (n, silver.get(t, 0), quarantine.get(t, 0))
+        assert (o.rows_in, o.rows_out) == (n, silver.get(t, 0))
+        # Quarantined = rejected (counted against the tenant) + unlabelled (not training rows).
+        assert o.rows_quarantined + o.detail["rows_unlabelled"] == quarantine.get(t, 0)
+    assert outcome(val, "alpha").detail["rows_unlabelled"] == 1 and outcome(val, "gamma").detail["rows_unlabelled"] == 3
     assert messy.results["ingest"].to_dict()["rows_in"] == sum(bronze.values())
 
 
@@ -333,16 +365,18 @@ def test_wrong_types_and_null_labels_are_quarantined_with_reasons(messy: Messy) 
 def test_tenant_with_every_row_rejected_is_blocked_not_crashing(messy: Messy) -> None:
     val, trn, sco = (messy.results[s] for s in ("validate", "train", "score"))
     g = outcome(val, "gamma")
-    assert g.status == "blocked" and g.rows_out == 0 and g.rows_quarantined == 6
+    # Three rows rejected, three without a label: every usable row rejected.
+    assert g.status == "blocked" and g.rows_out == 0 and g.rows_quarantined == 3
     assert "'gamma'" in g.error and "blocked" in g.error
-    for step in (trn, sco):
-        o = outcome(step, "gamma")
-        assert o.status == "blocked" and "gamma" in o.detail["reason"]
-        assert step.exit_code == 0, step.to_dict()
+    o = outcome(trn, "gamma")
+    assert o.status == "blocked" and "gamma" in o.detail["reason"] and trn.exit_code == 0
+    # Blocked from training is not blocked from scoring; gamma has no champion to score with.
+    s_gamma = outcome(sco, "gamma")
+    assert s_gamma.status == "skipped" and "no champion" in s_gamma.detail["reason"] and sco.exit_code == 0
     assert outcome(trn, "alpha").status == "ok" and outcome(trn, "beta").status == "ok"
-    assert outcome(sco, "alpha").rows_out == 40 and outcome(sco, "beta").rows_out == 40
+    assert outcome(sco, "alpha").rows_out == 30 and outcome(sco, "beta").rows_out == 30
     preds = counts(messy.ctx.spark, messy.ctx.tables.predictions("acct"))
-    assert preds == {"alpha": 40, "beta": 40}
+    assert preds == {"alpha": 30, "beta": 30}
     assert outcome(trn, "omega").status == "skipped" and "min_rows" in outcome(trn, "omega").detail["reason"]
     quality = read_table(messy.ctx.spark, messy.ctx.tables.quality("acct")).toPandas().set_index("tenant_id")
     assert bool(quality.loc["gamma", "blocked"]) and quality.loc["gamma", "rejected_fraction"] == 1.0
@@ -499,7 +533,6 @@ def test_rules_naming_an_undeclared_column_is_a_config_error(tmp_path: Path) -> 
 @pytest.mark.parametrize("step", [
     "validate",
     "train",
-    "score",
 ])
 def test_step_before_its_input_table_exists_names_the_table(spark: Any, tmp_path: Path, step: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -512,6 +545,13 @@ def test_step_before_its_input_table_exists_names_the_table(spark: Any, tmp_path
     code, payload = run_cli(capsys, step, "--dataset", "acct", "--conf-dir", str(conf),
                             "--data-dir", str(data))
     assert code == EXIT_FAILURE and missing.display in payload["error"]
+
+
+def test_score_before_any_rows_to_score_says_what_to_do(spark: Any, tmp_path: Path) -> None:
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data", spark=spark)
+    result = run_step(ctx, "score", dataset="acct")
+    assert result.status == "ok" and result.summary["rows_scored"] == 0
+    assert "no rows to score yet" in result.summary["reason"] and "score --source" in result.summary["reason"]
 
 
 # --------------------------------------------------------------------------- values the checks must not pass
@@ -636,7 +676,8 @@ def test_truncated_parquet_file_fails_the_ingest_naming_file_and_dataset(spark: 
     assert isinstance(err.value, TenantMLError) and err.value.exit_code == EXIT_FAILURE
     assert_nothing_ingested(ctx, "acctpq", before)
     log = read_table(spark, ctx.tables.run_log).toPandas()
-    assert list(log["status"]) == ["failed"] and str(broken) in log["error"].iloc[0]
+    failed = log[log["status"] == "failed"]
+    assert len(failed) == 1 and str(broken) in failed["error"].iloc[0]
 
 
 def test_truncated_gzip_csv_fails_the_ingest_naming_file_and_dataset(spark: Any, tmp_path: Path,
@@ -751,7 +792,7 @@ def assert_reconciled_with_history(ctx: JobContext, dataset: str, result: StepRe
     """With several batches, bronze = silver + quarantine + rows superseded by a later batch."""
     bronze = counts(ctx.spark, ctx.tables.bronze(dataset))
     silver = counts(ctx.spark, ctx.tables.silver(dataset))
-    quarantine = counts(ctx.spark, ctx.tables.quarantine(dataset))
+    quarantine = counts_of(history_quarantine(ctx, dataset))
     superseded = {o.tenant_id: o.detail["rows_superseded"] for o in result.tenants}
     mismatched = {t: (n, silver.get(t, 0), quarantine.get(t, 0), superseded.get(t, 0))
                   for t, n in bronze.items()
@@ -920,3 +961,53 @@ def test_tenant_ids_are_unique_case_insensitively(spark: Any, tmp_path: Path) ->
     run_step(ctx, "ingest", dataset="acct", source_path=str(tmp_path / "b2"))
     val = {t.tenant_id: t for t in run_step(ctx, "validate", dataset="acct").tenants}
     assert val["ACME"].rows_quarantined == 5 and list_tenant_ids(spark, ctx.tables.tenants) == ["Acme", "beta"]
+
+
+# --------------------------------------------------------------------------- rows to score
+def test_rows_to_score_are_validated_like_history_minus_the_label(messy: Messy) -> None:
+    """Unknown tenants, hostile ids, repeated keys and bad numbers in a batch of rows to score are
+    quarantined with their reasons; every row of the batch is either scored input or quarantined."""
+    ctx = messy.ctx
+    inference = counts(ctx.spark, ctx.tables.inference("acct"))
+    scoring = counts(ctx.spark, ctx.tables.scoring("acct"))
+    q = read_table(ctx.spark, ctx.tables.quarantine("acct")).where("_purpose = 'scoring'").toPandas()
+    quarantined = q.groupby(q["tenant_id"].where(q["tenant_id"].notna(), None), dropna=False).size().to_dict()
+    quarantined = {(None if isinstance(k, float) else k): int(v) for k, v in quarantined.items()}
+    for tenant, n in inference.items():
+        assert scoring.get(tenant, 0) + quarantined.get(tenant, 0) == n, tenant
+    assert inference == {"alpha": 31, "beta": 31, "gamma": 5, "zeta": 3, None: 2}
+    assert scoring == {"alpha": 30, "beta": 30, "gamma": 5}
+    reasons = q.set_index("customer_id")["_reason"]
+    assert all("not registered" in reasons[f"Z-new-{i}"] for i in range(3))
+    assert all(TENANT_REASON in reasons[f"H-new-{i}"] for i in range(2))
+    assert "duplicate entity key" in reasons["A-new-000"] and "is not a number" in reasons["B-new-bad"]
+    assert not q["_reason"].str.contains("label").any()  # rows to score are not held to label rules
+    # Only the valid rows of registered tenants with a champion were scored.
+    preds = read_table(ctx.spark, ctx.tables.predictions("acct")).toPandas()
+    assert set(preds["entity_key"]) <= set(read_table(ctx.spark, ctx.tables.scoring("acct")).toPandas()["customer_id"])
+    val = messy.results["validate_scoring"]
+    assert outcome(val, "zeta").status == "blocked" and "blocked from scoring" in outcome(val, "zeta").error
+
+
+@pytest.mark.parametrize("problem", ["label present", "column missing", "column extra"])
+def test_a_batch_of_rows_to_score_with_the_wrong_columns(spark: Any, tmp_path: Path, problem: str) -> None:
+    rng = random.Random(21)
+    rows = [good_row(rng, "alpha", f"A{i}") for i in range(6)]
+    columns = {"label present": COLUMNS, "column missing": [c for c in SCORING_COLUMNS if c != "monthly_spend"],
+               "column extra": [*SCORING_COLUMNS, "churn_reason"]}[problem]
+    for r in rows:
+        r["churn_reason"] = "none"
+    write_csv(tmp_path / "data" / "sources" / "acct_scoring" / "b.csv", rows, columns)
+    ctx = JobContext.create(env="local", conf_dir=make_conf(tmp_path), data_dir=tmp_path / "data", spark=spark)
+    if problem == "column extra":  # ignored, with a warning: the batch is ingested
+        result = run_step(ctx, "ingest_scoring", dataset="acct")
+        assert result.summary["columns_ignored"] == ["churn_reason"] and result.summary["rows_ingested"] == 6
+        return
+    with pytest.raises(SourceError) as err:
+        run_step(ctx, "ingest_scoring", dataset="acct")
+    msg = str(err.value)
+    if problem == "label present":
+        assert "has the label column 'churned'" in msg and "rows to score carry no label" in msg
+    else:
+        assert "lacks declared column(s) 'monthly_spend'" in msg
+    assert not table_exists(spark, ctx.tables.inference("acct"))  # nothing was ingested

@@ -11,11 +11,12 @@ from urllib.parse import urlparse
 import pytest
 
 from tenantml.apps.demo import DemoSpec, write_demo_source
+from tenantml.apps.report import run_pipeline_reported
 from tenantml.apps.offboarding import offboard_tenant, project_tables
 from tenantml.io import read_table
 from tenantml.io.context import JobContext
 from tenantml.io.tenants import list_tenant_ids, update_tenants
-from tenantml.registry.tracking import registered_model_exists
+from tenantml.registry.tracking import registered_model_exists, tenant_logged_model_ids
 from tenantml.steps.runner import pipeline_steps, run_pipeline, run_step
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -46,11 +47,12 @@ def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
         "training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, tuned: {max_epochs: 2}}\n")
     ctx = JobContext.create(conf_dir=conf, data_dir=tmp_path_factory.mktemp("offboard"), spark=spark)
     write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=4, largest=800, smallest=150))
-    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate"))
+    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate_scoring"))
     update_tenants(spark, ctx.tables.tenants, list_tenant_ids(spark, ctx.tables.tenants), consent_share_data=True)
-    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="train_shared"))
-    child = ctx.mlflow.get_model_version_by_alias(f"demo__{GONE}", "champion")
-    artifact_dir = Path(urlparse(ctx.mlflow.get_run(child.run_id).info.artifact_uri).path)
+    run_pipeline_reported(ctx, dataset="demo", steps=pipeline_steps(start="monitor"))
+    gone_models = tenant_logged_model_ids(ctx, GONE)  # every candidate trained for the tenant
+    model_dirs = [Path(urlparse(ctx.mlflow.get_logged_model(m).artifact_location).path) for m in gone_models]
+    other_models = tenant_logged_model_ids(ctx, "t000")
     before_other = _tenant_rows(spark, ctx, "t000")
     figure = ctx.data_dir / "notebooks" / "tenant_overview" / "rows_per_tenant.png"
     figure.parent.mkdir(parents=True)
@@ -58,17 +60,20 @@ def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     plan = offboard_tenant(ctx, GONE)  # a dry run first: nothing may change
     after_plan = _tenant_rows(spark, ctx, GONE)
     report = offboard_tenant(ctx, GONE, confirm=True, purge_history=True)
-    return {"ctx": ctx, "plan": plan, "after_plan": after_plan, "report": report, "artifact_dir": artifact_dir,
-            "before_other": before_other, "figure": figure}
+    return {"ctx": ctx, "plan": plan, "after_plan": after_plan, "report": report, "model_dirs": model_dirs,
+            "gone_models": gone_models, "other_models": other_models, "before_other": before_other,
+            "figure": figure}
 
 
 def test_dry_run_lists_everything_and_changes_nothing(world: dict[str, Any]) -> None:
     plan = world["plan"]
     assert not plan.executed
     assert {"bronze_demo", "silver_demo", "predictions_demo", "model_store", "run_log", "tenants",
-            "shared_train_demo", "promotions"} <= set(plan.rows)
+            "shared_train_demo", "promotions", "inference_demo", "scoring_demo", "latest_predictions_demo",
+            "monitoring_demo", "retraining_demo", "quality_demo"} <= set(plan.rows)
     assert world["after_plan"] == {k: plan.rows.get(k, 0) for k in world["after_plan"]}
-    assert plan.models == [f"demo__{GONE}"] and plan.runs
+    assert plan.models == [f"demo__{GONE}"] and plan.logged_models == world["gone_models"]
+    assert plan.runs == []  # no child runs with tracking.tenant_runs off (the default)
     assert plan.shared_models_trained_with_tenant  # the shared model learned from the tenant's rows
 
 
@@ -82,7 +87,9 @@ def test_no_row_model_or_run_of_the_tenant_is_left(spark: Any, world: dict[str, 
     left = ctx.mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`tenantml.tenant_id` = '{GONE}'",
                                   run_view_type=ViewType.ALL)
     assert left == []
-    assert not world["artifact_dir"].exists()  # the model artifacts were purged with the runs
+    assert world["gone_models"] and tenant_logged_model_ids(ctx, GONE) == []
+    assert world["report"].logged_models == world["gone_models"]
+    assert not any(d.exists() for d in world["model_dirs"])  # mlflow gc purged the LoggedModels' artifacts
     assert not list((ctx.data_dir / "checkpoints").glob("*.pt"))
 
 
@@ -101,6 +108,7 @@ def test_time_travel_cannot_bring_the_rows_back(spark: Any, world: dict[str, Any
 def test_other_tenants_are_untouched_and_still_served(spark: Any, world: dict[str, Any]) -> None:
     ctx = world["ctx"]
     assert _tenant_rows(spark, ctx, "t000") == world["before_other"]
+    assert world["other_models"] and tenant_logged_model_ids(ctx, "t000") == world["other_models"]
     result = run_step(ctx, "score", dataset="demo", tenants=["t000"])
     assert result.status == "ok"
 

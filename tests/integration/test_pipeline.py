@@ -49,22 +49,31 @@ def test_every_step_succeeds_and_dirty_tenant_is_blocked(run: dict[str, Any]) ->
     assert train[DIRTY_TENANT].status == "blocked"
     assert {t for t, o in train.items() if o.status == "skipped"} == {"t004", "t005"}  # below min_rows
     assert res["train"].summary["models_trained"] == 4
+    # The rows scored are the new batch's valid rows (rows to score), never the training history.
     assert res["score"].summary["rows_scored"] == sum(
-        t.rows_out for t in res["validate"].tenants if t.tenant_id in {"t000", "t001", "t002", "t003"})
+        t.rows_out for t in res["validate_scoring"].tenants if t.tenant_id in {"t000", "t001", "t002", "t003"})
 
 
 def test_valid_plus_quarantined_equals_ingested_per_tenant(spark: Any, run: dict[str, Any]) -> None:
     t = run["ctx"].tables
     bronze = _counts(read_table(spark, t.bronze("demo")))
     silver = _counts(read_table(spark, t.silver("demo")))
-    quarantine = _counts(read_table(spark, t.quarantine("demo")))
+    history_q = read_table(spark, t.quarantine("demo")).where("_purpose = 'history'")
+    quarantine = _counts(history_q)
     assert None in bronze and None not in silver  # hostile ids only ever reach quarantine
     for tenant, n in bronze.items():
         assert silver.get(tenant, 0) + quarantine.get(tenant, 0) == n, tenant
-    reasons = {r["_reason"] for r in read_table(spark, t.quarantine("demo")).select("_reason").distinct().collect()}
-    assert any("is not a number" in r for r in reasons)
-    assert any("label 'churned' is null" in r for r in reasons)
-    assert any("duplicate entity key" in r for r in reasons)
+    reasons = {(r["_reason"], r["_kind"]) for r in history_q.select("_reason", "_kind").distinct().collect()}
+    assert any("is not a number" in r and k == "rejected" for r, k in reasons)
+    # A history row without a label is not a training row, and not a rejected one either.
+    assert ("label 'churned' is empty: not a training row (not counted as rejected)", "unlabelled") in reasons
+    assert any("duplicate entity key" in r for r, _ in reasons)
+    # Rows to score: the same reconciliation, per batch.
+    inference = _counts(read_table(spark, t.inference("demo")))
+    scoring = _counts(read_table(spark, t.scoring("demo")))
+    scoring_q = _counts(read_table(spark, t.quarantine("demo")).where("_purpose = 'scoring'"))
+    for tenant, n in inference.items():
+        assert scoring.get(tenant, 0) + scoring_q.get(tenant, 0) == n, tenant
 
 
 def test_no_path_is_named_after_a_hostile_tenant(run: dict[str, Any]) -> None:
@@ -78,7 +87,8 @@ def test_cost_ledger_measures_train_and_score_per_tenant(spark: Any, run: dict[s
     ctx = run["ctx"]
     ledger = read_table(spark, ctx.tables.cost_ledger).where(f"run_id = '{ctx.run_id}'").toPandas()
     by_step = {s: g.set_index("tenant_id") for s, g in ledger.groupby("step")}
-    assert set(by_step) == {"ingest", "validate", "train", "promote", "score", "publish"}
+    assert set(by_step) == {"ingest", "ingest_scoring", "validate", "validate_scoring", "monitor", "train", "promote",
+                            "score", "publish"}
     for step in ("train", "score"):
         assert set(by_step[step]["method"]) == {"measured"}
         assert set(by_step[step].index) == {"t000", "t001", "t002", "t003"}
@@ -92,16 +102,20 @@ def test_cost_ledger_measures_train_and_score_per_tenant(spark: Any, run: dict[s
 
 def test_reruns_replace_and_never_duplicate(spark: Any, run: dict[str, Any]) -> None:
     ctx, t = run["ctx"], run["ctx"].tables
-    before = {name: read_table(spark, ref).count() for name, ref in
-              {"bronze": t.bronze("demo"), "silver": t.silver("demo"), "pred": t.predictions("demo")}.items()}
-    run_step(ctx, "ingest", dataset="demo")  # the same files: the same batch
-    run_step(ctx, "validate", dataset="demo")
-    run_step(ctx, "score", dataset="demo")
-    after = {name: read_table(spark, ref).count() for name, ref in
-             {"bronze": t.bronze("demo"), "silver": t.silver("demo"), "pred": t.predictions("demo")}.items()}
+    tables = {"bronze": t.bronze("demo"), "silver": t.silver("demo"), "inference": t.inference("demo"),
+              "scoring": t.scoring("demo"), "pred": t.predictions("demo"), "latest": t.latest_predictions("demo")}
+    before = {name: read_table(spark, ref).count() for name, ref in tables.items()}
+    assert run_step(ctx, "ingest", dataset="demo").summary["unchanged"]  # the same files: the same batch
+    assert run_step(ctx, "ingest_scoring", dataset="demo").summary["unchanged"]
+    assert run_step(ctx, "validate", dataset="demo").summary["rows_validated"] == 0  # nothing new to read
+    assert run_step(ctx, "validate", dataset="demo", full=True).summary["rows_validated"] == before["bronze"]
+    run_step(ctx, "validate_scoring", dataset="demo")
+    assert run_step(ctx, "score", dataset="demo").summary["rows_scored"] == 0  # every batch is scored
+    assert run_step(ctx, "score", dataset="demo", rescore=True).summary["rows_scored"] > 0  # the same batch again
+    after = {name: read_table(spark, ref).count() for name, ref in tables.items()}
     assert after == before
     preds = read_table(spark, t.predictions("demo"))
-    assert preds.select("tenant_id", "entity_key").distinct().count() == preds.count()
+    assert preds.select("tenant_id", "entity_key", "batch_id").distinct().count() == preds.count()
 
 
 def test_champions_load_by_standard_uri_and_match_scores(spark: Any, run: dict[str, Any]) -> None:
@@ -112,35 +126,41 @@ def test_champions_load_by_standard_uri_and_match_scores(spark: Any, run: dict[s
     mlflow.set_tracking_uri(ctx.tracking_uri)
     mlflow.set_registry_uri(ctx.registry_uri)
     model = mlflow.pyfunc.load_model("models:/demo__t001@champion")
-    silver = read_table(spark, ctx.tables.silver("demo")).where("tenant_id = 't001'").limit(50).toPandas()
-    out = model.predict(silver)
-    assert list(out.columns) == ["score", "prediction"] and len(out) == 50
+    rows = read_table(spark, ctx.tables.scoring("demo")).where("tenant_id = 't001'").limit(50).toPandas()
+    out = model.predict(rows)
+    assert list(out.columns) == ["score", "prediction"] and len(out) == len(rows) > 10
     assert out["score"].between(0, 1).all()
     preds = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't001'").toPandas()
-    merged = pd.DataFrame({"entity_key": silver["customer_id"], "uri_score": out["score"]}).merge(
+    merged = pd.DataFrame({"entity_key": rows["customer_id"], "uri_score": out["score"]}).merge(
         preds, on="entity_key")
-    assert len(merged) == 50
+    assert len(merged) == len(rows)
     assert (merged["uri_score"] - merged["score"]).abs().max() < 1e-5
     mv = ctx.mlflow.get_model_version_by_alias("demo__t001", "champion")
     assert mv.tags["tenant_id"] == "t001" and mv.tags["strategy"] == "tenant"
     assert {"delta_version", "git_commit", "config_hash"} <= set(mv.tags)
 
 
-def test_mlflow_run_holds_per_tenant_metrics_and_tags(run: dict[str, Any]) -> None:
+def test_mlflow_run_holds_per_tenant_logged_models(run: dict[str, Any]) -> None:
     ctx = run["ctx"]
     mrun = ctx.mlflow.get_run(run["results"]["train"].mlflow_run_id)
     assert mrun.info.status == "FINISHED" and mrun.data.tags["tenantml.tenants_trained"] == "4"
     assert mrun.data.params["delta_version"] == str(run["results"]["train"].summary["silver_version"])
-    assert not any(k.startswith("t00") for k in mrun.data.metrics)  # tenant figures live in child runs
+    assert not any(k.startswith("t00") for k in mrun.data.metrics)  # tenant figures live in LoggedModels
     children = ctx.mlflow.search_runs([mrun.info.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{mrun.info.run_id}'")
-    by_tenant = {c.data.tags["tenantml.tenant_id"]: c for c in children}
+    assert children == []  # tracking.tenant_runs is off by default
+    models = ctx.mlflow.search_logged_models([mrun.info.experiment_id],
+                                             filter_string=f"source_run_id = '{mrun.info.run_id}'")
+    by_tenant = {m.tags["tenantml.tenant_id"]: m for m in models}
     assert set(by_tenant) == {"t000", "t001", "t002", "t003"}
-    for tenant, child in by_tenant.items():
-        assert child.info.status == "FINISHED" and child.data.tags["tenantml.status"] == "ok"
-        assert child.data.metrics["auc"] > child.data.metrics["baseline_auc"]
+    assert {o.model_id for o in mrun.outputs.model_outputs} == {m.model_id for m in models}
+    for tenant, m in by_tenant.items():
+        assert str(m.status) == "READY" and m.tags["tenantml.status"] == "ok"
+        metrics = {x.key: x.value for x in m.metrics}
+        assert metrics["auc"] > metrics["baseline_auc"]
         mv = ctx.mlflow.search_model_versions(f"name = 'demo__{tenant}'")
-        assert any(v.run_id == child.info.run_id for v in mv)  # the version is lineage-linked
+        assert any(v.run_id == mrun.info.run_id and v.tags["logged_model_id"] == m.model_id
+                   and v.source == m.artifact_location for v in mv)  # the version is lineage-linked
 
 
 def test_run_log_records_every_step_and_tenant(spark: Any, run: dict[str, Any]) -> None:
@@ -163,7 +183,7 @@ def test_scoring_refuses_another_tenants_model(spark: Any, run: dict[str, Any]) 
     client.set_registered_model_alias("demo__t002", "champion", mv.version)
     before = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't002'").toPandas()
     try:
-        result = run_step(ctx, "score", dataset="demo")
+        result = run_step(ctx, "score", dataset="demo", rescore=True)
         outcome = {t.tenant_id: t for t in result.tenants}
         assert outcome["t002"].status == "failed" and "registered for tenant 't003'" in outcome["t002"].error
         assert outcome["t003"].status == "ok" and result.status == "partial" and result.exit_code == 3
@@ -198,20 +218,19 @@ def test_forged_registry_tags_and_a_forged_store_row_are_refused(spark: Any, run
     client.set_registered_model_alias("demo__t002", "champion", mv.version)
     where = f"tenant_id = 't002' AND model_version = '{mv.version}'"
     try:
-        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"]).tenants}
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"], rescore=True).tenants}
         assert out["t002"].status == "failed" and "missing from" in out["t002"].error, out["t002"]
         forged = _store_row(spark, ctx, "t003", str(other.version)).assign(
             tenant_id="t002", model_name="demo__t002", model_version=str(mv.version))
         _put_store_rows(spark, ctx, forged, where)
-        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"]).tenants}
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002", "t003"], rescore=True).tenants}
         assert out["t002"].status == "failed" and "signature does not match" in out["t002"].error, out["t002"]
         assert out["t003"].status == "ok"
         preds = read_table(spark, ctx.tables.predictions("demo")).where("tenant_id = 't002'").toPandas()
         assert set(preds["model_name"]) == {"demo__t002"} and set(preds["model_version"]) == {str(own.version)}
     finally:
         client.set_registered_model_alias("demo__t002", "champion", own.version)
-        (spark.read.format("delta").load(ctx.tables.model_store.path).where(f"NOT ({where})")
-         .write.format("delta").mode("overwrite").option("replaceWhere", where).save(ctx.tables.model_store.path))
+        spark.sql(f"DELETE FROM delta.`{ctx.tables.model_store.path}` WHERE {where}")
 
 
 def test_a_strategy_tag_that_lies_is_refused(spark: Any, run: dict[str, Any]) -> None:
@@ -222,7 +241,7 @@ def test_a_strategy_tag_that_lies_is_refused(spark: Any, run: dict[str, Any]) ->
                                      tags={**own.tags, "strategy": "shared"})
     client.set_registered_model_alias("demo__t002", "champion", mv.version)
     try:
-        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"], rescore=True).tenants}
         assert out["t002"].status == "failed" and "claims strategy 'shared'" in out["t002"].error, out["t002"]
     finally:
         client.set_registered_model_alias("demo__t002", "champion", own.version)
@@ -241,15 +260,15 @@ def test_a_tampered_model_store_row_is_refused(spark: Any, run: dict[str, Any]) 
     where = f"tenant_id = 't002' AND model_version = '{own.version}' AND dataset = 'demo'"
     try:
         _put_store_rows(spark, ctx, original.assign(model=[swapped_bytes]), where)
-        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"], rescore=True).tenants}
         assert out["t002"].status == "failed" and "do not match the digest" in out["t002"].error, out["t002"]
         _put_store_rows(spark, ctx, original.assign(model=[swapped_bytes],
                                                     model_sha256=hashlib.sha256(swapped_bytes).hexdigest()), where)
-        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"]).tenants}
+        out = {t.tenant_id: t for t in run_step(ctx, "score", dataset="demo", tenants=["t002"], rescore=True).tenants}
         assert out["t002"].status == "failed" and "signature does not match" in out["t002"].error, out["t002"]
     finally:
         _put_store_rows(spark, ctx, original, where)
-    assert run_step(ctx, "score", dataset="demo", tenants=["t002"]).status == "ok"
+    assert run_step(ctx, "score", dataset="demo", tenants=["t002"], rescore=True).status == "ok"
 
 
 def test_a_later_batch_supersedes_earlier_rows_without_quarantining_them(spark: Any, run: dict[str, Any],
@@ -357,8 +376,8 @@ def test_concurrent_runs_on_disjoint_tenants_both_succeed(spark: Any, run: dict[
     t = ctx_a.tables
     before = read_table(spark, t.predictions("demo")).toPandas()
     with ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(run_step, ctx_a, "score", "demo", ["t000", "t001"])
-        fb = pool.submit(run_step, ctx_b, "score", "demo", ["t002", "t003"])
+        fa = pool.submit(run_step, ctx_a, "score", "demo", ["t000", "t001"], rescore=True)
+        fb = pool.submit(run_step, ctx_b, "score", "demo", ["t002", "t003"], rescore=True)
         ra, rb = fa.result(timeout=600), fb.result(timeout=600)
     assert ra.status == rb.status == "ok", (ra.to_dict()["failures"], rb.to_dict()["failures"])
     after = read_table(spark, t.predictions("demo")).toPandas()
@@ -381,7 +400,7 @@ def test_concurrent_runs_on_the_same_tenant_never_duplicate(spark: Any, run: dic
     t = ctx_a.tables
     before = read_table(spark, t.predictions("demo")).where("tenant_id IN ('t000', 't001')").count()
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(run_step, c, "score", "demo", ["t000", "t001"]) for c in (ctx_a, ctx_b)]
+        futures = [pool.submit(run_step, c, "score", "demo", ["t000", "t001"], rescore=True) for c in (ctx_a, ctx_b)]
         outcomes = []
         for f in futures:
             try:
@@ -490,6 +509,7 @@ def test_a_steps_scope_refuses_rows_and_models_of_tenants_outside_it(spark: Any,
     with pytest.raises(TenantIsolationError, match=f"loading a model for tenant '{B}'"):
         scope.load_models({B: (f"demo__{B}", str(b_champion.version))})
     with pytest.raises(TenantIsolationError, match=r"writing .*model_store rows for tenant"):
-        write_models(spark, ctx.tables.model_store, [{"tenant_id": B}], "demo", "scope-test", "tenant", scope=scope)
+        write_models(spark, ctx.tables.model_store, [{"tenant_id": B}], "demo", "scope-test", "tenant",
+                     key=ctx.signing_key, scope=scope)
     own = ctx.mlflow.get_model_version_by_alias(f"demo__{A}", "champion")
     assert list(scope.load_models({A: (f"demo__{A}", str(own.version))})["tenant_id"]) == [A]

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONTRACT = {
     "gold_<ds>_prediction_fact": [
         ("tenant_id", "string"), ("tenant_key", "bigint"), ("entity_key", "string"),
-        ("scoring_run_id", "string"), ("score_date_key", "int"), ("scored_at", "timestamp"),
+        ("scoring_run_id", "string"), ("scoring_batch_id", "string"), ("score_date_key", "int"), ("scored_at", "timestamp"),
         ("model_key", "bigint"), ("strategy", "string"), ("prediction", "double"), ("score", "double")],
     "gold_tenant_dim": [
         ("tenant_key", "bigint"), ("tenant_id", "string"), ("display_name", "string"), ("strategy", "string"),
@@ -322,7 +322,7 @@ def test_a_new_scoring_run_adds_facts_and_keeps_the_earlier_run(spark: Any, publ
     before = read_table(spark, fact_ref).groupBy("tenant_id").count().collect()
     rescore = JobContext.create(conf_dir=published["conf"], data_dir=published["data_dir"], spark=spark,
                                 run_id="rescore-1")
-    assert run_step(rescore, "score", dataset="demo", tenants=["t001"]).status == "ok"
+    assert run_step(rescore, "score", dataset="demo", tenants=["t001"], rescore=True).status == "ok"
     assert run_step(rescore, "publish", dataset="demo", tenants=["t001"]).status == "ok"
     assert run_step(rescore, "publish", dataset="demo", tenants=["t001"]).status == "ok"  # rerun: replaced
     fact = read_table(spark, fact_ref)

@@ -48,11 +48,11 @@ def run(spark: Any, conf: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     data_dir = tmp_path_factory.mktemp("strategies")
     ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark)
     write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=7, largest=1500, smallest=20))
-    results = run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate"))
+    results = run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate_scoring"))
     tenants = [f"t{i:03d}" for i in range(7)]
     update_tenants(spark, ctx.tables.tenants, [t for t in tenants if t != NO_SHARE], consent_share_data=True)
     update_tenants(spark, ctx.tables.tenants, [NO_INFERENCE], consent_shared_inference=False)
-    results += run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="train_shared"))
+    results += run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="monitor"))
     return {"ctx": ctx, "results": {r.step: r for r in results}, "tenants": tenants}
 
 
@@ -141,16 +141,27 @@ def test_auto_is_never_worse_than_one_strategy_for_all_and_tiny_tenants_are_serv
     ctx = run["ctx"]
     dec = _decisions(spark, ctx).drop(index="_shared")
     metric, _ = primary_metric("binary")
-    rows = []
+    cfg = ctx.config.training
+    rows, slack = [], {}
     for t, d in dec.iterrows():
-        cands = {c["strategy"]: c[metric] for c in json.loads(d["candidates_json"])}
+        raw = json.loads(d["candidates_json"])
+        cands = {c["strategy"]: c[metric] for c in raw}
         served = cands.get(d["serving_strategy"]) if d["serving_strategy"] else None
         rows.append({"tenant_id": t, **cands, "auto": served})
+        # The noise-aware rule may serve a model that saw more data over one ahead of it on the
+        # holdout, but never by more than the margin plus promotion_noise_z standard errors.
+        se = {c["strategy"]: c.get("se") or 0.0 for c in raw}
+        best = max((s for s in cands if cands[s] is not None), key=lambda s: cands[s], default=None)
+        if served is not None and best is not None:
+            allowed = cfg.promotion_margin + cfg.promotion_noise_z * math.hypot(se[best], se[d["serving_strategy"]])
+            assert cands[best] - served <= allowed + 1e-9, (t, cands, se)
+            slack[t] = allowed
     table = pd.DataFrame(rows).set_index("tenant_id")
     # A tenant a strategy cannot serve scores as the constant baseline under that strategy.
     filled = table.astype(float).fillna(0.5)
     means = filled.mean()
-    assert means["auto"] >= max(means["tenant"], means["tuned"], means["shared"]) - 1e-12, means.to_dict()
+    bound = max(means["tenant"], means["tuned"], means["shared"]) - sum(slack.values()) / len(filled)
+    assert means["auto"] >= bound - 1e-12, means.to_dict()
     # Tiny tenants are served by a shared or tuned model; refusing tenants only by their own.
     assert dec.loc[TINY, "serving_strategy"] in ("shared", "tuned")
     assert dec.loc[NO_INFERENCE, "serving_strategy"] in ("tenant", None)
@@ -200,13 +211,13 @@ def test_revoked_consent_is_enforced_at_scoring_then_promotion(spark: Any, run: 
     update_tenants(spark, ctx.tables.tenants, [victim], consent_shared_inference=False)
     try:
         later = JobContext.create(conf_dir=conf, data_dir=ctx.data_dir, spark=spark)
-        scored = {t.tenant_id: t for t in run_step(later, "score", dataset="demo", tenants=[victim]).tenants}
+        scored = {t.tenant_id: t for t in run_step(later, "score", dataset="demo", tenants=[victim], rescore=True).tenants}
         assert scored[victim].status == "failed" and "consent_shared_inference=false" in (scored[victim].error or "")
         new_preds = read_table(spark, ctx.tables.predictions("demo")).where(f"run_id = '{later.run_id}'").count()
         assert new_preds == 0
         promoted = {t.tenant_id: t for t in run_step(later, "promote", dataset="demo", tenants=[victim]).tenants}
         assert promoted[victim].detail.get("strategy") in (None, "tenant")
-        rescored = {t.tenant_id: t for t in run_step(later, "score", dataset="demo", tenants=[victim]).tenants}
+        rescored = {t.tenant_id: t for t in run_step(later, "score", dataset="demo", tenants=[victim], rescore=True).tenants}
         assert rescored[victim].status in ("ok", "skipped")
         if rescored[victim].status == "ok":
             assert rescored[victim].detail["strategy"] == "tenant"

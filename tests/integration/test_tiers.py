@@ -44,6 +44,7 @@ def test_fair_scheduler_is_on_with_one_pool_per_tier(spark: Any) -> None:
 def test_tiers_train_in_their_pools_and_giants_go_data_parallel_last(spark: Any) -> None:
     from tenantml.config import TenantQuota, load_config
     from tenantml.models import TabularModel
+    from tenantml.training.plan import TrainingPlan
     from tenantml.training.tenant_models import train_tenant_models
 
     config = load_config(REPO / "conf")
@@ -58,7 +59,7 @@ def test_tiers_train_in_their_pools_and_giants_go_data_parallel_last(spark: Any)
         "tenant_quotas": {"forced": TenantQuota(tier="standard")}})
     pdf = _frames(sizes)
     silver = spark.createDataFrame(pdf)
-    res = train_tenant_models(spark, silver, sizes, spec, cfg).set_index("tenant_id")
+    res = train_tenant_models(spark, silver, TrainingPlan.build(spec, cfg, sizes), spec, cfg).set_index("tenant_id")
 
     assert (res["status"] == "ok").all(), res[["status", "error"]]
     expected = {"s1": "small", "s2": "small", "s3": "small", "m1": "standard", "m2": "standard",
@@ -66,7 +67,8 @@ def test_tiers_train_in_their_pools_and_giants_go_data_parallel_last(spark: Any)
     assert res["tier"].to_dict() == expected
     assert res["pool"].to_dict() == {t: f"tenantml-{tier}" for t, tier in expected.items()}
     assert res.loc["g1", "path"] == f"distributed x{spark.sparkContext.defaultParallelism}"
-    assert set(res.drop(index="g1")["path"]) == {"task"}
+    # The other tiers' tenants train in stacked groups inside their tasks (training.batched).
+    assert set(res.drop(index="g1")["path"]) == {"batched"}
     # Giants go after every other tier, so small tenants never wait behind them.
     assert res.loc["g1", "finished_at"] >= res.drop(index="g1")["finished_at"].max()
     # The giant's model is a real, usable model judged on its own holdout like the others.
@@ -83,6 +85,7 @@ def test_a_data_parallel_giant_keeps_to_its_time_quota(spark: Any) -> None:
     import json
 
     from tenantml.config import TenantQuota, load_config
+    from tenantml.training.plan import TrainingPlan
     from tenantml.training.tenant_models import train_tenant_models
 
     config = load_config(REPO / "conf")
@@ -92,7 +95,8 @@ def test_a_data_parallel_giant_keeps_to_its_time_quota(spark: Any) -> None:
         "tiers": config.training.tiers.model_copy(update={"small_max_rows": 400, "giant_min_rows": 2000,
                                                            "giant_share": 0.5, "giant_path": "distributed"}),
         "tenant_quotas": {"capped": TenantQuota(max_seconds=1e-6)}})
-    res = train_tenant_models(spark, spark.createDataFrame(_frames(sizes)), sizes, config.datasets["demo"],
+    res = train_tenant_models(spark, spark.createDataFrame(_frames(sizes)),
+                              TrainingPlan.build(config.datasets["demo"], cfg, sizes), config.datasets["demo"],
                               cfg).set_index("tenant_id")
 
     assert (res["status"] == "ok").all(), res[["status", "error"]]
@@ -102,7 +106,9 @@ def test_a_data_parallel_giant_keeps_to_its_time_quota(spark: Any) -> None:
 
 
 def test_scoring_concurrency_quota_caps_the_tasks_a_tenant_spreads_over(spark: Any) -> None:
-    from tenantml.scoring.batch import scoring_slices, slice_frame
+    from pyspark.sql import functions as F
+
+    from tenantml.scoring.batch import SLICE_COL, scoring_slices, with_slices
 
     rows = {"big": 2400, "capped": 2400, "tiny": 20}
     slices = scoring_slices(rows, partitions=8, concurrency={"capped": 2}, default_concurrency=None,
@@ -111,7 +117,8 @@ def test_scoring_concurrency_quota_caps_the_tasks_a_tenant_spreads_over(spark: A
     assert slices == {"big": 4, "capped": 2, "tiny": 1}
     pdf = pd.DataFrame({"tenant_id": [t for t, n in rows.items() for _ in range(n)],
                         "customer_id": [f"{t}-{i}" for t, n in rows.items() for i in range(n)]})
-    laid_out = slice_frame(spark.createDataFrame(pdf), slices, "customer_id", partitions=8)
+    laid_out = with_slices(spark.createDataFrame(pdf), slices, "customer_id").repartition(8, "tenant_id", SLICE_COL)
+    assert laid_out.groupBy("tenant_id").agg(F.countDistinct(SLICE_COL).alias("n")).where("n > 4").count() == 0
     placed = set(laid_out.select("tenant_id").rdd.mapPartitionsWithIndex(
         lambda i, it: {(r["tenant_id"], i) for r in it}).collect())
     used = {t: sum(1 for tt, _ in placed if tt == t) for t in rows}

@@ -29,8 +29,8 @@ def nightly(nightly_run: dict[str, Any]) -> dict[str, Any]:
 def test_every_task_succeeds_in_dependency_order_under_one_run_id(nightly: dict[str, Any]) -> None:
     run = nightly["run"]
     assert (run.status, run.exit_code) == ("success", 0), [(t.task_key, t.status, t.message) for t in run.tasks]
-    assert [t.task_key for t in run.tasks] == ["ingest", "validate", "train_shared", "train", "train_tuned",
-                                              "promote", "score", "publish"]
+    assert [t.task_key for t in run.tasks] == ["ingest", "ingest_scoring", "validate", "validate_scoring", "monitor",
+                                              "train_shared", "train", "train_tuned", "promote", "score", "publish"]
     results = [s for t in run.tasks for r in (t.iterations or [t]) for s in r.steps]
     assert [s["step"] for s in results] == list(pipeline_steps())
     assert {s["run_id"] for s in results} == {run.run_id}
@@ -40,8 +40,11 @@ def test_every_task_succeeds_in_dependency_order_under_one_run_id(nightly: dict[
     assert by_step["train_shared"]["models_trained"] == 0 == by_step["train_tuned"]["models_trained"]
     assert [it.task_key for it in run.task("score").iterations] == ["score[0]"]  # one batch: every tenant
     for t in run.tasks:  # prod's --env and workspace volume became the embedded default
-        args = dict(zip(t.argv[::2], t.argv[1::2], strict=True)) if t.argv else {}
-        assert not args or (args["--env"] == "local" and not args["--data-dir"].startswith("/Volumes"))
+        argv = list(t.argv or [])
+        if argv:
+            assert argv[argv.index("--env") + 1] == "local"
+            assert not argv[argv.index("--data-dir") + 1].startswith("/Volumes")
+            assert argv[argv.index("--on-partial") + 1] == "continue" and "--resume-failed" in argv
 
 
 def test_the_run_produces_predictions_and_a_complete_run_log(spark: Any, nightly: dict[str, Any]) -> None:
@@ -58,7 +61,18 @@ def test_the_run_produces_predictions_and_a_complete_run_log(spark: Any, nightly
 
 def test_score_fans_out_over_tenant_batches_under_one_run_id(spark: Any, nightly: dict[str, Any]) -> None:
     """One score task per batch; each batch's run_log rows survive the others' (same run, same step)."""
+    from tenantml.apps.demo import DemoSpec, scoring_frame
+    from tenantml.io.context import JobContext
+    from tenantml.steps.runner import run_step
+
     ctx, conf = nightly["ctx"], nightly["conf"]
+    # A new batch of rows to score (the nightly run scored its batch already).
+    batch = Path(ctx.data_dir) / "fan-out-batch"
+    batch.mkdir()
+    scoring_frame(DemoSpec(tenants=5, largest=900, smallest=20), seed_offset=2).to_csv(batch / "b.csv", index=False)
+    fresh = JobContext.create(conf_dir=conf, data_dir=ctx.data_dir, spark=spark, run_id="fan-out-prep")
+    run_step(fresh, "ingest_scoring", "demo", scoring_source_path=str(batch))
+    run_step(fresh, "validate_scoring", "demo")
     run = run_job(load_bundle(REPO / "workflows"), "nightly", only=["score"], conf_dir=conf,
                   data_dir=str(ctx.data_dir), params={"tenant_batches": '["t000,t001", "t002"]'})
     score = run.task("score")
@@ -67,4 +81,5 @@ def test_score_fans_out_over_tenant_batches_under_one_run_id(spark: Any, nightly
     log = read_table(spark, ctx.tables.run_log).where(f"run_id = '{run.run_id}' AND step = 'score'").toPandas()
     assert sorted(log["tenant_id"]) == ["t000", "t001", "t002"]
     assert {t.task_key: t.status for t in run.tasks if t.task_key != "score"} == dict.fromkeys(
-        ["ingest", "validate", "train_shared", "train", "train_tuned", "promote", "publish"], "excluded")
+        ["ingest", "ingest_scoring", "validate", "validate_scoring", "monitor", "train_shared", "train", "train_tuned",
+         "promote", "publish"], "excluded")

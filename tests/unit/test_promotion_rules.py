@@ -100,3 +100,89 @@ def test_a_tie_never_replaces_the_champion_even_with_zero_margin() -> None:
     champion = cand("tenant", 0.8, "1")
     d = decide("t1", AUTO, [cand("tenant", 0.8, "2")], champion, margin=0.0, higher_is_better=True)
     assert d.decision == "kept"
+
+
+# --------------------------------------------------------------------------- noise-aware rule
+
+
+def judged(strategy: str, metric: float, rows: int, positives: int, version: str = "1") -> Candidate:
+    from dataclasses import replace
+
+    from tenantml.training.selection import metric_standard_error
+
+    return replace(cand(strategy, metric, version), se=metric_standard_error("auc", metric, rows, positives))
+
+
+def test_hanley_mcneil_is_exact_for_a_useless_model_and_tracks_the_spread_of_real_aucs() -> None:
+    import numpy as np
+
+    from tenantml.training.selection import auc_standard_error
+
+    # At AUC 0.5 Hanley-McNeil is the exact Mann-Whitney variance (n1 + n2 + 1) / (12 n1 n2).
+    assert auc_standard_error(0.5, 20, 80) == pytest.approx(math.sqrt(101 / (12 * 20 * 80)), rel=1e-12)
+    # For a useful model it matches the spread of AUCs over resampled 60-row holdouts.
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(15), np.zeros(45)]
+    scores = rng.normal(y, 1.0, size=(4000, 60))  # binormal scores, no ties: AUC from the ranks
+    ranks = scores.argsort(axis=1).argsort(axis=1) + 1
+    aucs = (ranks[:, :15].sum(axis=1) - 15 * 16 / 2) / (15 * 45)
+    observed = float(np.std(aucs))
+    assert auc_standard_error(float(np.mean(aucs)), 15, 45) == pytest.approx(observed, rel=0.15)
+    assert auc_standard_error(0.76, 15, 45) > 5 * auc_standard_error(0.76, 1500, 4500)  # shrinks as 1/sqrt(n)
+    assert math.isnan(auc_standard_error(0.7, 0, 60))
+
+
+def test_metric_standard_error_knows_auc_and_rmse_and_admits_what_it_cannot_tell() -> None:
+    from tenantml.training.selection import metric_standard_error
+
+    assert metric_standard_error("rmse", 2.0, 200) == pytest.approx(2.0 / math.sqrt(400))
+    assert math.isnan(metric_standard_error("auc", 0.7, 60, None))  # class counts unknown
+    assert math.isnan(metric_standard_error("auc", 0.7, None, 10))
+    assert math.isnan(metric_standard_error("mae", 1.0, 100))
+
+
+def test_a_small_holdouts_lead_for_the_tenant_model_is_noise_and_the_tuned_model_serves() -> None:
+    # 60 holdout rows, 15 positives: an AUC is good to about +-0.065, so a 0.04 lead is luck.
+    small = decide("t1", AUTO, [judged("tenant", 0.80, 60, 15), judged("tuned", 0.76, 60, 15, "2"),
+                                judged("shared", 0.75, 60, 15)], None, margin=0.005, higher_is_better=True,
+                   noise_z=1.0)
+    assert small.decision == "promoted" and small.serving is not None and small.serving.strategy == "tuned"
+    assert "saw more data" in small.reason and "tenant leads by 0.0400" in small.reason
+    # The same lead on 6,000 rows is evidence: the tenant's own model serves.
+    large = decide("t1", AUTO, [judged("tenant", 0.80, 6000, 1500), judged("tuned", 0.76, 6000, 1500, "2"),
+                                judged("shared", 0.75, 6000, 1500)], None, margin=0.005, higher_is_better=True,
+                   noise_z=1.0)
+    assert large.serving is not None and large.serving.strategy == "tenant"
+    # A big enough lead wins even on a small holdout.
+    clear = decide("t1", AUTO, [judged("tenant", 0.92, 60, 15), judged("tuned", 0.70, 60, 15, "2")], None,
+                   margin=0.005, higher_is_better=True, noise_z=1.0)
+    assert clear.serving is not None and clear.serving.strategy == "tenant"
+
+
+def test_without_standard_errors_the_rule_is_the_margin_rule() -> None:
+    # No SE (nan): only the margin; a lead below it does not displace the model that saw more data.
+    within = decide("t1", AUTO, [cand("tenant", 0.803), cand("shared", 0.80)], None, margin=0.005,
+                    higher_is_better=True, noise_z=1.0)
+    assert within.serving is not None and within.serving.strategy == "shared"
+    beyond = decide("t1", AUTO, [cand("tenant", 0.81), cand("shared", 0.80)], None, margin=0.005,
+                    higher_is_better=True, noise_z=1.0)
+    assert beyond.serving is not None and beyond.serving.strategy == "tenant"
+
+
+def test_a_challenger_must_clear_the_noise_to_replace_the_champion() -> None:
+    champion = judged("tuned", 0.74, 80, 20, "3")
+    noisy = decide("t1", AUTO, [judged("tenant", 0.79, 80, 20, "4")], champion, margin=0.005,
+                   higher_is_better=True, noise_z=1.0)
+    assert noisy.decision == "kept" and "SE" in noisy.reason and noisy.serving == champion
+    plain = decide("t1", AUTO, [judged("tenant", 0.79, 80, 20, "4")], champion, margin=0.005,
+                   higher_is_better=True, noise_z=0.0)
+    assert plain.decision == "promoted"
+    lower_better = decide("t1", AUTO, [replace_se(cand("tenant", 9.0, "4"), 0.2)], replace_se(cand("tuned", 10.0, "3"), 0.2),
+                          margin=0.1, higher_is_better=False, noise_z=1.0)
+    assert lower_better.decision == "promoted"  # 1.0 better, needs 0.1 + 0.28
+
+
+def replace_se(c: Candidate, se: float) -> Candidate:
+    from dataclasses import replace
+
+    return replace(c, se=se)

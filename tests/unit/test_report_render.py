@@ -101,7 +101,7 @@ def test_the_strategy_dots_spread_close_metrics_over_the_plot() -> None:
     # Labelled ticks within the data's neighbourhood, and the metric named on the axis.
     ticks = [float(t) for t in re.findall(r'<text class="tick"[^>]*>([^<]+)</text>', svg)]
     assert len(ticks) >= 3 and 0.85 <= ticks[0] <= 0.88 and 0.90 <= ticks[-1] <= 0.92, ticks
-    assert "auc on the tenant's holdout, higher is better" in svg
+    assert "auc on the tenant&#x27;s holdout, higher is better" in svg
     # The serving champion is ringed where its dot is.
     (ring,) = re.findall(r'<circle class="champion" cx="([0-9.]+)"', svg)
     assert float(ring) == dots["tuned"][0]
@@ -144,3 +144,33 @@ def test_nice_ticks() -> None:
     assert ticks[0] == start and abs(ticks[-1] - end) < 1e-9 and decimals == 3
     assert nice_ticks(5.0, 5.0)[0] < 5.0 < nice_ticks(5.0, 5.0)[1]
     assert nice_ticks(120.0, 480.0)[3] == 0
+
+
+def test_the_monitoring_section_ranks_drift_and_marks_realised_against_promoted() -> None:
+    drift = [{"tenant_id": "acme", "max_feature_psi": 0.05, "feature": "tenure", "drifted_features": 0,
+              "prediction_psi": 0.01, "rows": 40},
+             {"tenant_id": "beta", "max_feature_psi": 1.7, "feature": "<hour>", "drifted_features": 2,
+              "prediction_psi": 0.4, "rows": 60},
+             {"tenant_id": "gamma", "max_feature_psi": 0.15, "feature": "distance", "drifted_features": 0,
+              "prediction_psi": None, "rows": 55}]
+    realised = [{"tenant_id": "acme", "batch_id": "b1", "metric_name": "auc", "value": 0.71, "promoted_value": 0.8,
+                 "rows": 120}]
+    retraining = [{"tenant_id": "acme", "retrain": False, "reasons": "champion current", "champion": "m/1",
+                   "new_rows": 0},
+                  {"tenant_id": "beta", "retrain": True, "reasons": "drift in batch b2: feature(s) hour",
+                   "champion": "m/2", "new_rows": 3}]
+    page = render(_report(drift=drift, realised=realised, retraining=retraining), psi_warn=0.1, psi_alert=0.25)
+    section = page[page.index('<section id="monitoring">'):page.index('<section id="failures">')]
+    assert "3 tenants monitored" not in section and "2 tenants monitored; 1 retrained" in section
+    # worst first, each bar coloured by its level, the feature name escaped
+    assert re.findall(r'<tr data-tenant="([^"]+)"', section.split('id="drift-table"')[1].split("</table>")[0]) == [
+        "beta", "gamma", "acme"]
+    chart = section[section.index('id="chart-drift"'):section.index("</svg>")]
+    assert re.findall(r'class="bar"[^>]*fill="(#[0-9a-f]+)"', chart) == ["#c0392b", "#e08a1e", "#3a9a5b"]
+    assert "&lt;hour&gt;" in chart and "<hour>" not in page
+    # realised: one ringed dot and the promoted bar; the retrained tenant is listed first
+    real = section[section.index('id="chart-realised"'):]
+    assert real.count('class="dot"') == 1 and real.count('class="baseline"') == 1
+    assert "promoted with" in real and "0.710" in real
+    assert re.findall(r'<tr data-tenant="([^"]+)"', section.split('id="retraining-table"')[1]) == ["beta", "acme"]
+    assert "This run did not monitor." in render(_report())

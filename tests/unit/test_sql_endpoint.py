@@ -80,7 +80,7 @@ def test_loopback_is_allowed_and_authentication_opens_other_hosts() -> None:
     ldap = SqlEndpointConfig(authentication="ldap",
                              settings={"hive.server2.authentication.ldap.url": "ldaps://ldap.internal"})
     check_exposure("0.0.0.0", ldap)
-    with pytest.raises(ValueError, match="needs its hive.server2"):
+    with pytest.raises(ValueError, match=r"needs its hive\.server2"):
         SqlEndpointConfig(authentication="ldap")
-    with pytest.raises(ValueError, match="hive.server2"):
+    with pytest.raises(ValueError, match=r"hive\.server2"):
         SqlEndpointConfig(authentication="custom", settings={"spark.x": "y"})

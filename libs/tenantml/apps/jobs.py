@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tenantml.core.errors import TenantMLError
+from tenantml.core.errors import EXIT_PARTIAL, TenantMLError
 
 
 def build_parser(step: str) -> argparse.ArgumentParser:
@@ -23,6 +23,11 @@ def build_parser(step: str) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None)
     p.add_argument("--tenants", default="", help="comma-separated tenant ids; empty for all")
     p.add_argument("--run-id", default=None, help="shared by every task of one workflow run")
+    p.add_argument("--on-partial", choices=["fail", "continue"], default="fail",
+                   help="continue: a step where only some tenants failed exits 0 (their failures are in "
+                        "run_log and downstream steps of the run skip them); the tasks of a workflow use it")
+    p.add_argument("--resume-failed", action="store_true",
+                   help="when this run already ran the step (a task retry), rerun only its failed tenants")
     return p
 
 
@@ -41,10 +46,17 @@ def job_main(step: str, argv: Sequence[str] | None = None) -> int:
         if step == "pipeline":
             results = run_pipeline_reported(ctx, dataset=args.dataset, tenants=tenants)
         else:
-            results = [run_step(ctx, step, dataset=args.dataset, tenants=tenants)]
+            results = [run_step(ctx, step, dataset=args.dataset, tenants=tenants,
+                                resume="auto" if args.resume_failed else None)]
     except TenantMLError as exc:
         print(f"tenantml {step}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     for r in results:
         print(json.dumps(r.to_dict(), default=str))
-    return max(r.exit_code for r in results)
+    code = max((r.exit_code for r in results), default=0)
+    if code == EXIT_PARTIAL and args.on_partial == "continue":
+        failed = sorted({str(t.tenant_id) for r in results for t in r.tenants if t.status == "failed"})
+        print(f"tenantml {step}: {len(failed)} tenant(s) failed and are skipped downstream: "
+              f"{', '.join(failed[:20])}", file=sys.stderr)
+        return 0
+    return code

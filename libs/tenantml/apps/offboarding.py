@@ -1,10 +1,20 @@
 """Offboarding: remove every trace of one tenant, and make sure time travel cannot bring it back.
 
 What a tenant leaves behind is found, not listed by hand: every Delta table of the project with a
-`tenant_id` (or raw tenant) column, the tenant's registered models, the MLflow runs tagged with
-the tenant (one child run per tenant and training job), and shared-training checkpoints. Without
-confirmation nothing is changed and the plan is returned; with it, rows are deleted, deletion
-vectors purged, and, when the operator also asks for it, old files vacuumed past retention.
+`tenant_id` (or raw tenant) column, the tenant's registered models, its MLflow LoggedModels (one
+per training candidate, tag `tenantml.tenant_id`), the MLflow runs tagged with the tenant (child
+runs, from jobs tracked with `tracking.tenant_runs` or before LoggedModels), and shared-training
+checkpoints. Without confirmation nothing is changed and the plan is returned; with it, rows are
+deleted, deletion vectors purged, and, when the operator also asks for it, old files vacuumed past
+retention.
+
+What stays in MLflow: each training job's run keeps the job-wide params and counts, and, because
+MLflow writes every metric logged with a model id to the run as well, a run-level copy of the
+tenant's metric values (`auc`, `rows`, ...) at the tenant's step in that job. That copy names no
+tenant, and once the LoggedModel is purged nothing links the step to the tenant; removing it means
+deleting the whole job run (`mlflow gc` would also cascade to every other tenant's model metrics).
+With `tracking.tenant_runs` those metrics live in the tenant's child run and go with it. The job
+run's `tenant_quotas` param names tenants with non-default quotas and also stays.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ class OffboardReport:
     rows: dict[str, int] = field(default_factory=dict)          # table -> rows of the tenant
     models: list[str] = field(default_factory=list)             # registered models removed
     runs: list[str] = field(default_factory=list)               # MLflow runs removed
+    logged_models: list[str] = field(default_factory=list)      # MLflow LoggedModel ids removed
     checkpoints: list[str] = field(default_factory=list)
     shared_models_trained_with_tenant: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)            # run reports naming the tenant: re-rendered
@@ -44,14 +55,15 @@ class OffboardReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tenant_id": self.tenant_id, "executed": self.executed, "purged_history": self.purged_history,
-                "rows": self.rows, "models": self.models, "runs": self.runs, "checkpoints": self.checkpoints,
+                "rows": self.rows, "models": self.models, "runs": self.runs,
+                "logged_models": self.logged_models, "checkpoints": self.checkpoints,
                 "shared_models_trained_with_tenant": self.shared_models_trained_with_tenant,
                 "reports": self.reports, "figures": self.figures, "notes": self.notes}
 
 
 def project_tables(ctx: JobContext) -> list[TableRef]:
     """Every Delta table of this project: the warehouse folder locally, the schema on a catalog."""
-    from delta.tables import DeltaTable
+    from tenantml.io.delta import is_delta_path
 
     spark = ctx.spark
     cfg = ctx.config.tables
@@ -62,7 +74,7 @@ def project_tables(ctx: JobContext) -> list[TableRef]:
     if not root.exists():
         return []
     return [ctx.tables.ref(p.name) for p in sorted(root.iterdir())
-            if p.is_dir() and DeltaTable.isDeltaTable(spark, str(p))]
+            if p.is_dir() and is_delta_path(spark, str(p))]
 
 
 def _tenant_filter(columns: list[str], tenant_id: str) -> Any:
@@ -74,6 +86,17 @@ def _tenant_filter(columns: list[str], tenant_id: str) -> Any:
             term = F.col(c) == F.lit(tenant_id)  # a bound value, never SQL text
             cond = term if cond is None else (cond | term)
     return cond
+
+
+def _tenant_predicate(columns: list[str], tenant_id: str) -> str | None:
+    """`_tenant_filter` as the SQL text of a ``DELETE``: Delta's SQL parser does not bind query
+    parameters (``spark.sql(..., args=...)`` leaves them unbound with Delta's extension loaded), so
+    the id goes in as a literal, re-validated here (letters, digits, '_' and '-' only)."""
+    from tenantml.core.ids import tenant_in_predicate
+
+    terms = [tenant_in_predicate([validate_tenant_id(tenant_id, where="tenants delete")], column=c)
+             for c in TENANT_COLUMNS if c in columns]
+    return " OR ".join(terms) or None
 
 
 def _shared_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
@@ -135,13 +158,11 @@ def _rerender_reports(ctx: JobContext, report: OffboardReport) -> None:
 def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
                     purge_history: bool = False) -> OffboardReport:
     """Plan (confirm=False) or carry out the removal of ``tenant_id`` from tables, registry and runs."""
-    from delta.tables import DeltaTable
-
     from tenantml.core.ids import model_name
     from tenantml.io import read_table
-    from tenantml.io.delta import delta_table, with_conflict_retries
+    from tenantml.io.delta import sql_name, with_conflict_retries
     from tenantml.io.tenants import list_tenant_ids
-    from tenantml.registry.tracking import registered_model_exists, tenant_run_ids
+    from tenantml.registry.tracking import registered_model_exists, tenant_logged_model_ids, tenant_run_ids
 
     tenant_id = validate_tenant_id(tenant_id, where="tenants delete")
     spark = ctx.spark
@@ -158,13 +179,15 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     report.models = sorted(model_name(prefix, d, tenant_id) for d in ctx.config.datasets
                            if registered_model_exists(ctx, model_name(prefix, d, tenant_id)))
     report.runs = tenant_run_ids(ctx, tenant_id, include_deleted=True)
+    report.logged_models = tenant_logged_model_ids(ctx, tenant_id)
     ckpt_root = ctx.data_dir / "checkpoints"
     report.checkpoints = sorted(str(p) for p in ckpt_root.glob("*.pt")) if ckpt_root.exists() else []
     report.shared_models_trained_with_tenant = _shared_models_with(ctx, tenant_id)
     report.reports = _reports_naming(ctx, tenant_id)
     figures_root = ctx.data_dir / "notebooks"
     report.figures = sorted(str(p) for p in figures_root.iterdir() if p.is_dir()) if figures_root.exists() else []
-    if not (report.rows or report.models or report.runs or tenant_id in list_tenant_ids(spark, ctx.tables.tenants)):
+    if not (report.rows or report.models or report.runs or report.logged_models
+            or tenant_id in list_tenant_ids(spark, ctx.tables.tenants)):
         raise UnknownTenantError(f"tenant {tenant_id!r} has no rows, models or runs in this project")
     if report.shared_models_trained_with_tenant:
         report.notes.append("shared model versions above learned from this tenant's rows; the next "
@@ -175,10 +198,10 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     for ref in tables:
         if ref.name not in report.rows:
             continue
-        cond = _tenant_filter(read_table(spark, ref).columns, tenant_id)
+        predicate = _tenant_predicate(read_table(spark, ref).columns, tenant_id)
 
-        def delete(r: TableRef = ref, c: Any = cond) -> None:
-            delta_table(spark, r).delete(c)
+        def delete(r: TableRef = ref, where: str | None = predicate) -> None:
+            spark.sql(f"DELETE FROM {sql_name(r)} WHERE {where}")
 
         with_conflict_retries(delete, what=ref.display)
         _purge_deletion_vectors(ctx, ref)
@@ -186,6 +209,8 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
         ctx.mlflow.delete_registered_model(name)
     for run_id in report.runs:
         ctx.mlflow.delete_run(run_id)
+    for model_id in report.logged_models:  # a soft delete: its artifacts stay until purged below
+        ctx.mlflow.delete_logged_model(model_id)
     _hard_delete_runs(ctx, report)
     for p in report.checkpoints:  # weights that may have learned from the tenant's rows
         Path(p).unlink(missing_ok=True)
@@ -201,8 +226,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
         try:
             for ref in tables:
                 if ref.name in report.rows:
-                    table = DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, str(ref.path))
-                    table.vacuum(0.0)
+                    spark.sql(f"VACUUM {sql_name(ref)} RETAIN 0 HOURS")
         finally:
             spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", prev)
     else:
@@ -213,24 +237,27 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
 
 def _purge_deletion_vectors(ctx: JobContext, ref: TableRef) -> None:
     """With deletion vectors a DELETE only marks rows; rewrite the files so vacuum can drop them."""
-    from tenantml.io.delta import delta_table
+    from tenantml.io.delta import sql_name, table_properties
 
-    props = delta_table(ctx.spark, ref).detail().select("properties").collect()[0][0] or {}
+    props = table_properties(ctx.spark, ref)
     if str(props.get("delta.enableDeletionVectors", "false")).lower() == "true":
-        target = f"`{ref.fqn}`" if ref.fqn else f"delta.`{ref.path}`"
-        ctx.spark.sql(f"REORG TABLE {target} APPLY (PURGE)")
+        ctx.spark.sql(f"REORG TABLE {sql_name(ref)} APPLY (PURGE)")
 
 
 def _hard_delete_runs(ctx: JobContext, report: OffboardReport) -> None:
-    """Soft-deleted runs keep their data; `mlflow gc` removes them and their artifacts for good."""
-    if not report.runs:
+    """Soft-deleted runs and LoggedModels keep their data and artifacts; `mlflow gc` removes them
+    for good. Given no ids of one kind, `mlflow gc` purges every already-deleted one of that kind in
+    the store (its CLI reads no ids as all), which only finishes what someone else deleted."""
+    if not (report.runs or report.logged_models):
         return
     uri = ctx.tracking_uri
     if not uri.startswith("sqlite:"):
-        report.notes.append("runs were deleted; the tracking server purges deleted runs on its own schedule")
+        report.notes.append("runs and logged models were deleted; the tracking server purges deleted runs "
+                            "and models (and their artifacts) on its own schedule")
         return
-    proc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri,
-                           "--run-ids", ",".join(report.runs)], capture_output=True, text=True, check=False,
-                          timeout=600)
+    ids = [*(["--run-ids", ",".join(report.runs)] if report.runs else []),
+           *(["--logged-model-ids", ",".join(report.logged_models)] if report.logged_models else [])]
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--tracking-uri", uri,
+                           *ids], capture_output=True, text=True, check=False, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"mlflow gc failed for tenant {report.tenant_id!r}: {proc.stderr[-2000:]}")

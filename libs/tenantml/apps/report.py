@@ -46,6 +46,11 @@ class RunReport:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     metric_name: str = "metric"
+    scoring_quality: list[dict[str, Any]] = field(default_factory=list)
+    drift: list[dict[str, Any]] = field(default_factory=list)  # per tenant: largest feature PSI, prediction PSI
+    realised: list[dict[str, Any]] = field(default_factory=list)  # per tenant: realised vs promoted metric
+    retraining: list[dict[str, Any]] = field(default_factory=list)  # the monitor step's decisions
+    tainted: list[dict[str, Any]] = field(default_factory=list)  # score: tenant, note (fell back / kept serving)
 
     @property
     def failures(self) -> list[dict[str, Any]]:
@@ -79,7 +84,8 @@ def latest_run_id(ctx: JobContext, dataset: str) -> str:
 
 
 def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
-    """The run's rows of run_log, quality, promotions and predictions (four small queries)."""
+    """The run's rows of run_log, quality, promotions, predictions, monitoring and retraining (small
+    queries, each aggregated per tenant in Spark)."""
     from pyspark.sql import functions as F
 
     from tenantml.io import read_table, table_exists
@@ -90,20 +96,49 @@ def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
     spark, t = ctx.spark, ctx.tables
     in_run = (F.col("run_id") == run_id)
     log_rows = ([r.asDict() for r in read_table(spark, t.run_log)
-                 .where(in_run & (F.col("dataset") == name)).drop("detail").collect()]
+                 .where(in_run & (F.col("dataset") == name)).collect()]
                 if table_exists(spark, t.run_log) else [])
+    tainted = []
+    for row in log_rows:
+        detail = row.pop("detail", None)
+        if row["step"] == "score" and detail and "tainted" in detail:
+            note = (json.loads(detail) or {}).get("tainted")
+            if note:
+                tainted.append({"tenant_id": row["tenant_id"], "note": note})
     if not log_rows:
         raise RunNotFoundError(f"{t.run_log.display} holds no rows of run {run_id!r} for dataset {name!r}")
     report = RunReport(run_id=run_id, dataset=name, generated_at=datetime.now(UTC), run_log=log_rows,
-                       metric_name=primary_metric(spec.task)[0])  # type: ignore[arg-type]
+                       metric_name=primary_metric(spec.task)[0], tainted=tainted)  # type: ignore[arg-type]
 
     if table_exists(spark, t.quality(name)):
-        quality = read_table(spark, t.quality(name))
-        rows = quality.where(in_run).collect()
+        # Rows of an invalid tenant id have no tenant: run_log counts them (shown as such below).
+        quality = read_table(spark, t.quality(name)).where(F.col("tenant_id").isNotNull())
+        history = quality.where(F.col("purpose") == "history")
+        rows = history.where(in_run).collect()
         if not rows:  # this run did not validate: show what the steps it ran relied on
             report.quality_from_run = False
-            rows = quality.collect()
+            rows = history.collect()
         report.quality = sorted((r.asDict() for r in rows), key=lambda r: (-int(r["rows_in"] or 0), r["tenant_id"]))
+        report.scoring_quality = sorted((r.asDict() for r in quality.where(in_run & (F.col("purpose") == "scoring"))
+                                         .collect()), key=lambda r: r["tenant_id"])
+    if table_exists(spark, t.monitoring(name)):
+        mon = read_table(spark, t.monitoring(name)).where(in_run & (F.col("dataset") == name))
+        feature = F.col("kind").isin("numeric", "categorical")
+        report.drift = [r.asDict() for r in mon.where(F.col("kind").isin("numeric", "categorical", "prediction"))
+                        .groupBy("tenant_id").agg(
+                            F.max(F.when(feature, F.col("psi"))).alias("max_feature_psi"),
+                            F.max_by(F.when(feature, F.col("feature")), F.when(feature, F.col("psi")))
+                            .alias("feature"),
+                            F.sum((feature & (F.col("status") == "drift")).cast("long")).alias("drifted_features"),
+                            F.max(F.when(F.col("kind") == "prediction", F.col("psi"))).alias("prediction_psi"),
+                            F.max(F.when(F.col("kind") == "rows", F.col("rows"))).alias("rows"))
+                        .orderBy("tenant_id").collect()]
+        report.realised = [r.asDict() for r in mon.where(F.col("kind") == "realised")
+                           .select("tenant_id", "batch_id", "metric_name", "value", "promoted_value", "rows")
+                           .orderBy("tenant_id", "batch_id").collect()]
+    if table_exists(spark, t.retraining(name)):
+        report.retraining = [r.asDict() for r in read_table(spark, t.retraining(name))
+                             .where(in_run & (F.col("dataset") == name)).orderBy("tenant_id").collect()]
     if table_exists(spark, t.promotions):
         report.decisions = sorted((r.asDict() for r in read_table(spark, t.promotions)
                                    .where(in_run & (F.col("dataset") == name)).collect()),
@@ -125,7 +160,8 @@ def write_run_report(ctx: JobContext, dataset: str | None = None, run_id: str | 
     path = report_path(ctx, report.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render(report), encoding="utf-8")
+    mcfg = ctx.config.monitoring
+    tmp.write_text(render(report, mcfg.psi_warn, mcfg.psi_alert), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -292,7 +328,7 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> tuple[float, float, lis
 
 
 def dot_plot(chart_id: str, title: str, rows: Sequence[DotRow], series: Sequence[tuple[str, str]], *,
-             metric_name: str) -> str:
+             metric_name: str, axis_label: str | None = None, before_label: str = "champion before (+ margin)") -> str:
     """A dot plot as inline SVG: one row per tenant, one dot per candidate (``series``: strategy and
     colour), the serving champion ringed, the champion before as a bar with its promotion margin
     shaded. The axis spans only the values drawn (so 0.88 and 0.90 are far apart), with labelled
@@ -334,7 +370,7 @@ def dot_plot(chart_id: str, title: str, rows: Sequence[DotRow], series: Sequence
                  f'<text x="{lx + 18}" y="16" class="legend">serving</text>')
     lx += 80
     parts.append(f'<rect x="{lx}" y="4" width="2" height="16" fill="{MARK_COLOR}"></rect>'
-                 f'<text x="{lx + 8}" y="16" class="legend">champion before (+ margin)</text>')
+                 f'<text x="{lx + 8}" y="16" class="legend">{_e(before_label)}</text>')
     top, bottom = legend_h, legend_h + row_h * len(rows)
     for t in ticks:  # grid, behind the dots
         parts.append(f'<line class="grid" x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{bottom}" '
@@ -375,8 +411,9 @@ def dot_plot(chart_id: str, title: str, rows: Sequence[DotRow], series: Sequence
                      f'stroke-width="1"></line><text class="tick" x="{x(t):.1f}" y="{bottom + 17}" '
                      f'text-anchor="middle">{_e(f"{t:.{decimals}f}")}</text>')
     better = "" if higher is None else (", higher is better" if higher else ", lower is better")
+    axis = axis_label or f"{metric_name} on the tenant's holdout"
     parts.append(f'<text class="axis-label" x="{label_w + plot_w / 2}" y="{bottom + 37}" text-anchor="middle">'
-                 f"{_e(metric_name)} on the tenant's holdout{_e(better)}</text>")
+                 f"{_e(axis)}{_e(better)}</text>")
     parts.append("</svg>")
     return "".join(parts)
 
@@ -501,10 +538,20 @@ def _strategy_section(r: RunReport) -> str:
             + "</section>")
 
 
+def _scoring_quality_note(r: RunReport) -> str:
+    if not r.scoring_quality:
+        return ""
+    valid = sum(int(q["rows_valid"] or 0) for q in r.scoring_quality)
+    bad = sum(int(q["rows_quarantined"] or 0) for q in r.scoring_quality)
+    blocked = [q["tenant_id"] for q in r.scoring_quality if q["blocked"]]
+    return (f"<p>Rows to score validated in this run: {_num(valid)} valid, {_num(bad)} quarantined"
+            + (f"; blocked (not scored): {_e(', '.join(blocked))}" if blocked else "") + ".</p>")
+
+
 def _predictions_section(r: RunReport) -> str:
     if not r.predictions:
-        return ('<section id="predictions"><h2>Predictions</h2>'
-                '<p class="note">No rows were scored in this run.</p></section>')
+        return ('<section id="predictions"><h2>Predictions</h2>' + _scoring_quality_note(r)
+                + '<p class="note">No rows were scored in this run.</p></section>')
     rows = [(p["tenant_id"], [_e(p["tenant_id"]), _e(p["strategy"]), _num(int(p["rows"])), _num(p["mean_score"]),
                               _num(p["mean_prediction"])]) for p in r.predictions]
     labels = [f"{p['tenant_id']} ({int(p['rows']):,} rows)" for p in r.predictions]
@@ -514,12 +561,86 @@ def _predictions_section(r: RunReport) -> str:
                         [p["mean_score"] if p["strategy"] == s else None for p in r.predictions]) for s in strategies],
                       stacked=True, fmt=lambda v: f"{v:.3f}")
     total = sum(int(p["rows"]) for p in r.predictions)
-    return ('<section id="predictions"><h2>Predictions</h2>'
+    return ('<section id="predictions"><h2>Predictions</h2>' + _scoring_quality_note(r) +
             f'<p>{_num(total)} rows scored for {_num(len({p["tenant_id"] for p in r.predictions}))} tenants.</p>'
             + _figure(chart, "Mean score per tenant, coloured by the serving strategy",
                       min(len(labels), MAX_CHART_ROWS), len(labels))
             + _table("predictions-table", ["tenant", "strategy", "rows", "mean score", "mean prediction"], rows,
                      numeric=(2, 3, 4)) + "</section>")
+
+
+PSI_COLORS = {"stable": "#3a9a5b", "warn": "#e08a1e", "drift": "#c0392b"}
+
+
+def _monitoring_section(r: RunReport, psi_warn: float, psi_alert: float) -> str:
+    """Drift per tenant (largest feature PSI and the prediction PSI of the batches monitored in this
+    run), realised against promoted metrics where labels arrived, and who is retrained and why."""
+    if r.tainted:  # scored this run by a tainted champion's replacement, or by the tainted champion itself
+        notes = "".join(f"<li>{_e(x['tenant_id'])}: {_e(x['note'])}</li>" for x in r.tainted)
+        warn = f'<div id="tainted"><p class="bad">Tainted champions at scoring time:</p><ul>{notes}</ul></div>'
+    else:
+        warn = ""
+    if not (r.drift or r.realised or r.retraining):
+        if warn:
+            return f'<section id="monitoring"><h2>Monitoring and retraining</h2>{warn}</section>'
+        return ('<section id="monitoring"><h2>Monitoring and retraining</h2>'
+                '<p class="note">This run did not monitor.</p></section>')
+
+    def level(v: Any) -> str:
+        f = _finite(v)
+        return "drift" if f is not None and f > psi_alert else "warn" if f is not None and f > psi_warn else "stable"
+
+    parts = ['<section id="monitoring"><h2>Monitoring and retraining</h2>']
+    retrain = [d for d in r.retraining if d["retrain"]]
+    consent = [d for d in retrain if "withdrew consent" in (d["reasons"] or "") or "offboarded" in (d["reasons"] or "")]
+    if consent:
+        parts.append(f'<p class="bad">{_num(len(consent))} tenant(s) retrained because their champion learned from '
+                     f'a tenant that withdrew consent or was offboarded: {_e(", ".join(d["tenant_id"] for d in consent))}'
+                     ".</p>")
+    parts.append(warn)
+    if r.retraining:
+        parts.append(f"<p>{_num(len(r.retraining))} tenants monitored; {_num(len(retrain))} retrained this run, "
+                     f"{_num(len(r.retraining) - len(retrain))} kept their champions.</p>")
+    if r.drift:
+        ranked = sorted(r.drift, key=lambda d: -(_finite(d["max_feature_psi"]) or 0.0))
+        labels = [f"{d['tenant_id']} ({d['feature'] or NONE})" for d in ranked]
+        chart = bar_chart("chart-drift", "largest feature PSI per tenant", labels,
+                          [(name, color, [d["max_feature_psi"] if level(d["max_feature_psi"]) == name else None
+                                          for d in ranked]) for name, color in PSI_COLORS.items()],
+                          stacked=True, fmt=lambda v: f"{v:.3f}")
+        parts.append(_figure(chart, f"Largest feature PSI of each tenant's batch against its champion's training "
+                             f"rows, worst first; warn above {psi_warn:g}, drift above {psi_alert:g}",
+                             min(len(labels), MAX_CHART_ROWS), len(labels)))
+        parts.append(_table("drift-table", ["tenant", "rows", "largest feature PSI", "feature", "drifted features",
+                                            "prediction PSI"],
+                            [(d["tenant_id"], [_e(d["tenant_id"]), _num(d["rows"]), _num(d["max_feature_psi"]),
+                                               _e(d["feature"] or NONE), _num(d["drifted_features"]),
+                                               _num(d["prediction_psi"])]) for d in ranked], numeric=(1, 2, 4, 5)))
+    if r.realised:
+        metric = str(r.realised[0]["metric_name"] or r.metric_name)
+        rows = [DotRow(f"{x['tenant_id']} ({int(x['rows'] or 0):,} labelled)", {"realised": x["value"]},
+                       champion="realised", before=x["promoted_value"], served=_finite(x["value"]))
+                for x in r.realised]
+        chart = dot_plot("chart-realised", f"realised {metric} against the {metric} each champion was promoted with",
+                         rows, [("realised", "#2f6db5")], metric_name=metric,
+                         axis_label=f"{metric} on rows scored earlier, now labelled", before_label="promoted with")
+        parts.append(_figure(chart, f"Realised {metric} of each tenant's scored rows once their labels arrived; bar: "
+                             "the holdout metric its champion was promoted with",
+                             min(len(rows), MAX_CHART_ROWS), len(rows)))
+        parts.append(_table("realised-table", ["tenant", "batch", "labelled rows", f"realised {metric}",
+                                               f"promoted {metric}"],
+                            [(x["tenant_id"], [_e(x["tenant_id"]), f"<code>{_e(x['batch_id'])}</code>",
+                                               _num(x["rows"]), _num(x["value"]), _num(x["promoted_value"])])
+                             for x in r.realised], numeric=(2, 3, 4)))
+    if r.retraining:
+        ordered = sorted(r.retraining, key=lambda d: (not d["retrain"], d["tenant_id"]))
+        parts.append(_table("retraining-table", ["tenant", "retrain", "reasons", "champion", "new labelled rows"],
+                            [(d["tenant_id"], [_e(d["tenant_id"]),
+                                               '<span class="bad">yes</span>' if d["retrain"] else "no",
+                                               _e(d["reasons"]), _e(d["champion"] or NONE), _num(d["new_rows"])])
+                             for d in ordered], numeric=(4,)))
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _failures_section(r: RunReport) -> str:
@@ -556,9 +677,9 @@ svg.chart text.axis-label{fill:#444;font-size:12px}
 """
 
 
-def render(r: RunReport) -> str:
+def render(r: RunReport, psi_warn: float = 0.1, psi_alert: float = 0.25) -> str:
     """The whole page as one string: head (inline CSS, a policy that allows no script or remote
-    load), then steps, data quality, strategies, predictions and failures."""
+    load), then steps, data quality, strategies, predictions, monitoring and failures."""
     tenants = {x["tenant_id"] for x in r.run_log if x["tenant_id"] is not None}
     header = (f"<header><h1>Run report: {_e(r.dataset)}</h1>"
               f'<p>run <code>{_e(r.run_id)}</code> · <span class="status {_e(r.status)}">{_e(r.status)}</span> · '
@@ -570,4 +691,5 @@ def render(r: RunReport) -> str:
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>tenantml run {_e(r.run_id)} ({_e(r.dataset)})</title><style>{_CSS}</style></head>"
             f"<body>{header}<main>{_steps_section(r)}{_quality_section(r)}{_strategy_section(r)}"
-            f"{_predictions_section(r)}{_failures_section(r)}</main></body></html>\n")
+            f"{_predictions_section(r)}{_monitoring_section(r, psi_warn, psi_alert)}{_failures_section(r)}"
+            "</main></body></html>\n")

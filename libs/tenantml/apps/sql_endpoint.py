@@ -123,9 +123,25 @@ def check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"--host {host!r} --port {port}: cannot listen there: {exc.strerror}") from exc
 
 
+CONNECT_REFUSAL = ("serve-sql starts Spark's Thrift server inside the driver's JVM, which a Spark Connect "
+                   "session (spark.remote / SPARK_REMOTE: Databricks serverless, standard access mode, "
+                   "Databricks Connect) does not expose; run it with a classic local session (unset "
+                   "spark.remote and SPARK_REMOTE), or connect BI tools to a Databricks SQL warehouse "
+                   "(docs/powerbi.md)")
+
+
+def require_classic_session(spark: SparkSession) -> None:
+    """The Thrift server needs the driver's JVM: refuse a Spark Connect session clearly."""
+    from tenantml.io.spark import is_connect
+
+    if is_connect(spark):
+        raise ConfigError(CONNECT_REFUSAL)
+
+
 def require_thrift_server(spark: SparkSession) -> None:
     """Fail with what to do when this Spark lacks the Thrift server (PySpark's pip distribution
     ships `spark-hive-thriftserver_2.13` in pyspark/jars; a trimmed Spark may not)."""
+    require_classic_session(spark)
     jvm: Any = spark.sparkContext._jvm
     try:
         jvm.java.lang.Class.forName(_SERVER_CLASS)
@@ -162,15 +178,18 @@ def serve(ctx: JobContext, host: str = "127.0.0.1", port: int = 10000, database:
 
     Returns the endpoint as it was at shutdown (with every table it exposed).
     """
-    from tenantml.io.spark import on_databricks
+    from tenantml.io.spark import on_databricks, spark_remote
 
     if ctx.tables.tenants.fqn or on_databricks():
         raise ConfigError("serve-sql serves the local path-based warehouse; with tables.catalog/tables.schema "
                           "set, connect BI tools to a Databricks SQL warehouse instead (docs/powerbi.md)")
+    if ctx.spark_session is None and spark_remote(ctx.config.spark.remote) is not None:
+        raise ConfigError(CONNECT_REFUSAL)  # before any session starts
     db = _database(database)
     check_exposure(host, ctx.config.sql_endpoint)
     check_port_free(host, port)
     spark = ctx.spark
+    require_classic_session(spark)
     ctx.progress.phase(f"serve-sql: registering the published tables of {ctx.tables.warehouse}")
     names = register_tables(spark, bi_tables(ctx.tables), db)
     if not names:

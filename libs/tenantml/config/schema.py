@@ -150,6 +150,9 @@ class ProjectConfig(_Strict):
 
 class SparkConfig(_Strict):
     master: str = "local[2]"
+    # Spark Connect instead of a classic session: a URL (`sc://host:port/;token=...`) or a local
+    # master (`local[2]`: a Connect server in this process). Unset, `SPARK_REMOTE` may set it.
+    remote: str | None = None
     app_name: str = "tenantml"
     shuffle_partitions: int = Field(default=4, ge=1)
     conf: dict[str, str] = Field(default_factory=dict)
@@ -171,10 +174,14 @@ class TrackingConfig(_Strict):
     experiment: str = "tenantml"
     model_name_prefix: str = ""
     champion_alias: str = "champion"
+    # Every tenant candidate is an MLflow LoggedModel of the job's run; true also gives each tenant a
+    # child run per job (the old layout: 10,000 tenants x 3 candidates nightly reach Databricks'
+    # 500,000-runs-per-experiment cap in about two weeks).
+    tenant_runs: bool = False
     # Key of the HMAC that signs every model_store row (a secret reference, like privacy.pii_salt):
     # scoring refuses a row whose bytes, owner or strategy were changed after training.
-    signing_key: str = "env:TENANTML_MODEL_SIGNING_KEY"
-    generate_local_signing_key: bool = False  # file: references only; creates a random key once (0600)
+    signing_key: str = "file:secrets/model_signing_key"
+    generate_local_signing_key: bool = True  # file: references only; creates a random key once (0600)
 
     @field_validator("signing_key")
     @classmethod
@@ -268,6 +275,9 @@ class TrainingConfig(_Strict):
     strategies: list[Literal["tenant", "shared", "tuned"]] = Field(
         default_factory=lambda: ["tenant", "shared", "tuned"])  # type: ignore[arg-type]  # candidates trained each run
     promotion_margin: float = Field(default=0.005, ge=0.0)  # challenger must beat champion by this
+    # ... plus this many standard errors of the metric difference on the tenant's holdout (small
+    # holdouts are noisy); a candidate that saw less data must clear the same bar to be put forward.
+    promotion_noise_z: float = Field(default=1.0, ge=0.0)
     shared: SharedTrainingConfig = Field(default_factory=SharedTrainingConfig)
     tuned: TunedTrainingConfig = Field(default_factory=TunedTrainingConfig)
     tiers: TierConfig = Field(default_factory=TierConfig)
@@ -290,6 +300,10 @@ class TrainingConfig(_Strict):
     torch_threads: int = Field(default=1, ge=1)
     parallelism: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    # Train a task's tenants as stacked networks (models/batched.py), each still a model of its own;
+    # a tenant whose batched fit fails is retrained alone. Group size: None is 64 on CPU, 1024 on CUDA.
+    batched: bool = True
+    batched_group_size: int | None = Field(default=None, ge=1)
 
     @field_validator("tenant_quotas")
     @classmethod
@@ -353,6 +367,10 @@ class RetrainingConfig(_Strict):
     on_drift: bool = True
     on_degradation: bool = True
     max_age_days: float | None = Field(default=30.0, gt=0)  # champions older than this are retrained
+    # A model that learned from a tenant that withdrew consent or was offboarded (io/lineage.py) is
+    # retrained at the next run; until then: fall_back = its tenants are served by their own model
+    # (or not at all), keep_serving = it keeps serving, with a warning in the summary and the report.
+    tainted_models: Literal["fall_back", "keep_serving"] = "fall_back"
 
 
 class SqlEndpointConfig(_Strict):

@@ -88,15 +88,31 @@ def tenant_in_predicate(tenants: Iterable[str], column: str = "tenant_id", allow
     return f"{column} IN ({', '.join(repr(t) for t in ids)})"
 
 
+_UC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.$")
+
+
+def is_unity_catalog_prefix(prefix: str) -> bool:
+    """A `catalog.schema.` prefix: the registry is Unity Catalog's (three-level names)."""
+    return bool(_UC_PREFIX_RE.fullmatch(prefix))
+
+
+def uc_name_part(text: str) -> str:
+    """An injective encoding into Unity Catalog's lower-case name characters: lower case (tenant ids
+    are unique case-insensitively, so this loses nothing), '_' -> '_0', '-' -> '_1'."""
+    return text.lower().replace("_", "_0").replace("-", "_1")
+
+
 def model_name(prefix: str, dataset: str, tenant_id: str) -> str:
     """One registered model per (dataset, tenant): a champion lookup is one alias read.
 
     Every strategy's versions for a tenant live here (tags say which), so `@champion` is always
-    the one model that serves the tenant, whichever strategy produced it. The tenant part is
-    lower-case safe: ids are unique case-insensitively, so two tenants never share a name where a
-    registry (Unity Catalog) lower-cases it.
+    the one model that serves the tenant, whichever strategy produced it. Under a Unity Catalog
+    prefix (`catalog.schema.`) the name is lower case and uses only letters, digits and '_'
+    (`uc_name_part`), so it is valid there and two tenants never share one.
     """
     tid = tenant_id if tenant_id == SHARED_ID else validate_tenant_id(tenant_id, where="a model name")
+    if is_unity_catalog_prefix(prefix):
+        return f"{prefix.lower()}{dataset.lower()}__{'shared' if tid == SHARED_ID else 't_' + uc_name_part(tid)}"
     return f"{prefix}{dataset}__{tid}"
 
 

@@ -114,7 +114,7 @@ class JobContext:
 
         sc = self.config.spark
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return get_or_build_spark(master=sc.master, app_name=sc.app_name,
+        return get_or_build_spark(remote=sc.remote, master=sc.master, app_name=sc.app_name,
                                   shuffle_partitions=sc.shuffle_partitions,
                                   arrow_batch_size=self.config.scoring.arrow_batch_size,
                                   warehouse_dir=str(self.data_dir / "spark-warehouse"),
@@ -175,7 +175,11 @@ class JobContext:
         if exp is not None:
             return str(exp.experiment_id)
         try:
-            return str(client.create_experiment(name, artifact_location=self.artifact_location))
+            # A managed tracking server (Databricks) keeps artifacts where the experiment's permissions
+            # apply: a custom location would bypass them. Only the local store is given one.
+            location = self.artifact_location if self.tracking_uri.startswith(("sqlite:", "file:")) or \
+                self.config.tracking.artifact_location else None
+            return str(client.create_experiment(name, artifact_location=location))
         except Exception:  # created concurrently by another run
             exp = client.get_experiment_by_name(name)
             if exp is None:

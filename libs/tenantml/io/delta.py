@@ -12,7 +12,6 @@ from tenantml.core.ids import tenant_in_predicate
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
-    from delta.tables import DeltaTable
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -87,26 +86,47 @@ def with_conflict_retries(fn: Callable[[], T], *, what: str, attempts: int = 5,
             f"rerun this step once it has finished") from last
 
 
-def table_exists(spark: SparkSession, ref: TableRef) -> bool:
-    from delta.tables import DeltaTable
+def quote_identifier(part: str) -> str:
+    """One SQL identifier in backticks (a backtick inside is doubled)."""
+    return "`" + part.replace("`", "``") + "`"
 
+
+def sql_name(ref: TableRef) -> str:
+    """How SQL names the table: ``delta.`<path>``` for a path table, the catalog name quoted part by
+    part (```c`.`s`.`t```) for a catalog table."""
     if ref.fqn:
-        return bool(spark.catalog.tableExists(ref.fqn))
-    if DeltaTable.isDeltaTable(spark, str(ref.path)):
-        return True
+        return ".".join(quote_identifier(part) for part in ref.fqn.split("."))
+    return f"delta.{quote_identifier(str(ref.path))}"
+
+
+def is_delta_path(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` holds a Delta table. Over Spark Connect (no Python `DeltaTable` there) and
+    when a classic session's cached answer is "no", a read of the table's schema decides."""
+    from tenantml.io.spark import is_connect
+
+    connect = is_connect(spark)
+    if not connect:
+        from delta.tables import DeltaTable
+
+        if DeltaTable.isDeltaTable(spark, path):
+            return True
     # A "no" comes from this JVM's cached snapshot of the path, stale when another process (its own
     # JVM) has created the table since this one last looked: resolving a read refreshes it.
     try:
-        spark.read.format("delta").load(str(ref.path)).schema  # noqa: B018
-    except Exception:
+        spark.read.format("delta").load(path).schema  # noqa: B018
+    except Exception as exc:
+        from pyspark.errors import AnalysisException
+
+        if connect and not isinstance(exc, AnalysisException):  # the server, not the table, failed
+            raise
         return False
     return True
 
 
-def delta_table(spark: SparkSession, ref: TableRef) -> DeltaTable:
-    from delta.tables import DeltaTable
-
-    return DeltaTable.forName(spark, ref.fqn) if ref.fqn else DeltaTable.forPath(spark, str(ref.path))
+def table_exists(spark: SparkSession, ref: TableRef) -> bool:
+    if ref.fqn:
+        return bool(spark.catalog.tableExists(ref.fqn))
+    return is_delta_path(spark, str(ref.path))
 
 
 def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -> DataFrame:
@@ -118,12 +138,48 @@ def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -
     return reader.table(ref.fqn) if ref.fqn else reader.load(ref.path)
 
 
+def history(spark: SparkSession, ref: TableRef, limit: int = 1) -> DataFrame:
+    """The table's latest ``limit`` commits, newest first (``DESCRIBE HISTORY``: the same rows as
+    `DeltaTable.history`, on classic sessions and over Spark Connect)."""
+    return spark.sql(f"DESCRIBE HISTORY {sql_name(ref)} LIMIT {int(limit)}")
+
+
+def latest_commit(spark: SparkSession, ref: TableRef) -> tuple[int, str | None] | None:
+    """(version, userMetadata) of the table's latest commit; None when the table does not exist."""
+    if not table_exists(spark, ref):
+        return None
+    row = history(spark, ref, 1).select("version", "userMetadata").first()
+    return (int(row["version"]), row["userMetadata"]) if row else None
+
+
 def table_version(spark: SparkSession, ref: TableRef) -> int:
     """The current Delta version: recorded with models so training data can be time-travelled to."""
     if not table_exists(spark, ref):
         raise TableNotFoundError(f"table {ref.display} does not exist yet (run the step that writes it)")
-    row = delta_table(spark, ref).history(1).select("version").first()
+    row = history(spark, ref, 1).select("version").first()
     return int(row[0]) if row else 0
+
+
+def table_properties(spark: SparkSession, ref: TableRef) -> dict[str, str]:
+    """The table's properties (``DESCRIBE DETAIL``)."""
+    row = spark.sql(f"DESCRIBE DETAIL {sql_name(ref)}").select("properties").first()
+    return dict(row[0] or {}) if row else {}
+
+
+def merge_into(spark: SparkSession, ref: TableRef, source: DataFrame, on: str, clauses: str) -> None:
+    """``MERGE INTO`` the table from ``source`` (as ``s``; the table is ``t``), in SQL over a temporary
+    view: the one form of a Delta merge both classic sessions and Spark Connect run. Values come in
+    as ``source``'s rows, never as SQL text; ``on`` and ``clauses`` name columns only.
+
+    The view's name is unique to the call (sessions are shared by threads) and dropped after."""
+    import uuid
+
+    view = f"_tenantml_merge_{uuid.uuid4().hex}"
+    source.createOrReplaceTempView(view)
+    try:
+        spark.sql(f"MERGE INTO {sql_name(ref)} AS t USING {quote_identifier(view)} AS s ON {on} {clauses}")
+    finally:
+        spark.catalog.dropTempView(view)
 
 
 def _writer(df: DataFrame, mode: str, partition_by: Sequence[str]):  # type: ignore[no-untyped-def]
@@ -146,15 +202,16 @@ _EXISTS = ("DELTA_PATH_EXISTS", "TABLE_OR_VIEW_ALREADY_EXISTS", "already exists"
 def _create_with(df: DataFrame, ref: TableRef, partition_by: Sequence[str]) -> bool:
     """Create the table holding ``df``'s rows; False, writing nothing, when the table exists.
 
-    The write refuses an existing table (``errorifexists``), checked in the transaction itself: a
-    plain append would be blind, and when another process has created the table since this one
-    looked (or this JVM's cached snapshot is stale) it would add the rows next to that process's
-    copy. Two creations racing each other conflict in Delta and are retried like any commit.
+    The write refuses an existing table (mode ``error``: Spark Connect's writer knows no alias
+    ``errorifexists``), checked in the transaction itself: a plain append would be blind, and when
+    another process has created the table since this one looked (or this JVM's cached snapshot is
+    stale) it would add the rows next to that process's copy. Two creations racing each other
+    conflict in Delta and are retried like any commit.
     """
     if table_exists(df.sparkSession, ref):
         return False
     try:
-        _save(_writer(df, "errorifexists", partition_by), ref)
+        _save(_writer(df, "error", partition_by), ref)
     except Exception as exc:
         if not any(marker in str(exc) for marker in _EXISTS):
             raise
@@ -172,12 +229,12 @@ def insert_missing(df: DataFrame, ref: TableRef, key: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
         raise ValueError(f"unsafe key column {key!r} in a merge condition")
     spark = df.sparkSession
+    column = quote_identifier(key)
 
     def write() -> None:
         if _create_with(df, ref, ()):
             return
-        (delta_table(spark, ref).alias("t").merge(df.alias("s"), f"t.{key} = s.{key}")
-         .whenNotMatchedInsertAll().execute())
+        merge_into(spark, ref, df, f"t.{column} = s.{column}", "WHEN NOT MATCHED THEN INSERT *")
 
     with_conflict_retries(write, what=ref.display)
 

@@ -36,6 +36,11 @@ def on_databricks() -> bool:
 
 
 LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+# A Spark Connect URL (`sc://...`) or a local master for a Connect server in this process; the
+# config's `spark.remote` wins over it. Set, sessions are Spark Connect sessions.
+SPARK_REMOTE_ENV = "SPARK_REMOTE"
 
 
 def ivy_dir() -> Path:
@@ -108,35 +113,25 @@ def save_delta_jars(spark: SparkSession, folder: Path | None = None) -> list[Pat
     return [folder / j.name for j in jars]
 
 
-def build_local_spark(
-    master: str = "local[2]",
-    app_name: str = "tenantml",
-    shuffle_partitions: int = 4,
-    arrow_batch_size: int = 10_000,
-    warehouse_dir: str | None = None,
-    extra_conf: Mapping[str, str] | None = None,
-    resolve_delta: bool = False,
-) -> SparkSession:
-    """A local session with Delta Lake.
-
-    The Delta jars come from the folder set-up fills (`delta_jars_dir`) as ``spark.jars``, so the
-    session starts offline and silently; without them (a fresh checkout before set-up, or
-    ``resolve_delta``) Spark resolves them through Ivy from Maven Central, as
-    `delta.configure_spark_with_delta_pip` asks, printing its dependency report on stderr.
-
-    Workers must run this interpreter (torch, pandas and tenantml live there), so PYSPARK_PYTHON is
-    pinned to ``sys.executable`` unless the caller set it.
-    """
-    from pyspark.sql import SparkSession
-
+def _delta_session_builder(
+    builder: Any,
+    *,
+    app_name: str,
+    shuffle_partitions: int,
+    arrow_batch_size: int,
+    warehouse_dir: str | None,
+    extra_conf: Mapping[str, str] | None,
+    resolve_delta: bool,
+) -> Any:
+    """``builder`` (with its master or local remote set) configured for a local Delta session: the
+    settings every local session gets, the Delta jars and the caller's ``extra_conf``."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     extra = dict(extra_conf or {})
     builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        builder.appName(app_name)
+        .config("spark.sql.extensions", DELTA_EXTENSION)
+        .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch_size))
@@ -169,6 +164,34 @@ def build_local_spark(
         builder = configure_spark_with_delta_pip(builder)
     for key, value in extra.items():
         builder = builder.config(key, value)
+    return builder
+
+
+def build_local_spark(
+    master: str = "local[2]",
+    app_name: str = "tenantml",
+    shuffle_partitions: int = 4,
+    arrow_batch_size: int = 10_000,
+    warehouse_dir: str | None = None,
+    extra_conf: Mapping[str, str] | None = None,
+    resolve_delta: bool = False,
+) -> SparkSession:
+    """A local session with Delta Lake.
+
+    The Delta jars come from the folder set-up fills (`delta_jars_dir`) as ``spark.jars``, so the
+    session starts offline and silently; without them (a fresh checkout before set-up, or
+    ``resolve_delta``) Spark resolves them through Ivy from Maven Central, as
+    `delta.configure_spark_with_delta_pip` asks, printing its dependency report on stderr.
+
+    Workers must run this interpreter (torch, pandas and tenantml live there), so PYSPARK_PYTHON is
+    pinned to ``sys.executable`` unless the caller set it.
+    """
+    from pyspark.sql import SparkSession
+
+    builder = _delta_session_builder(SparkSession.builder.master(master), app_name=app_name,
+                                     shuffle_partitions=shuffle_partitions, arrow_batch_size=arrow_batch_size,
+                                     warehouse_dir=warehouse_dir, extra_conf=extra_conf,
+                                     resolve_delta=resolve_delta)
     with _jvm_output_to_stderr():
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -177,6 +200,106 @@ def build_local_spark(
     if LISTING_PARALLELISM not in (extra_conf or {}):
         spark.conf.set(LISTING_PARALLELISM, str(4 * spark.sparkContext.defaultParallelism))
     return spark
+
+
+def _local_cores(master: str) -> int:
+    """Task slots of a ``local``, ``local[N]``, ``local[*]`` or ``local[N,F]`` master."""
+    import re
+
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip())
+    if m is None or m.group(1) is None:
+        return 1
+    return (os.cpu_count() or 1) if m.group(1) == "*" else max(1, int(m.group(1)))
+
+
+# PySpark's client connects to a local remote's server on Spark Connect's default port.
+CONNECT_LOCAL_PORT = 15002
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def build_connect_spark(
+    remote: str = "local[2]",
+    app_name: str = "tenantml",
+    shuffle_partitions: int = 4,
+    arrow_batch_size: int = 10_000,
+    warehouse_dir: str | None = None,
+    extra_conf: Mapping[str, str] | None = None,
+    resolve_delta: bool = False,
+) -> SparkSession:
+    """A Spark Connect session: the client's view of Databricks serverless, standard access mode and
+    Databricks Connect, where there is no ``sparkContext``, broadcast, accumulator or JVM.
+
+    ``remote`` is a Spark Connect URL (``sc://host:port/;token=...``) or a local master
+    (``local[N]``). A local remote starts a Connect server in this process from PySpark's own jars,
+    configured as `build_local_spark` configures a local session (Delta extension and catalog, the
+    Delta jars on the server's classpath, logging, pools, warehouse); it needs a process without a
+    classic session, and listens on port 15002 (one local server per machine). A remote server
+    keeps its own static configuration: only the runtime SQL settings (shuffle partitions, Arrow,
+    time zone) and ``extra_conf`` are sent, and settings the server refuses are skipped.
+    """
+    from pyspark.sql import SparkSession
+
+    from tenantml.core.errors import ConfigError
+
+    extra = dict(extra_conf or {})
+    local = remote.strip().startswith("local")
+    if local:
+        from pyspark import SparkContext
+
+        if "SPARK_LOCAL_REMOTE" not in os.environ:  # else this process's server is reused
+            if SparkContext._active_spark_context is not None:
+                raise ConfigError(
+                    f"spark.remote {remote!r}: a classic Spark session already runs in this process, and a "
+                    "local Spark Connect server needs a process of its own (stop that session, or run "
+                    "the Connect session in another process)")
+            if not _port_free(CONNECT_LOCAL_PORT):
+                raise ConfigError(
+                    f"spark.remote {remote!r}: port {CONNECT_LOCAL_PORT}, where a local Spark Connect server "
+                    "listens (PySpark connects its client there), is in use: another local Connect server? "
+                    f"Use that one (spark.remote: sc://localhost:{CONNECT_LOCAL_PORT}) or stop it")
+        # Task slots of the server, for `default_parallelism` (Connect has no sparkContext to ask).
+        extra.setdefault("spark.default.parallelism", str(_local_cores(remote)))
+        builder = _delta_session_builder(SparkSession.builder.remote(remote), app_name=app_name,
+                                         shuffle_partitions=shuffle_partitions,
+                                         arrow_batch_size=arrow_batch_size, warehouse_dir=warehouse_dir,
+                                         extra_conf=extra, resolve_delta=resolve_delta)
+        with _jvm_output_to_stderr(), _static_settings_skipped_quietly():
+            spark = builder.getOrCreate()
+        if LISTING_PARALLELISM not in extra:
+            spark.conf.set(LISTING_PARALLELISM, str(4 * default_parallelism(spark)))
+        return spark
+    builder = (SparkSession.builder.remote(remote).appName(app_name)
+               .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch_size))
+               .config("spark.sql.session.timeZone", "UTC"))
+    for key, value in extra.items():
+        builder = builder.config(key, value)
+    with _static_settings_skipped_quietly():
+        return builder.getOrCreate()
+
+
+@contextmanager
+def _static_settings_skipped_quietly() -> Iterator[None]:
+    """The Connect client sets every builder option on its session once connected; the server
+    refuses the static ones (a local server was already started with them; a remote one keeps its
+    own) and the client warns once per option. Those refusals are expected: not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Failed to set spark\.", category=UserWarning)
+        yield
 
 
 _FILTERS: list[Any] = []  # the filter processes started (kept, so none is reported as left running)
@@ -232,8 +355,16 @@ def _jvm_output_to_stderr() -> Iterator[None]:
                 os.close(fd)
 
 
-def get_or_build_spark(**kwargs: object) -> SparkSession:
-    """On Databricks reuse the runtime's session (its config is the cluster's); locally build one."""
+def spark_remote(configured: str | None = None) -> str | None:
+    """The Spark Connect remote a session should use: ``configured`` (`spark.remote`), else the
+    ``SPARK_REMOTE`` environment variable; None for a classic session."""
+    value = configured if configured is not None else os.environ.get(SPARK_REMOTE_ENV)
+    return (value.strip() or None) if value else None
+
+
+def get_or_build_spark(remote: str | None = None, master: str = "local[2]", **kwargs: Any) -> SparkSession:
+    """On Databricks reuse the runtime's session (its config is the cluster's); else a Spark Connect
+    session when a remote is configured (``remote``, else ``SPARK_REMOTE``); else a local one."""
     if on_databricks():
         from pyspark.sql import SparkSession
 
@@ -241,7 +372,10 @@ def get_or_build_spark(**kwargs: object) -> SparkSession:
         if active is not None:
             return active
         return SparkSession.builder.getOrCreate()
-    return build_local_spark(**kwargs)  # type: ignore[arg-type]
+    url = spark_remote(remote)
+    if url is not None:
+        return build_connect_spark(remote=url, **kwargs)
+    return build_local_spark(master=master, **kwargs)
 
 
 def is_connect(spark: Any) -> bool:

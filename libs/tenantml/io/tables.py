@@ -60,6 +60,11 @@ class Tables:
         return self.ref("cost_ledger")
 
     @property
+    def model_lineage(self) -> TableRef:
+        """Whose rows every model version learned from (`io.lineage`)."""
+        return self.ref("model_lineage")
+
+    @property
     def promotions(self) -> TableRef:
         """Every champion/challenger decision: who, against whom, metrics, why."""
         return self.ref("promotions")

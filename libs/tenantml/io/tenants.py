@@ -10,7 +10,7 @@ from tenantml.config import TenantsConfig
 from tenantml.core.ids import TenantId, canonical, validate_tenant_ids
 from tenantml.core.policy import TenantPolicy
 from tenantml.io import read_table, table_exists
-from tenantml.io.delta import delta_table, insert_missing, with_conflict_retries
+from tenantml.io.delta import insert_missing, merge_into, quote_identifier, with_conflict_retries
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
@@ -115,8 +115,10 @@ def tenant_policies(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str
 def update_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str], *,
                    strategy: str | None = None, consent_share_data: bool | None = None,
                    consent_shared_inference: bool | None = None, status: str | None = None) -> int:
-    """Change settings of registered tenants in one MERGE; returns how many rows matched."""
-    from pyspark.sql import functions as F
+    """Change settings of registered tenants in one MERGE; returns how many rows matched.
+
+    The new values travel as the merge source's rows (typed columns), never as SQL text."""
+    from pyspark.sql import types as T
 
     from tenantml.core.errors import UnknownTenantError
 
@@ -129,16 +131,20 @@ def update_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str]
     missing = [t for t in ids if t not in known]
     if missing:
         raise UnknownTenantError(f"{ref.display}: tenant(s) {missing} are not registered")
-    sets: dict[str, object] = {"updated_at": F.current_timestamp()}
+    changes: dict[str, object] = {}
     for col, value in (("strategy", strategy), ("consent_share_data", consent_share_data),
                        ("consent_shared_inference", consent_shared_inference), ("status", status)):
         if value is not None:
-            sets[col] = F.lit(value)
-    keys = spark.createDataFrame([(t,) for t in ids], "tenant_id string")
+            changes[col] = value
+    types = {f.name: f.dataType for f in _schema().fields}
+    schema = T.StructType([T.StructField("tenant_id", T.StringType(), False),
+                           *(T.StructField(c, types[c], False) for c in changes)])
+    source = spark.createDataFrame([(t, *changes.values()) for t in ids], schema)
+    sets = ", ".join(["t.updated_at = current_timestamp()",
+                      *(f"t.{quote_identifier(c)} = s.{quote_identifier(c)}" for c in changes)])
 
     def write() -> None:
-        (delta_table(spark, ref).alias("t").merge(keys.alias("s"), "t.tenant_id = s.tenant_id")
-         .whenMatchedUpdate(set=sets).execute())  # type: ignore[arg-type]
+        merge_into(spark, ref, source, "t.tenant_id = s.tenant_id", f"WHEN MATCHED THEN UPDATE SET {sets}")
 
     with_conflict_retries(write, what=ref.display)
     return len(ids)

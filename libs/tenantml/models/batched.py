@@ -37,6 +37,8 @@ from typing import cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +58,7 @@ from tenantml.models.tabular import (
     resolve_device,
 )
 
-__all__ = ["BatchTask", "BatchedScorer", "fine_tune_batched", "fit_tabular_batched"]
+__all__ = ["BatchTask", "BatchedScorer", "fine_tune_batched", "fit_tabular_batched", "group_size"]
 
 # torch.optim.AdamW defaults.
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
@@ -68,7 +70,8 @@ _VAL_CHUNK = 4096  # validation rows per tenant per batched pass
 _DEFAULT_GROUP = {"cpu": 64, "cuda": 1024}
 
 
-def _group_size(max_group_size: int | None, device: str) -> int:
+def group_size(max_group_size: int | None, device: str) -> int:
+    """Tenants stacked at once: ``max_group_size``, else the device's default (64 CPU, 1024 CUDA)."""
     if max_group_size is None:
         return _DEFAULT_GROUP["cuda" if device.startswith("cuda") else "cpu"]
     if max_group_size < 1:
@@ -601,7 +604,7 @@ def fit_tabular_batched(tasks: Sequence[BatchTask], label: str, spec: FeatureSpe
     a tenant once its share reaches it (the first epoch always runs).
     """
     device = resolve_device(device)
-    group_size = _group_size(max_group_size, device)
+    size = group_size(max_group_size, device)
     results: list[FitResult | Exception | None] = [None] * len(tasks)
     members = []
     for i, task in enumerate(tasks):
@@ -613,7 +616,7 @@ def fit_tabular_batched(tasks: Sequence[BatchTask], label: str, spec: FeatureSpe
     def key(mm: _Member) -> object:
         return (_arch_signature(mm.net), float(mm.net.arch["dropout"]))
 
-    _run_groups(members, key, spec.task, device, group_size, results)
+    _run_groups(members, key, spec.task, device, size, results)
     return _finish(results)
 
 
@@ -626,11 +629,12 @@ def fine_tune_batched(base: TabularModel, tasks: Sequence[BatchTask], label: str
     The base preprocessor and target scale are kept; parameters matched by the ``freeze`` prefixes
     are neither updated nor decayed; each tenant's ``initial_best`` is the base model's loss on its
     own validation split, so a tuned model is never worse than its base there. Seed, batch size,
-    validation fraction and ``max_seconds`` come from each task's params. Time is reported as in
-    :func:`fit_tabular_batched`.
+    validation fraction and ``max_seconds`` come from each task's params, and ``max_epochs`` is capped
+    by each task's own ``params.max_epochs`` (its epoch quota), as the platform caps :func:`fine_tune`.
+    Time is reported as in :func:`fit_tabular_batched`.
     """
     device = resolve_device(device)
-    group_size = _group_size(max_group_size, device)
+    size = group_size(max_group_size, device)
     spec = base.spec
     frozen = set(frozen_parameters(base.net, freeze))  # an unknown prefix is an error for every tenant
     if all(n in frozen for n, _ in base.net.named_parameters()):
@@ -659,7 +663,8 @@ def fine_tune_batched(base: TabularModel, tasks: Sequence[BatchTask], label: str
             members.append(_Member(
                 i, task.tenant_id, net, params, x_tr=x_tr, x_va=x_va,  # type: ignore[arg-type]
                 train_rows=len(tr_pos), val_rows=len(va_pos), batch_size=params.batch_size,
-                learning_rate=learning_rate, weight_decay=weight_decay, max_epochs=max_epochs,
+                learning_rate=learning_rate, weight_decay=weight_decay,
+                max_epochs=min(max_epochs, params.max_epochs),
                 patience=patience, seed=params.seed, max_seconds=params.max_seconds,
                 dropout_state=torch.Generator().manual_seed(params.seed).get_state(),
                 make_model=make_model, prep_seconds=time.perf_counter() - started))
@@ -669,141 +674,355 @@ def fine_tune_batched(base: TabularModel, tasks: Sequence[BatchTask], label: str
     def trainable(net: TabularNet) -> list[bool]:
         return [name not in frozen for name, _, _ in _net_parts(net)]
 
-    _run_groups(members, lambda mm: 0, spec.task, device, group_size, results, trainable, initial=True)
+    _run_groups(members, lambda mm: 0, spec.task, device, size, results, trainable, initial=True)
     return _finish(results)
 
 
 # --------------------------------------------------------------------------- batched scoring
 
 
+class ScoringModel:
+    """The parts of a `TabularModel` that scoring uses (feature spec, preprocessing statistics and
+    vocabularies, network weights, target scale), read straight from the model's bytes.
+
+    A scoring task meets thousands of models and uses each once: building a `TabularNet` (an
+    nn.Module with initialised layers), loading its state and a `Preprocessor` with its pandas
+    indexes cost about twice the bytes' `torch.load` itself, and none of it is needed to stack the
+    weights. The shapes are checked against each other here, so a row's codes always index its
+    own model's tables.
+    """
+
+    def __init__(self, spec: FeatureSpec, medians: np.ndarray, means: np.ndarray, stds: np.ndarray,
+                 vocabularies: Sequence[Sequence[str]], state: Mapping[str, torch.Tensor],
+                 target_mean: float, target_std: float) -> None:
+        self.spec = spec
+        self.medians, self.means, self.stds = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (medians, means, stds))
+        self.vocabularies = [list(v) for v in vocabularies]
+        self.target_mean, self.target_std = float(target_mean), float(target_std)
+        n_num, n_cat = len(spec.numeric), len(spec.categorical)
+        if not len(self.medians) == len(self.means) == len(self.stds) == n_num or len(self.vocabularies) != n_cat:
+            raise ValueError("preprocessing statistics do not match the feature spec")
+        tables = [state[f"embeddings.{j}.weight"].detach().to("cpu", torch.float32) for j in range(n_cat)]
+        for j, table in enumerate(tables):
+            if table.dim() != 2 or table.shape[0] != len(self.vocabularies[j]) + 1:
+                raise ValueError(f"embedding table {j} has shape {tuple(table.shape)}, expected "
+                                 f"({len(self.vocabularies[j]) + 1}, dim)")
+        mlp = sorted({int(k.split(".")[1]) for k in state if k.startswith("mlp.")})
+        layers = [(state[f"mlp.{i}.weight"], state[f"mlp.{i}.bias"]) for i in mlp]
+        layers.append((state["head.weight"], state["head.bias"]))
+        width = n_num + sum(int(t.shape[1]) for t in tables)
+        linears: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for w, b in layers:
+            if w.dim() != 2 or int(w.shape[1]) != width or tuple(b.shape) != (int(w.shape[0]),):
+                raise ValueError(f"layer of shape {tuple(w.shape)} does not follow a layer of width {width}")
+            width = int(w.shape[0])
+            linears.append((w.detach().to("cpu", torch.float32).t(), b.detach().to("cpu", torch.float32)))
+        if width != 1:
+            raise ValueError(f"the head has {width} outputs, expected 1")
+        self.tables = tables
+        self.linears = linears  # weights as (in, out), the orientation of a grouped matmul
+        self.signature = (n_num, tuple(int(t.shape[1]) for t in tables), tuple(int(w.shape[1]) for w, _ in linears[:-1]),
+                          spec.numeric, spec.categorical)
+
+    @classmethod
+    def from_model(cls, model: TabularModel) -> ScoringModel:
+        p = model.preprocessor
+        return cls(model.spec, p.medians, p.means, p.stds, p.vocabularies, model.net.state_dict(),
+                   model.target_mean, model.target_std)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ScoringModel:
+        """What ``TabularModel.from_bytes(blob)`` scores with, without building the model."""
+        import io
+
+        from tenantml.models.tabular import FORMAT_VERSION
+
+        payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        version = payload.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported model format_version {version!r} (expected {FORMAT_VERSION})")
+        pre = payload["preprocessor"]
+        return cls(FeatureSpec.from_dict(payload["spec"]), pre["medians"], pre["means"], pre["stds"],
+                   pre["vocabularies"], payload["state_dict"], payload["target"]["mean"], payload["target"]["std"])
+
+
 class _ScoreGroup:
-    def __init__(self, tenants: Sequence[str], models: Sequence[TabularModel], device: str) -> None:
-        self.tenants = list(tenants)
-        self.layout = _Layout([m.net for m in models])
-        flat = torch.stack([self.layout.flatten(m.net) for m in models]).to(device)
+    """Models of one architecture and one feature spec, stacked for a grouped forward pass, with
+    their preprocessing statistics stacked too (one row per model), so that a batch's rows of all
+    these models are preprocessed by array operations, each row with its own model's statistics."""
+
+    def __init__(self, models: Sequence[ScoringModel], device: str) -> None:
+        first = models[0]
+        self.numeric, self.categorical = first.spec.numeric, first.spec.categorical
         n = len(models)
-        lay = self.layout
-        views = [flat[:, s.offset: s.offset + s.size].view(n, *s.shape) for s in lay.slots]
-        self.tables = [views[i].reshape(n * lay.slots[i].shape[0], lay.slots[i].shape[1]) for i in lay.emb]
-        self.linears = [(views[w].contiguous(), views[b].contiguous()) for w, b in lay.linears]
-        self.head = (views[lay.head[0]].contiguous(), views[lay.head[1]].contiguous())
+        self.tables = []
+        rows = []
+        for j in range(len(self.categorical)):
+            height = max(int(m.tables[j].shape[0]) for m in models)
+            stacked = torch.zeros(n, height, int(first.tables[j].shape[1]))
+            for i, m in enumerate(models):  # rows past a model's vocabulary are never indexed
+                stacked[i, : m.tables[j].shape[0]] = m.tables[j]
+            self.tables.append(stacked.reshape(n * height, -1).to(device))
+            rows.append(height)
+        stacked_layers = [(torch.stack([m.linears[k][0] for m in models]).to(device),
+                           torch.stack([m.linears[k][1] for m in models]).to(device))
+                          for k in range(len(first.linears))]
+        self.linears, self.head = stacked_layers[:-1], stacked_layers[-1]
         self.binary = np.array([m.spec.task == "binary" for m in models])
         self.mean = np.array([m.target_mean for m in models], dtype=np.float64)
         self.std = np.array([m.target_std for m in models], dtype=np.float64)
+        width = len(self.numeric)
+        self.medians = np.stack([m.medians for m in models]).reshape(n, width)
+        self.means = np.stack([m.means for m in models]).reshape(n, width)
+        self.stds = np.stack([m.stds for m in models]).reshape(n, width)
+        self.row_offset = np.asarray(rows, dtype=np.int64)  # model i's table rows start at i * rows[j]
+        self.vocab = [_StackedVocabulary([m.vocabularies[j] for m in models]) for j in range(len(self.categorical))]
+
+    def preprocess(self, model_pos: np.ndarray, numeric: Sequence[np.ndarray],
+                   categorical: Sequence[pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+        """What each row's own ``Preprocessor.transform`` gives, for rows of many models at once:
+        numeric (n, n_numeric) float32 and codes (n, n_categorical), codes already offset into the
+        stacked embedding tables. ``numeric``: float64 columns with NaN for missing or non-finite."""
+        n = len(model_pos)
+        x_num = np.empty((n, len(self.numeric)), dtype=np.float64)
+        for j, values in enumerate(numeric):
+            x_num[:, j] = values
+        x_num = np.where(np.isnan(x_num), self.medians[model_pos], x_num)
+        x_num = (x_num - self.means[model_pos]) / self.stds[model_pos]
+        codes = np.empty((n, len(self.categorical)), dtype=np.int64)
+        for j, values in enumerate(categorical):
+            codes[:, j] = self.vocab[j].codes(model_pos, values) + model_pos * self.row_offset[j]
+        return x_num.astype(np.float32), codes
+
+
+class _StackedVocabulary:
+    """One categorical column's vocabularies of many models, as one sorted table of
+    (model, value) -> the model's own code, looked up for a whole batch with one hash pass over the
+    values (``pyarrow.compute.index_in``) and one ``searchsorted``."""
+
+    def __init__(self, vocabularies: Sequence[Sequence[str]]) -> None:
+        sizes = np.array([len(v) for v in vocabularies], dtype=np.int64)
+        flat = np.fromiter((str(x) for v in vocabularies for x in v), dtype=object, count=int(sizes.sum()))
+        global_codes, uniques = pd.factorize(flat) if len(flat) else (np.empty(0, np.int64), np.empty(0, object))
+        self.values = pa.array(list(uniques), type=pa.string())
+        owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        local = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes) + 1
+        self.width = max(1, len(uniques))
+        keys = owner * self.width + np.asarray(global_codes, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.local = keys[order], local[order]
+
+    def codes(self, model_pos: np.ndarray, values: pa.Array) -> np.ndarray:
+        """Per row: 1 + the value's index in its model's vocabulary; 0 when missing or unknown."""
+        found = pc.index_in(values, value_set=self.values).fill_null(-1).to_numpy(zero_copy_only=False)
+        found = found.astype(np.int64)
+        out = np.zeros(len(model_pos), dtype=np.int64)
+        if not len(self.keys):
+            return out
+        known = found >= 0
+        keys = model_pos[known] * self.width + found[known]
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        out[known] = np.where(self.keys[at] == keys, self.local[at], 0)
+        return out
+
+
+def _pow2_at_least(n: np.ndarray) -> np.ndarray:
+    return np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64))
+
+
+def _arrow_numeric(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    """Float64 with NaN for null and non-finite values, as ``_numeric_values`` reads a pandas column."""
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type) \
+            or pa.types.is_decimal(column.type):
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    else:  # text and anything else: exactly what the pandas reader accepts or refuses
+        from tenantml.models.tabular import _numeric_values
+
+        return _numeric_values(pd.DataFrame({name: column.to_pandas()}), name)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _arrow_categorical(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """String values with nulls for missing, as ``category_strings`` keys a pandas column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    return _pandas_categorical(column.to_pandas())
+
+
+def _pandas_categorical(series: pd.Series) -> pa.Array:
+    from tenantml.models.tabular import category_strings
+
+    keys, missing = category_strings(series)
+    return pa.array(keys, type=pa.string(), mask=missing)
 
 
 class BatchedScorer:
-    """Score many tenants' models with one batched forward pass per architecture group per call.
+    """Score the rows of many tenants, each by its own tenant's model, in one pass per batch.
 
-    Built once from ``tenant -> TabularModel``: models of the same architecture are stacked (their
-    parameters copied once). :meth:`predict` preprocesses each tenant's rows with that tenant's own
-    Preprocessor, sorts them by tenant, cuts every tenant's rows into chunks of ``chunk_rows``
-    (padding only its last chunk) and runs one grouped matmul per layer over all chunks of a
-    group, each chunk with its own tenant's weights. A row is only ever scored by its own tenant's
-    model; a row whose tenant has no model raises KeyError before anything is scored.
+    Built once from ``tenant -> TabularModel``. Models that share an architecture and a feature spec
+    form a group: their parameters are stacked (copied once; tenants served by the same model
+    object, such as a shared model, share one copy) and so are their preprocessing statistics and
+    vocabularies. A call then, per group: preprocesses all the group's rows with array operations,
+    each row with its own model's medians, means, scales and vocabulary (no per-tenant or per-row
+    Python), sorts them by model, cuts each model's rows into chunks of ``chunk_rows`` and a last
+    chunk padded to the next power of two, and runs one grouped forward pass per chunk width over
+    every chunk of that width, each chunk with its own model's weights. The result equals each
+    tenant's ``TabularModel.predict`` up to float32 summation order. A row whose tenant has no model
+    raises KeyError before anything is scored.
 
-    Design, measured on one CPU thread on a shared 2-core machine (``.venv/bin/python
-    bench/bench_batched_models.py``, round-robin best of 5): with 200 tenants x 250 rows a call
-    scored 241k rows/s against 181k rows/s for the per-tenant ``predict`` loop (1.33x; 2.0-2.5x in
-    runs under heavier load, where the loop's per-call overhead grows most). The ceiling is the
-    per-tenant ``Preprocessor.transform``: 183 ms of the scorer's 207 ms; the batched forward pass
-    itself takes ~11 ms for 25k rows. Chunks of 256 cost the same as padding every tenant to the
-    largest one when tenants are the same size, and are faster when they are not (200 tenants of
-    25-2,000 rows: 273 ms against 383 ms end to end; forward only, 100 tenants of 20-2,000 rows:
-    40 ms and 58,880 padded rows for 43,582, against 150 ms and 200,000). Chunks of 64 pad less and
-    measured the same end to end, but slower in the forward-only timing (51 ms).
+    Why power-of-two last chunks: with many tenants per batch most tenants have a few rows in it,
+    and padding every chunk to one width (the largest tenant's) multiplied the rows computed by up
+    to the largest/smallest ratio; padding to the next power of two at most doubles them.
+
+    Arrow in (:meth:`predict_arrow`, what the Spark workers hand over) or pandas (:meth:`predict`).
     """
 
-    def __init__(self, models: Mapping[str, TabularModel], device: str = "cpu", chunk_rows: int = 256) -> None:
+    def __init__(self, models: Mapping[str, TabularModel | ScoringModel], device: str = "cpu",
+                 chunk_rows: int = 256) -> None:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.device = resolve_device(device)
         self.chunk_rows = int(chunk_rows)
         self.models = dict(models)
-        by_sig: dict[object, list[str]] = {}
-        for tenant, model in self.models.items():
-            by_sig.setdefault(_arch_signature(model.net), []).append(tenant)
-        self._groups: list[_ScoreGroup] = []
-        self._where: dict[object, tuple[int, int]] = {}
-        for tenants in by_sig.values():
-            for i, t in enumerate(tenants):
-                self._where[t] = (len(self._groups), i)
-            self._groups.append(_ScoreGroup(tenants, [self.models[t] for t in tenants], self.device))
-        columns: list[str] = []
+        by_key: dict[object, list[ScoringModel]] = {}
+        slot_of: dict[int, tuple[object, int]] = {}
         for model in self.models.values():
-            columns += [c for c in model.spec.columns if c not in columns]
-        self._columns = columns
+            if id(model) in slot_of:
+                continue
+            served = model if isinstance(model, ScoringModel) else ScoringModel.from_model(model)
+            members = by_key.setdefault(served.signature, [])
+            slot_of[id(model)] = (served.signature, len(members))
+            members.append(served)
+        keys = list(by_key)
+        self._groups = [_ScoreGroup(by_key[k], self.device) for k in keys]
+        index = {k: g for g, k in enumerate(keys)}
+        self._where: dict[object, tuple[int, int]] = {}
+        for tenant, model in self.models.items():
+            group_key, pos = slot_of[id(model)]
+            self._where[tenant] = (index[group_key], pos)
 
     def __contains__(self, tenant: object) -> bool:
         return tenant in self._where
 
     def predict(self, df: pd.DataFrame, tenant_col: str = "tenant_id") -> np.ndarray:
-        """For every row, the prediction of its own tenant's model, in the input row order."""
+        """For every row of a pandas frame, its own tenant's model's prediction, in row order."""
         if tenant_col not in df.columns:
             raise ValueError(f"tenant column {tenant_col!r} is missing")
-        n = len(df)
+        codes, uniques = pd.factorize(df[tenant_col], sort=False, use_na_sentinel=True)
+
+        def numeric(name: str) -> np.ndarray:
+            from tenantml.models.tabular import _numeric_values
+
+            return _numeric_values(df, name)
+
+        return self._predict(len(df), np.asarray(codes, dtype=np.int64), list(uniques), set(df.columns), numeric,
+                             lambda name: _pandas_categorical(df[name]))
+
+    def predict_arrow(self, batch: pa.RecordBatch | pa.Table, tenant_col: str = "tenant_id") -> np.ndarray:
+        """:meth:`predict` for an Arrow batch or table, read column by column without pandas."""
+        names = set(batch.schema.names)
+        if tenant_col not in names:
+            raise ValueError(f"tenant column {tenant_col!r} is missing")
+        tenants = batch.column(tenant_col)
+        if isinstance(tenants, pa.ChunkedArray):
+            tenants = tenants.combine_chunks()
+        encoded = pc.dictionary_encode(tenants)
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return self._predict(batch.num_rows, codes, encoded.dictionary.to_pylist(), names,
+                             lambda name: _arrow_numeric(batch.column(name), name),
+                             lambda name: _arrow_categorical(batch.column(name)))
+
+    def _predict(self, n: int, codes: np.ndarray, uniques: list[object], columns: set[str],
+                 numeric: Callable[[str], np.ndarray], categorical: Callable[[str], pa.Array]) -> np.ndarray:
         out = np.empty(n, dtype=np.float64)
         if n == 0:
             return out
-        codes, uniques = pd.factorize(df[tenant_col], sort=False, use_na_sentinel=True)
         if (codes < 0).any():
             raise KeyError("no model for tenant None: some rows have a missing tenant id")
         unknown = [u for u in uniques if u not in self._where]
         if unknown:
             raise KeyError(f"no model for tenant {unknown[0]!r}")
-        order = np.argsort(codes, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(uniques)))])
-        present = [c for c in self._columns if c in df.columns]
-        ordered = df[present].take(order)
-        per_group: dict[int, list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]] = {}
-        for u, tenant in enumerate(uniques):
-            g, i = self._where[tenant]
-            a, b = int(bounds[u]), int(bounds[u + 1])
-            x_num, x_cat = self.models[tenant].preprocessor.transform(ordered.iloc[a:b])
-            per_group.setdefault(g, []).append((i, order[a:b], x_num, x_cat))
+        where = np.array([self._where[u] for u in uniques], dtype=np.int64).reshape(-1, 2)
+        row_group, row_model = where[codes, 0], where[codes, 1]
+        single = len(self._groups) == 1
         with torch.inference_mode():
-            for g, parts in per_group.items():
-                self._score_group(self._groups[g], parts, out)
+            for g, group in enumerate(self._groups):
+                rows = None if single else np.flatnonzero(row_group == g)
+                if rows is not None and not len(rows):
+                    continue
+                missing = [c for c in (*group.numeric, *group.categorical) if c not in columns]
+                if missing:
+                    raise ValueError(f"feature column {missing[0]!r} is missing (all missing: {missing})")
+                model_pos = row_model if rows is None else row_model[rows]
+                num = [numeric(c) if rows is None else numeric(c)[rows] for c in group.numeric]
+                cat = [categorical(c) if rows is None else categorical(c).take(pa.array(rows)) for c in group.categorical]
+                x_num, x_cat = group.preprocess(model_pos, num, cat)
+                scored = self._score_group(group, model_pos, x_num, x_cat)
+                if rows is None:
+                    out[:] = scored
+                else:
+                    out[rows] = scored
         return out
 
-    def _score_group(self, group: _ScoreGroup, parts: Sequence[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]],
-                     out: np.ndarray) -> None:
-        sizes = np.array([len(p[1]) for p in parts], dtype=np.int64)
-        c = min(self.chunk_rows, int(sizes.max()))  # never wider than the largest tenant in the call
-        chunks = -(-sizes // c)
-        first_chunk = np.concatenate([[0], np.cumsum(chunks)[:-1]])
-        tenant_pos = np.array([p[0] for p in parts], dtype=np.int64)
-        row_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        # Row r of part i lands at chunk first_chunk[i] + r // c, slot r % c: dest = first*c + r.
-        dest = np.repeat(first_chunk * c - row_start, sizes) + np.arange(int(sizes.sum()))
-        chunk_tenant = np.repeat(tenant_pos, chunks)
-        x_num = torch.cat([p[2] for p in parts])
-        x_cat = torch.cat([p[3] for p in parts]) + torch.from_numpy(
-            np.repeat(tenant_pos, sizes)[:, None] * np.asarray(group.layout.rows, dtype=np.int64)[None, :])
-        n_chunks = int(chunks.sum())
-        xn = torch.zeros(n_chunks * c, x_num.shape[1])
-        xc = torch.zeros(n_chunks * c, x_cat.shape[1], dtype=torch.long)
-        dest_t = torch.from_numpy(dest)
-        xn[dest_t] = x_num
-        xc[dest_t] = x_cat
-        xn = xn.view(n_chunks, c, -1).to(self.device)
-        xc = xc.view(n_chunks, c, -1).to(self.device)
-        raw = np.empty(n_chunks * c, dtype=np.float64)
-        per_pass = max(1, 65_536 // c)
-        identity = n_chunks == len(group.tenants) and bool((chunk_tenant == np.arange(n_chunks)).all())
-        for start in range(0, n_chunks, per_pass):
-            stop = min(n_chunks, start + per_pass)
-            if identity and start == 0 and stop == n_chunks:
-                linears, head = group.linears, group.head
-            else:
-                sel = torch.from_numpy(chunk_tenant[start:stop]).to(self.device)
-                linears = [(w[sel], b[sel]) for w, b in group.linears]
-                head = (group.head[0][sel], group.head[1][sel])
-            res = _forward(xn[start:stop], xc[start:stop], group.tables, linears, head)
-            raw[start * c: stop * c] = res.double().cpu().numpy().reshape(-1)
-        values = raw[dest]
-        row_tenant = np.repeat(tenant_pos, sizes)
-        binary = group.binary[row_tenant]
-        scored = values * group.std[row_tenant] + group.mean[row_tenant]
+    def _score_group(self, group: _ScoreGroup, model_pos: np.ndarray, x_num: np.ndarray,
+                     x_cat: np.ndarray) -> np.ndarray:
+        """Predictions of the group's rows (in their order): chunked by model, one grouped forward
+        pass per chunk width, then each row's own link (sigmoid, or the target's scale)."""
+        n = len(model_pos)
+        order = np.argsort(model_pos, kind="stable")
+        sorted_pos = model_pos[order]
+        firsts = np.flatnonzero(np.r_[True, sorted_pos[1:] != sorted_pos[:-1]])
+        models = sorted_pos[firsts]
+        sizes = np.diff(np.r_[firsts, n])
+        c = self.chunk_rows
+        full, rem = sizes // c, sizes % c
+        # Chunks: every model's full chunks of width c, then its last chunk (if any) padded to a
+        # power of two; chunk_width and chunk_model are per chunk, row_chunk/slot per sorted row.
+        n_full = int(full.sum())
+        has_rem = rem > 0
+        chunk_model = np.concatenate([np.repeat(models, full), models[has_rem]])
+        chunk_width = np.concatenate([np.full(n_full, c, dtype=np.int64),
+                                      np.minimum(_pow2_at_least(rem[has_rem]), c)])
+        full_first = np.cumsum(full) - full
+        rem_index = np.cumsum(has_rem) - 1
+        member = np.repeat(np.arange(len(models)), sizes)
+        local = np.arange(n, dtype=np.int64) - np.repeat(firsts, sizes)
+        in_full = local < full[member] * c
+        row_chunk = np.where(in_full, full_first[member] + local // c, n_full + rem_index[member])
+        slot = np.where(in_full, local % c, local - full[member] * c)
+        xn_sorted = torch.from_numpy(x_num[order])
+        xc_sorted = torch.from_numpy(x_cat[order])
+        raw_sorted = np.empty(n, dtype=np.float64)
+        for width in np.unique(chunk_width):
+            w = int(width)
+            chunks = np.flatnonzero(chunk_width == width)
+            rank = np.full(len(chunk_width), -1, dtype=np.int64)
+            rank[chunks] = np.arange(len(chunks))
+            rows = np.flatnonzero(chunk_width[row_chunk] == width)
+            dest = torch.from_numpy(rank[row_chunk[rows]] * w + slot[rows])
+            rows_t = torch.from_numpy(rows)
+            k = len(chunks)
+            xn = torch.zeros(k * w, xn_sorted.shape[1])
+            xc = torch.zeros(k * w, xc_sorted.shape[1], dtype=torch.long)
+            xn[dest] = xn_sorted[rows_t]
+            xc[dest] = xc_sorted[rows_t]
+            xn = xn.view(k, w, -1).to(self.device)
+            xc = xc.view(k, w, -1).to(self.device)
+            raw = torch.empty(k * w, dtype=torch.float64)
+            per_pass = max(1, 65_536 // w)
+            for start in range(0, k, per_pass):
+                stop = min(k, start + per_pass)
+                sel = torch.from_numpy(chunk_model[chunks[start:stop]]).to(self.device)
+                linears = [(wt.index_select(0, sel), b.index_select(0, sel)) for wt, b in group.linears]
+                head = (group.head[0].index_select(0, sel), group.head[1].index_select(0, sel))
+                res = _forward(xn[start:stop], xc[start:stop], group.tables, linears, head)
+                raw[start * w: stop * w] = res.double().cpu().reshape(-1)
+            raw_sorted[rows] = raw[dest].numpy()
+        values = np.empty(n, dtype=np.float64)
+        values[order] = raw_sorted
+        binary = group.binary[model_pos]
+        scored = values * group.std[model_pos] + group.mean[model_pos]
         scored[binary] = 1.0 / (1.0 + np.exp(-values[binary]))
-        out[np.concatenate([p[1] for p in parts])] = scored
+        return scored

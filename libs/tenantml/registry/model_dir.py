@@ -29,6 +29,7 @@ CODE_DIR = "code"
 RUNTIME_FILES = ("__init__.py", "models/__init__.py", "models/tabular.py", "models/metrics.py", "models/split.py",
                  "registry/__init__.py", "registry/pyfunc_flavor.py")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _range(pkg: str) -> str:
@@ -86,8 +87,12 @@ def signature(numeric: list[str], categorical: list[str]) -> dict[str, str]:
 
 
 def write_model_dir(target: Path, blob: bytes, *, run_id: str, artifact_path: str,
-                    numeric: list[str], categorical: list[str], metadata: dict[str, Any]) -> Path:
-    """One MLflow pyfunc model directory; loadable by ``mlflow.pyfunc.load_model`` and servable."""
+                    numeric: list[str], categorical: list[str], metadata: dict[str, Any],
+                    model_id: str | None = None) -> Path:
+    """One MLflow pyfunc model directory; loadable by ``mlflow.pyfunc.load_model`` and servable.
+
+    ``model_id`` (a LoggedModel's id) is written as MLflow 3's own ``log_model`` writes it, so the
+    loaded model knows which LoggedModel it is (``PyFuncModel.model_id``)."""
     import mlflow
 
     target.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,10 @@ def write_model_dir(target: Path, blob: bytes, *, run_id: str, artifact_path: st
         "signature": signature(numeric, categorical),
         "metadata": metadata,
     }
-    (target / "MLmodel").write_text(yaml.safe_dump(mlmodel, sort_keys=False))
+    if model_id is not None:
+        mlmodel["model_id"] = mlmodel["model_uuid"] = model_id
+    # libyaml's dumper where installed: the same text, ~10x faster (a tenth of all tracking time per model)
+    (target / "MLmodel").write_text(yaml.dump(mlmodel, Dumper=_DUMPER, sort_keys=False))
     return target
 
 

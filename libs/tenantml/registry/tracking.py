@@ -1,9 +1,18 @@
-"""Track a training job as one MLflow run with a child run per tenant, and register models cheaply.
+"""Track a training job as one MLflow run whose tenant candidates are MLflow 3 LoggedModels, and
+register them cheaply.
+
+A run per tenant and job would reach Databricks' cap of 500,000 runs per experiment in about two
+weeks at 10,000 tenants x 3 candidates nightly, so each candidate is a LoggedModel of the job's run
+(params, tags ``tenantml.tenant_id``/``dataset``/``strategy``/``run_id``, and its metrics, logged on
+the job run with the model's id, each model at its own step). ``tracking.tenant_runs: true`` keeps
+the older layout as well: a child run per tenant holds its metrics and is the LoggedModel's source
+run.
 
 Per-model cost is what matters with thousands of tenants: no `log_model` (seconds each), but a
-model directory written by tenantml, one `log_batch` and one `log_artifacts` per tenant's child
-run, and a few small registry calls (about 30 ms per model on SQLite in all; see bench/ and
-docs/benchmarks.md).
+model directory written by tenantml and uploaded straight to the LoggedModel's artifact location,
+metrics in 1000-metric batches, one `log_outputs` per job, and a few small registry calls
+(bench/bench_tracking.py measures it against the child-run path; docs/architecture.md has the
+figures).
 """
 
 from __future__ import annotations
@@ -28,6 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
+MODEL_TYPE = "tenantml.tabular"
+TENANT_TAG = "tenantml.tenant_id"
+# Job params that name other tenants: they stay on the job run, never on one tenant's LoggedModel
+# (offboarding a tenant deletes its own models, not the ones of every tenant it is named in).
+JOB_ONLY_PARAMS = frozenset({"tenant_quotas"})
+_LM_NAME_BAD = re.compile(r"[/:.%\"']")
 
 
 def ensure_registered_model(client: MlflowClient, name: str, tags: dict[str, str]) -> None:
@@ -51,7 +66,26 @@ class TrainingRun:
     mlflow_run_id: str
     artifact_uri: str
     registered: dict[str, Registered] = field(default_factory=dict)
-    tenant_runs: dict[str, str] = field(default_factory=dict)  # tenant -> child run id
+    tenant_runs: dict[str, str] = field(default_factory=dict)  # tenant -> child run id (tracking.tenant_runs)
+    logged_models: dict[str, str] = field(default_factory=dict)  # tenant -> LoggedModel id (failed ones too)
+
+
+def logged_model_name(registered_name: str) -> str:
+    """A LoggedModel name may not hold '.', '/', ':', '%' or quotes: the registered model's name
+    without its Unity Catalog ``catalog.schema.`` levels (the full name is the
+    ``tenantml.registered_model`` tag)."""
+    return _LM_NAME_BAD.sub("_", registered_name.rsplit(".", 1)[-1]) or "model"
+
+
+def _flat_params(params: dict[str, Any]) -> dict[str, str]:
+    return {k: (v if isinstance(v, str) else json.dumps(v))[:6000] for k, v in params.items()}
+
+
+def _upload_model_dir(artifact_location: str, local_dir: Path) -> None:
+    """What ``client.log_model_artifacts`` does, minus its ``get_logged_model`` lookup per model."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(artifact_location).log_artifacts(str(local_dir))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -108,22 +142,27 @@ def registered_names(ctx: JobContext, dataset: str) -> set[str]:
 def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, strategy: str,
                    params: dict[str, Any], lineage: dict[str, Any],
                    version_tags: dict[str, str] | None = None) -> TrainingRun:
-    """One MLflow run for the job, one child run per tenant (its metrics and model artifacts), and
-    every trained tenant's model registered (promotion moves aliases later).
+    """One MLflow run for the job; one LoggedModel per tenant candidate (its params, tags, metrics
+    and model directory); every trained tenant's model registered (promotion moves aliases later).
 
-    Per-tenant child runs keep every tenant's tracking data separable: offboarding deletes a
-    tenant's runs without touching the others'.
+    A tenant whose training failed gets a LoggedModel too, status FAILED with a ``tenantml.error``
+    tag and no artifacts: its failure is on record per tenant, and offboarding removes it with the
+    tenant's other models. Metrics go on the job run with the model's id (MLflow also keeps them as
+    run metrics, each model at its own step); with ``tracking.tenant_runs`` they go on the tenant's
+    child run instead, so that copy is per tenant too.
     """
     import math
+    import shutil
     import time
 
-    from mlflow.entities import Metric, RunStatus, RunTag
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, RunStatus, RunTag
 
     from tenantml.registry.model_dir import write_model_dir
 
     client = ctx.mlflow
     spec = ctx.config.datasets[dataset]
     prefix = ctx.config.tracking.model_name_prefix
+    child_runs = ctx.config.tracking.tenant_runs
     experiment = ctx.experiment_id()
     base_tags = {"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset, "tenantml.step": "train",
                  "tenantml.strategy": strategy}
@@ -134,37 +173,68 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
         ok = results[results["status"] == "ok"]
         flat = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in {**params, **lineage}.items()]
         log_batches(client, rid, [], flat, [("tenantml.tenants_trained", str(len(ok))),
-                                            ("tenantml.tenants_failed", str(len(results) - len(ok)))])
-        ctx.progress.phase(f"logging {len(results)} tenant runs and {len(ok)} model artifacts")
-        ctx.progress.start("tenant runs", len(results))
+                                            ("tenantml.tenants_failed", str(len(results) - len(ok))),
+                                            ("tenantml.tenant_runs", str(child_runs).lower())])
+        model_params = _flat_params({k: v for k, v in {**params, **lineage}.items() if k not in JOB_ONLY_PARAMS})
+        ctx.progress.phase(f"logging {len(results)} tenant models ({len(ok)} trained)"
+                           + (" with a child run each" if child_runs else ""))
+        ctx.progress.start("tenant models", len(results))
         now = int(time.time() * 1000)
-        child_uri: dict[str, str] = {}
+        source_run: dict[str, str] = {}
+        location: dict[str, str] = {}
+        outputs: list[LoggedModelOutput] = []
+        job_metrics: list[Metric] = []
         with tempfile.TemporaryDirectory(prefix="tenantml-models-") as tmp:
-            for r in results.itertuples(index=False):
+            for step, r in enumerate(results.itertuples(index=False)):
                 tid = validate_tenant_id(r.tenant_id)
-                child = client.create_run(experiment, run_name=f"{tid}", tags={
-                    **base_tags, "mlflow.parentRunId": rid, "tenantml.tenant_id": tid, "tenantml.status": str(r.status)})
-                cid = child.info.run_id
-                out.tenant_runs[tid] = cid
-                child_uri[tid] = child.info.artifact_uri
+                trained = r.status == "ok"
+                src = rid
+                if child_runs:
+                    child = client.create_run(experiment, run_name=f"{tid}", tags={
+                        **base_tags, "mlflow.parentRunId": rid, TENANT_TAG: tid, "tenantml.status": str(r.status)})
+                    src = child.info.run_id
+                    out.tenant_runs[tid] = src
+                name = model_name(prefix, dataset, tid)
+                tags = {**base_tags, TENANT_TAG: tid, "tenantml.status": str(r.status),
+                        "tenantml.registered_model": name}
+                error = str(r.error or "")[:5000]
+                if not trained:
+                    tags["tenantml.error"] = error
+                own = {k: str(v) for k in ("tier", "path") if isinstance(v := getattr(r, k, None), str)}
+                lm = client.create_logged_model(experiment, name=logged_model_name(name), source_run_id=src,
+                                                model_type=MODEL_TYPE, params={**model_params, **own}, tags=tags)
+                out.logged_models[tid] = lm.model_id
+                source_run[tid], location[tid] = src, lm.artifact_location
                 metrics: list[Metric] = []
-                tags: list[RunTag] = []
-                if r.status == "ok":
+                if trained:
                     values = {**json.loads(r.metrics_json), "rows": r.rows, "epochs": r.epochs, "seconds": r.seconds}
-                    metrics = [Metric(k, float(v), now, 0) for k, v in values.items()
+                    metrics = [Metric(k, float(v), now, 0 if child_runs else step, model_id=lm.model_id)
+                               for k, v in values.items()
                                if v is not None and not (isinstance(v, float) and math.isnan(v))]
+                if child_runs:
+                    client.log_batch(src, metrics=metrics, synchronous=True,
+                                     tags=[] if trained else [RunTag("tenantml.error", error)])
                 else:
-                    tags = [RunTag("tenantml.error", str(r.error or "")[:5000])]
-                client.log_batch(cid, metrics=metrics, tags=tags, synchronous=True)
-                if r.status == "ok":
-                    write_model_dir(Path(tmp) / tid, bytes(r.model), run_id=cid, artifact_path="model",
+                    job_metrics.extend(metrics)
+                if trained:
+                    stage = Path(tmp) / tid
+                    write_model_dir(stage, bytes(r.model), run_id=src, artifact_path=lm.artifact_location,
                                     numeric=spec.numeric_features, categorical=spec.categorical_features,
                                     metadata={"tenant_id": tid, "dataset": dataset, "strategy": strategy,
-                                              "tenantml_run_id": ctx.run_id})
-                    client.log_artifacts(cid, str(Path(tmp) / tid), "model")
-                client.set_terminated(cid, RunStatus.to_string(RunStatus.FINISHED if r.status == "ok"
-                                                               else RunStatus.FAILED))
+                                              "tenantml_run_id": ctx.run_id}, model_id=lm.model_id)
+                    _upload_model_dir(lm.artifact_location, stage)
+                    shutil.rmtree(stage, ignore_errors=True)  # bounded disk at 10,000 tenants
+                client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY if trained
+                                             else LoggedModelStatus.FAILED)
+                if child_runs:
+                    client.set_terminated(src, RunStatus.to_string(RunStatus.FINISHED if trained
+                                                                   else RunStatus.FAILED))
+                outputs.append(LoggedModelOutput(lm.model_id, step))
                 ctx.progress.advance()
+        if outputs:
+            client.log_outputs(rid, outputs)  # the run page's list of logged models
+        for chunk in _chunks(job_metrics, _MAX_METRICS):
+            client.log_batch(rid, metrics=list(chunk), synchronous=True)
         ctx.progress.done()
 
         known = registered_names(ctx, dataset)
@@ -173,15 +243,15 @@ def track_training(ctx: JobContext, dataset: str, results: pd.DataFrame, *, stra
             name = model_name(prefix, dataset, r.tenant_id)
             if name not in known:
                 ensure_registered_model(client, name, {"tenant_id": r.tenant_id, "dataset": dataset})
-            cid = out.tenant_runs[r.tenant_id]
-            source = f"{child_uri[r.tenant_id]}/model"
+            source = location[r.tenant_id]  # not models:/<id>: no lookup, and a plain path every reader opens
             mv = client.create_model_version(
-                name, source=source, run_id=cid,
+                name, source=source, run_id=source_run[r.tenant_id], model_id=out.logged_models[r.tenant_id],
                 tags={"tenant_id": r.tenant_id, "dataset": dataset, "strategy": strategy,
                       "model_sha256": model_sha256(bytes(r.model)),
                       "metric_name": r.metric_name, "metric": f"{r.metric:.6g}",
                       "baseline_metric": f"{r.baseline_metric:.6g}", "tenantml_run_id": ctx.run_id,
-                      "job_run_id": rid, **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
+                      "job_run_id": rid, "logged_model_id": out.logged_models[r.tenant_id],
+                      **{k: str(v) for k, v in lineage.items()}, **(version_tags or {})})
             out.registered[r.tenant_id] = Registered(r.tenant_id, name, str(mv.version), source)
             ctx.progress.advance()
         ctx.progress.done()
@@ -206,35 +276,53 @@ def set_champions(ctx: JobContext, registered: Iterable[Registered]) -> None:
 def track_shared(ctx: JobContext, dataset: str, blob: bytes, *, params: dict[str, Any],
                  metrics: dict[str, float], lineage: dict[str, Any], artifacts: dict[str, Any]) -> TrainingRun:
     """One MLflow run for the shared model: its params, figures, consent snapshot, PII policy and
-    read manifest as JSON artifacts, and one registered version (not yet champion)."""
-    from mlflow.entities import RunStatus
+    read manifest as JSON artifacts of the run; the model itself a LoggedModel of that run (its
+    metrics logged with its id) and one registered version (not yet champion)."""
+    import time
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, RunStatus
 
     from tenantml.registry.model_dir import write_model_dir
 
     client = ctx.mlflow
     spec = ctx.config.datasets[dataset]
     name = shared_model_name(ctx.config.tracking.model_name_prefix, dataset)
-    run = client.create_run(ctx.experiment_id(), run_name=f"train-{dataset}-shared-{ctx.run_id}",
-                            tags={"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset,
-                                  "tenantml.step": "train_shared", "tenantml.strategy": "shared"})
+    experiment = ctx.experiment_id()
+    base_tags = {"tenantml.run_id": ctx.run_id, "tenantml.dataset": dataset, "tenantml.step": "train_shared",
+                 "tenantml.strategy": "shared"}
+    run = client.create_run(experiment, run_name=f"train-{dataset}-shared-{ctx.run_id}", tags=base_tags)
     rid = run.info.run_id
     out = TrainingRun(mlflow_run_id=rid, artifact_uri=run.info.artifact_uri)
     try:
         flat = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in {**params, **lineage}.items()]
-        log_batches(client, rid, list(metrics.items()), flat, [])
+        log_batches(client, rid, [], flat, [])
+        lm = client.create_logged_model(
+            experiment, name=logged_model_name(name), source_run_id=rid, model_type=MODEL_TYPE,
+            params=_flat_params({k: v for k, v in {**params, **lineage}.items() if k not in JOB_ONLY_PARAMS}),
+            tags={**base_tags, TENANT_TAG: SHARED_ID, "tenantml.status": "ok", "tenantml.registered_model": name})
+        out.logged_models[SHARED_ID] = lm.model_id
+        now = int(time.time() * 1000)
+        for chunk in _chunks(list(metrics.items()), _MAX_METRICS):
+            client.log_batch(rid, metrics=[Metric(k, float(v), now, 0, model_id=lm.model_id) for k, v in chunk],
+                             synchronous=True)
         with tempfile.TemporaryDirectory(prefix="tenantml-shared-") as tmp:
             stage = Path(tmp)
-            write_model_dir(stage / "models" / SHARED_ID, blob, run_id=rid, artifact_path=f"models/{SHARED_ID}",
+            write_model_dir(stage / "model", blob, run_id=rid, artifact_path=lm.artifact_location,
                             numeric=spec.numeric_features, categorical=spec.categorical_features,
-                            metadata={"dataset": dataset, "strategy": "shared", "tenantml_run_id": ctx.run_id})
+                            metadata={"dataset": dataset, "strategy": "shared", "tenantml_run_id": ctx.run_id},
+                            model_id=lm.model_id)
+            _upload_model_dir(lm.artifact_location, stage / "model")
+            (stage / "run").mkdir()
             for fname, payload in artifacts.items():
-                (stage / fname).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
-            client.log_artifacts(rid, str(stage))
+                (stage / "run" / fname).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+            client.log_artifacts(rid, str(stage / "run"))
+        client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
+        client.log_outputs(rid, [LoggedModelOutput(lm.model_id, 0)])
         ensure_registered_model(client, name, {"dataset": dataset, "strategy": "shared"})
-        source = f"{run.info.artifact_uri}/models/{SHARED_ID}"
-        mv = client.create_model_version(name, source=source, run_id=rid, tags={
+        source = lm.artifact_location
+        mv = client.create_model_version(name, source=source, run_id=rid, model_id=lm.model_id, tags={
             "dataset": dataset, "strategy": "shared", "tenant_id": SHARED_ID, "tenantml_run_id": ctx.run_id,
-            "model_sha256": model_sha256(blob),
+            "model_sha256": model_sha256(blob), "job_run_id": rid, "logged_model_id": lm.model_id,
             **{k: str(v) for k, v in lineage.items()}})
         out.registered[SHARED_ID] = Registered(SHARED_ID, name, str(mv.version), source)
         client.set_terminated(rid, RunStatus.to_string(RunStatus.FINISHED))
@@ -296,7 +384,8 @@ def register_serving_version(ctx: JobContext, dataset: str, tenant_id: str, sour
 
 
 def tenant_run_ids(ctx: JobContext, tenant_id: str, include_deleted: bool = False) -> list[str]:
-    """Every per-tenant (child) run of ``tenant_id`` in the project's experiment, all pages."""
+    """Every per-tenant (child) run of ``tenant_id`` in the project's experiment, all pages (jobs
+    tracked with ``tracking.tenant_runs``, and every job before LoggedModels)."""
     from mlflow.entities import ViewType
     from mlflow.utils import get_results_from_paginated_fn
 
@@ -310,6 +399,24 @@ def tenant_run_ids(ctx: JobContext, tenant_id: str, include_deleted: bool = Fals
                                                 filter_string=f"tags.`tenantml.tenant_id` = '{tid}'",
                                                 run_view_type=view, max_results=n, page_token=token), 1000)
     return [r.info.run_id for r in runs]
+
+
+def tenant_logged_model_ids(ctx: JobContext, tenant_id: str) -> list[str]:
+    """Every LoggedModel of ``tenant_id`` in the project's experiment (failed ones too), all pages.
+
+    MLflow's search never returns soft-deleted models, so ones deleted but not yet purged are not
+    listed again."""
+    from mlflow.utils import get_results_from_paginated_fn
+
+    tid = validate_tenant_id(tenant_id, where="an MLflow logged-model filter")
+    exp = ctx.mlflow.get_experiment_by_name(ctx.config.tracking.experiment)
+    if exp is None:
+        return []
+    models = get_results_from_paginated_fn(
+        lambda n, token: ctx.mlflow.search_logged_models([exp.experiment_id],
+                                                         filter_string=f"tags.`{TENANT_TAG}` = '{tid}'",
+                                                         max_results=n, page_token=token), 1000)
+    return sorted(m.model_id for m in models)
 
 
 def champion_versions(ctx: JobContext, dataset: str, tenants: Iterable[str]) -> dict[str, Any]:

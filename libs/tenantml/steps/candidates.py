@@ -81,6 +81,7 @@ def train_candidates(scope: StepScope, strategy: str, base: dict[str, Any] | Non
                     f"baseline_{r.metric_name}": round(float(r.baseline_metric), 4), "epochs": int(r.epochs)}))
     write_models(ctx.spark, ctx.tables.model_store, store_rows, name, ctx.run_id, strategy=strategy,
                  key=ctx.signing_key, scope=scope.tenants)
+    _record_lineage(scope, strategy, store_rows, base)
     return StepOutput(
         outcomes=outcomes, tables_written=[ctx.tables.model_store.display] if store_rows else [],
         mlflow_run_id=tracked.mlflow_run_id,
@@ -88,6 +89,24 @@ def train_candidates(scope: StepScope, strategy: str, base: dict[str, Any] | Non
                  **({"base_model": f"{base['name']}/{base['version']}"} if base else {}),
                  "models_registered": sorted(f"{r.name}/{r.version}" for r in tracked.registered.values())[:20]},
     )
+
+
+def _record_lineage(scope: StepScope, strategy: str, store_rows: list[dict[str, Any]],
+                    base: dict[str, Any] | None) -> None:
+    """Each candidate learned from its tenant's rows; a tuned one also from every contributor of
+    its base model, copied here so a taint check never walks a chain (io/lineage.py)."""
+    from tenantml.io.lineage import Contribution, ModelLineage, contributions_of, record_lineage
+
+    ctx = scope.ctx
+    inherited = contributions_of(ctx.spark, ctx.tables.model_lineage, (base["name"], str(base["version"]))) \
+        if base else []
+    source = scope.input_ref.display if scope.input_ref else None
+    record_lineage(ctx.spark, ctx.tables.model_lineage, [ModelLineage(
+        scope.dataset, r["model_name"], str(r["model_version"]), strategy, r["tenant_id"],
+        (Contribution(r["tenant_id"], int(r["train_rows"]), source, scope.input_version),
+         *(c for c in inherited if c.tenant_id != r["tenant_id"])),
+        inherited_from=f"{base['name']}/{base['version']}" if base else None) for r in store_rows],
+        key=ctx.signing_key, run_id=ctx.run_id)
 
 
 def skip_all(scope: StepScope, reason: str) -> StepOutput:

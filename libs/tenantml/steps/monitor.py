@@ -10,8 +10,9 @@ Per tenant and scoring batch, into `monitoring_<ds>`, all tenants in one Spark p
   promoted with.
 
 Then the retraining policy (`retraining.*`) decides per tenant, into `retraining_<ds>` with its
-reasons: no champion yet, the champion no longer entitled, enough new labelled rows, drift,
-degradation, age, or forced. The train, train-tuned and promote steps of the run act only for the
+reasons: no champion yet, the champion no longer entitled, the champion tainted (it learned from
+a tenant that withdrew consent or was offboarded), enough new labelled rows, drift, degradation,
+age, or forced. The train, train-tuned and promote steps of the run act only for the
 tenants it names; the others keep their champions and cost nothing.
 """
 
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tenantml.io.delta import table_exists
+from tenantml.io.lineage import taints
 from tenantml.io.tenants import list_tenant_ids
 from tenantml.monitoring import SCORE_FEATURE, classify_psi, drift_by_tenant, realised_metrics
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
@@ -207,6 +209,9 @@ def run(scope: StepScope) -> StepOutput:
     # What the monitoring table says per tenant: its latest batch's drift, its latest realised metric.
     history = _tenant_state(scope, tenants)
     new_rows = _new_labelled_rows(scope, champs)
+    tainted = taints(spark, ctx.tables.model_lineage, ctx.tables.tenants,
+                     {(str(c["model_name"]), str(c["model_version"])) for c in champs.values()},
+                     key=ctx.signing_key, registered=registered)
     decisions = []
     outcomes = []
     drifted, degraded, retrain_ids = [], [], []
@@ -221,15 +226,25 @@ def run(scope: StepScope) -> StepOutput:
         else:
             if not scope.policies[t].allows(str(c["strategy"])):
                 reasons.append(f"champion strategy {c['strategy']!r} no longer allowed for the tenant")
+            taint = tainted.get((str(c["model_name"]), str(c["model_version"])))
+            if taint:
+                reasons.append(f"champion {c['model_name']}/{c['model_version']} was {taint.describe()}")
             base = int(c.get("train_rows") or 0)
             n_new = new_rows.get(t, 0)
             if n_new >= rcfg.min_new_rows or (base and n_new >= rcfg.min_new_fraction * base):
                 reasons.append(f"{n_new} new labelled rows since the champion was trained")
-            if st.get("drifted_features", 0) >= mcfg.drift_features or (st.get("prediction_psi") or 0) > mcfg.psi_alert:
+            features_drifted = st.get("drifted_features", 0) >= mcfg.drift_features
+            prediction_drifted = (st.get("prediction_psi") or 0) > mcfg.psi_alert
+            if features_drifted or prediction_drifted:
                 drifted.append(t)
                 if rcfg.on_drift:
-                    reasons.append(f"drift in batch {st.get('drift_batch')}: {st.get('drifted_features', 0)} feature(s) "
-                                   f"and prediction PSI {st.get('prediction_psi') or 0:.3f} above {mcfg.psi_alert}")
+                    what = []
+                    if features_drifted:
+                        what.append(f"feature(s) {', '.join(st.get('drifted_names', []))}")
+                    if prediction_drifted:
+                        what.append(f"predictions (PSI {st.get('prediction_psi'):.3f})")
+                    reasons.append(f"drift in batch {st.get('drift_batch')}: {' and '.join(what)} above PSI "
+                                   f"{mcfg.psi_alert}")
             value, promoted = st.get("realised_value"), c.get("promoted_value")
             if value is not None and promoted is not None and _worse(value, promoted, str(c["metric_name"]), mcfg.metric_drop):
                 degraded.append(t)
@@ -293,10 +308,12 @@ def _tenant_state(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, A
     for r in (mon.join(latest_batch, ["tenant_id", "batch_id"])
               .groupBy("tenant_id", "batch_id")
               .agg(F.sum(((F.col("kind") != "prediction") & (F.col("status") == "drift")).cast("long")).alias("n"),
+                   F.array_sort(F.collect_list(F.when((F.col("kind") != "prediction") & (F.col("status") == "drift"),
+                                                      F.col("feature")))).alias("names"),
                    F.max(F.when((F.col("kind") == "prediction") & (F.col("status") != "too_few_rows"), F.col("psi")))
                    .alias("p")).collect()):
         out.setdefault(r["tenant_id"], {}).update(drift_batch=r["batch_id"], drifted_features=int(r["n"] or 0),
-                                                  prediction_psi=r["p"])
+                                                  drifted_names=list(r["names"] or []), prediction_psi=r["p"])
     wr = Window.partitionBy("tenant_id").orderBy(F.col("computed_at").desc(), F.col("batch_id").desc())
     for r in (mon.where(F.col("kind") == "realised").withColumn("_n", F.row_number().over(wr)).where("_n = 1")
               .collect()):

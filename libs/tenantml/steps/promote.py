@@ -16,6 +16,7 @@ from typing import Any
 
 from tenantml.core.ids import SHARED_ID
 from tenantml.io.delta import table_exists
+from tenantml.io.lineage import ModelLineage, contributions_of, record_lineage, taints
 from tenantml.io.model_store import model_sha256, verify, write_models
 from tenantml.registry.decisions import write_decisions
 from tenantml.registry.tracking import (
@@ -27,7 +28,7 @@ from tenantml.registry.tracking import (
 )
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
 from tenantml.training.evaluate import evaluate_candidates
-from tenantml.training.selection import Candidate, decide
+from tenantml.training.selection import Candidate, decide, metric_standard_error
 
 
 def _latest_candidates(scope: StepScope) -> dict[str, dict[str, Any]]:
@@ -66,6 +67,7 @@ def run(scope: StepScope) -> StepOutput:
     scope.phase(f"gathering candidates for {len(scope.eligible)} tenants")
 
     latest = _latest_candidates(scope)
+    positive_share: dict[str, float] = {}  # tenant -> positives / rows of its holdout, as training saw it
     blobs: dict[str, bytes] = {}
     cands: dict[str, list[Candidate]] = {t: [] for t in scope.eligible}
     refused: dict[str, list[str]] = {}  # tenant -> why a stored model was not considered
@@ -78,6 +80,7 @@ def run(scope: StepScope) -> StepOutput:
             c = Candidate(f"{r['model_name']}/{r['model_version']}", s, r["model_name"], r["model_version"], owner=t)
             cands[t].append(c)
             blobs[c.model_id] = bytes(r["model"])
+            _note_holdout(positive_share, t, r.get("metrics_json"))
     found = shared_champion_model(ctx, name)
     shared_mv, shared_blob = (found.version, found.blob) if found is not None else (None, None)
     shared_run_id = shared_mv.run_id if shared_mv is not None else None
@@ -102,7 +105,29 @@ def run(scope: StepScope) -> StepOutput:
                       owner=tags.get("tenant_id"), base_version=tags.get("base_version"))
         champions[r.tenant_id] = c
         blobs[c.model_id] = bytes(r.model)
+        _note_holdout(positive_share, r.tenant_id, getattr(r, "metrics_json", None))
 
+    # A model that learned from a tenant that withdrew consent or was offboarded may neither stay
+    # champion nor be promoted (io/lineage.py); its tenants get the best clean candidate.
+    tainted = taints(spark, ctx.tables.model_lineage, ctx.tables.tenants,
+                     {(c.name, str(c.version)) for cs in cands.values() for c in cs}
+                     | {(c.name, str(c.version)) for c in champions.values()}, key=ctx.signing_key)
+    tainted_champion: dict[str, str] = {}
+    for t in scope.eligible:
+        for c in cands[t]:
+            if (c.name, str(c.version)) in tainted:
+                refused.setdefault(t, []).append(f"{c.model_id} was {tainted[(c.name, str(c.version))].describe()}")
+        cands[t] = [c for c in cands[t] if (c.name, str(c.version)) not in tainted]
+        ch0 = champions.get(t)
+        if ch0 is not None and (ch0.name, str(ch0.version)) in tainted:
+            why = f"champion {ch0.model_id} was {tainted[(ch0.name, str(ch0.version))].describe()}"
+            if cands[t] or ctx.config.retraining.tainted_models == "fall_back":
+                refused.setdefault(t, []).append(why)
+                refused_champion[t] = ch0.name
+                tainted_champion[t] = why
+                del champions[t]
+            else:  # keep_serving and nothing clean to replace it: it serves on, flagged
+                refused.setdefault(t, []).append(why + "; kept serving (retraining.tainted_models=keep_serving)")
     wanted = {t: sorted({c.model_id for c in cands[t]} | ({champions[t].model_id} if t in champions else set()))
               for t in scope.eligible}
     ctx.progress.phase(f"promote {name}: evaluating {sum(len(v) for v in wanted.values())} candidate models "
@@ -118,12 +143,19 @@ def run(scope: StepScope) -> StepOutput:
     to_alias: list[Registered] = []
     to_unset: list[str] = []  # champions that may no longer serve and have no replacement
     serving_rows: list[dict[str, Any]] = []
+    def judged(t: str, c: Candidate) -> Candidate:
+        """The candidate with its holdout metric and that metric's standard error on this holdout."""
+        m, n = metric_of.get((t, c.model_id), math.nan), holdout.get(t)
+        pos = round(positive_share[t] * n) if t in positive_share and n else None
+        return replace(c, metric=m, se=metric_standard_error(metric_name, m, n, pos))
+
     for t in scope.eligible:
-        tc = [replace(c, metric=metric_of.get((t, c.model_id), math.nan)) for c in cands[t]]
+        tc = [judged(t, c) for c in cands[t]]
         ch = champions.get(t)
         if ch is not None:
-            ch = replace(ch, metric=metric_of.get((t, ch.model_id), math.nan))
-        d = decide(t, policies[t], tc, ch, margin=cfg.promotion_margin, higher_is_better=higher)
+            ch = judged(t, ch)
+        d = decide(t, policies[t], tc, ch, margin=cfg.promotion_margin, higher_is_better=higher,
+                   noise_z=cfg.promotion_noise_z)
         serving = d.serving
         if d.decision == "none" and ch is not None:
             to_unset.append(ch.name)
@@ -146,10 +178,12 @@ def run(scope: StepScope) -> StepOutput:
                 serving = replace(serving, name=reg.name, version=reg.version)
             to_alias.append(Registered(t, serving.name, serving.version, serving.source))
         candidates_json = json.dumps([{"strategy": c.strategy, "model": c.model_id,
-                                       metric_name: None if not math.isfinite(c.metric) else round(c.metric, 6)}
+                                       metric_name: None if not math.isfinite(c.metric) else round(c.metric, 6),
+                                       "se": None if not math.isfinite(c.se) else round(c.se, 6)}
                                       for c in tc])
         decisions.append({
-            "run_id": ctx.run_id, "dataset": name, "tenant_id": t, "decision": d.decision, "reason": d.reason,
+            "run_id": ctx.run_id, "dataset": name, "tenant_id": t, "decision": d.decision,
+            "reason": f"{tainted_champion[t]}; {d.reason}" if t in tainted_champion else d.reason,
             "metric_name": metric_name, "margin": cfg.promotion_margin,
             "serving_model": f"{serving.name}/{serving.version}" if serving else None,
             "serving_strategy": serving.strategy if serving else None,
@@ -168,6 +202,12 @@ def run(scope: StepScope) -> StepOutput:
     # model the scorer cannot load, and a rerun recomputes the same decisions.
     write_models(spark, ctx.tables.model_store, serving_rows, name, ctx.run_id, strategy="shared",
                  key=ctx.signing_key, scope=scope.tenants)
+    if serving_rows and shared_mv is not None:  # a serving version learned what the shared model did
+        base = (shared_mv.name, str(shared_mv.version))
+        inherited = tuple(contributions_of(spark, ctx.tables.model_lineage, base))
+        record_lineage(spark, ctx.tables.model_lineage, [ModelLineage(
+            name, r["model_name"], str(r["model_version"]), "shared", r["tenant_id"], inherited,
+            inherited_from=f"{base[0]}/{base[1]}") for r in serving_rows], key=ctx.signing_key, run_id=ctx.run_id)
     write_decisions(spark, ctx.tables.promotions, decisions, name, ctx.run_id)
     set_champions(ctx, to_alias)
     for model in to_unset:
@@ -183,3 +223,14 @@ def run(scope: StepScope) -> StepOutput:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def _note_holdout(shares: dict[str, float], tenant_id: str, metrics_json: str | None) -> None:
+    """Remember the positive share of a tenant's holdout from a training row's metrics (the same
+    `tenant_split` holdout promotion scores on), for the AUC's standard error."""
+    if tenant_id in shares or not metrics_json:
+        return
+    m = json.loads(metrics_json)
+    rows, pos = m.get("holdout_rows"), m.get("holdout_positives")
+    if isinstance(rows, (int, float)) and isinstance(pos, (int, float)) and rows > 0:
+        shares[tenant_id] = float(pos) / float(rows)

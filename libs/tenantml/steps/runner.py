@@ -67,6 +67,21 @@ def _blocked(ctx: JobContext, dataset: str, purpose: str) -> dict[str, float]:
     return {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
 
 
+def failed_upstream(ctx: JobContext, step: Step, dataset: str, tenants: list[str]) -> dict[str, str]:
+    """Tenants that failed, in this run, a step this one runs after: they are skipped (the rest go
+    on), so a partial failure upstream never feeds a half-made result downstream."""
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.run_log
+    if not step.after or not tenants or not table_exists(ctx.spark, ref):
+        return {}
+    rows = (read_table(ctx.spark, ref)
+            .where((F.col("run_id") == ctx.run_id) & (F.col("dataset") == dataset) & F.col("step").isin(list(step.after))
+                   & (F.col("status") == "failed") & F.col("tenant_id").isin(tenants))
+            .select("tenant_id", "step").collect())
+    return {r["tenant_id"]: r["step"] for r in rows}
+
+
 def retraining_decisions(ctx: JobContext, dataset: str) -> dict[str, tuple[bool, str]] | None:
     """This run's retraining decisions (tenant -> (retrain, why)), or None when none were made:
     without a monitor step in the run, the train steps train every eligible tenant."""
@@ -117,6 +132,9 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
                 excluded[r["tenant_id"]] = Excluded("skipped", f"tenant {r['tenant_id']!r} has status "
                                                                f"{r['status']!r}", rows[r["tenant_id"]])
     _apply_budgets(ctx, rows, excluded)
+    for t, dep in failed_upstream(ctx, step, dataset, list(rows)).items():
+        if t not in excluded:
+            excluded[t] = Excluded("skipped", f"tenant {t!r} failed step {dep} of this run", rows[t])
     if step.gated and not ctx.config.retraining.force:
         decisions = retraining_decisions(ctx, dataset)
         for t, (retrain, why) in (decisions or {}).items():
@@ -179,6 +197,8 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     unknown = sorted(set(options) - {o.dest for o in step.options})
     if unknown:
         raise ConfigError(f"step {name} takes no option(s) {unknown}")
+    if resume == "auto":  # a workflow task's retry: resume only if this run already logged the step
+        resume = ctx.run_id if step.resumable and _logged_per_tenant(ctx, name, ds) else None
     if resume is not None:
         if not step.resumable:
             raise ConfigError(f"step {name} cannot be resumed: rerun it whole (it is idempotent)")
@@ -206,6 +226,20 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
     return result
+
+
+def _logged_per_tenant(ctx: JobContext, step: str, dataset: str) -> bool:
+    """Whether this run's earlier attempt of ``step`` ended and logged per-tenant outcomes (a step
+    that crashed as a whole logged one failure row without a tenant: it is rerun whole)."""
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.run_log
+    if not table_exists(ctx.spark, ref):
+        return False
+    rows = (read_table(ctx.spark, ref).where((F.col("run_id") == ctx.run_id) & (F.col("step") == step)
+                                             & (F.col("dataset") == dataset))
+            .select(F.col("tenant_id").isNull().alias("whole")).distinct().collect())
+    return bool(rows) and not any(r["whole"] for r in rows)
 
 
 def _result(ctx: JobContext, step: Step, dataset: str, scope: StepScope, out: StepOutput,

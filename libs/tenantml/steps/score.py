@@ -24,16 +24,24 @@ from tenantml.io.spark import SparkTaskProgress, default_parallelism
 from tenantml.monitoring import SCORE_FEATURE, drift_by_tenant
 from tenantml.registry.tracking import champion_versions
 from tenantml.scoring.batch import ServingModel, score_frame, scoring_slices
-from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
+from tenantml.steps.base import Option, StepOutput, StepScope, TenantOutcome, step
 from tenantml.steps.monitor import MONITORING_COLUMNS, MONITORING_SCHEMA, drift_status
 
 
 def pending_batches(scope: StepScope) -> dict[str, list[str]]:
-    """Per eligible tenant, its batches of rows to score that have no predictions yet."""
+    """Per eligible tenant, its batches of rows to score that have no predictions yet (with
+    ``--rescore``: its latest batch, scored again with today's champion)."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     ctx, name = scope.ctx, scope.dataset
-    rows = scope.input.select("tenant_id", "_batch_id").distinct()
+    rows = scope.input.select("tenant_id", "_batch_id", "_ingested_at").groupBy("tenant_id", "_batch_id").agg(
+        F.max("_ingested_at").alias("_at"))
+    if scope.options.get("rescore"):
+        w = Window.partitionBy("tenant_id").orderBy(F.col("_at").desc(), F.col("_batch_id").desc())
+        latest = rows.withColumn("_n", F.row_number().over(w)).where("_n = 1")
+        return {r["tenant_id"]: [r["_batch_id"]] for r in latest.collect()}
+    rows = rows.select("tenant_id", "_batch_id")
     pred_ref = ctx.tables.predictions(name)
     if table_exists(ctx.spark, pred_ref) and "batch_id" in read_table(ctx.spark, pred_ref).columns:
         done = scope.tenants.read(pred_ref).select("tenant_id", F.col("batch_id").alias("_batch_id")).distinct()
@@ -46,7 +54,9 @@ def pending_batches(scope: StepScope) -> dict[str, list[str]]:
 
 @step(name="score", help="score each tenant's new batch of rows to score with its champion", after=("promote",),
       reads=("scoring", "tenants", "model_store", "registry"),
-      writes=("predictions", "latest_predictions", "monitoring"), eligibility="inference", measured=True)
+      writes=("predictions", "latest_predictions", "monitoring"), eligibility="inference", measured=True,
+      options=(Option("--rescore", "rescore", "score each tenant's latest batch again (e.g. after a promotion), "
+                                              "replacing its predictions", switch=True),))
 def run(scope: StepScope) -> StepOutput:
     from pyspark.sql import functions as F
 
@@ -76,6 +86,7 @@ def run(scope: StepScope) -> StepOutput:
             outcomes.append(scope.failed(t, refusal))
             continue
         wanted[t] = (mv.name, str(mv.version))
+    taint_notes = _tainted_champions(scope, wanted, champions, outcomes)
     rows_df = scope.tenants.model_rows(wanted) if wanted else None
     stored = {r["tenant_id"]: r for r in digests(rows_df)} if rows_df is not None else {}
     models: dict[str, ServingModel] = {}
@@ -137,14 +148,59 @@ def run(scope: StepScope) -> StepOutput:
         outcomes.append(TenantOutcome(tenant_id=t, status="ok", rows_in=rows_of.get(t, 0),
                                       rows_out=scored_counts.get(t, 0), seconds=task_seconds.get(t, 0.0),
                                       detail={"model": f"{m.model_name}/{m.model_version}", "strategy": m.strategy,
-                                              "batches": pending[t], "scoring_tasks_max": slices[t]}))
+                                              "batches": pending[t], "scoring_tasks_max": slices[t],
+                                              **({"tainted": taint_notes[t]} if t in taint_notes else {})}))
     summary: dict[str, Any] = {"rows_scored": sum(scored_counts.values()), "batches": batches}
+    if taint_notes:
+        summary["tainted"] = {t: taint_notes[t] for t in sorted(taint_notes)[:50]}
     if not models and not scope.eligible and scope.excluded:
         blocked = {t: e.reason for t, e in scope.excluded.items() if e.status == "blocked"}
         if blocked and len(blocked) == len(scope.excluded):
             summary["reason"] = (f"no tenant was scored: all {len(blocked)} with rows to score were blocked by "
                                  f"validation ({'; '.join(sorted(blocked.values())[:3])})")
     return StepOutput(outcomes=outcomes, tables_written=written, summary=summary)
+
+
+def _tainted_champions(scope: StepScope, wanted: dict[str, tuple[str, str]], champions: dict[str, Any],
+                       outcomes: list[TenantOutcome]) -> dict[str, str]:
+    """Champions that learned from a tenant that withdrew consent or was offboarded, until the next
+    run replaces them: with `retraining.tainted_models: fall_back` their tenants are scored with
+    their own latest tenant-specific model, or not at all; with keep_serving they serve, flagged.
+    Changes ``wanted``/``champions`` in place; returns tenant -> what its summary says."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from tenantml.io.lineage import taints
+
+    ctx = scope.ctx
+    found = taints(ctx.spark, ctx.tables.model_lineage, ctx.tables.tenants, set(wanted.values()), key=ctx.signing_key)
+    bad = {t: found[m] for t, m in wanted.items() if m in found}
+    if not bad:
+        return {}
+    notes: dict[str, str] = {}
+    if ctx.config.retraining.tainted_models == "keep_serving":
+        for t, taint in bad.items():
+            notes[t] = (f"champion {wanted[t][0]}/{wanted[t][1]} was {taint.describe()}; kept serving "
+                        "(retraining.tainted_models=keep_serving) until it is retrained")
+        return notes
+    w = Window.partitionBy("tenant_id").orderBy(F.col("created_at").desc(), F.col("model_version").cast("long").desc())
+    own = {r["tenant_id"]: (r["model_name"], str(r["model_version"])) for r in
+           scope.tenants.read(ctx.tables.model_store)
+           .where((F.col("dataset") == scope.dataset) & (F.col("strategy") == "tenant")
+                  & F.col("tenant_id").isin(sorted(bad)))
+           .withColumn("_n", F.row_number().over(w)).where("_n = 1").select("tenant_id", "model_name", "model_version")
+           .collect()}
+    for t, taint in sorted(bad.items()):
+        was = f"{wanted[t][0]}/{wanted[t][1]}"
+        if t in own:
+            wanted[t] = own[t]
+            champions[t] = ctx.mlflow.get_model_version(*own[t])
+            notes[t] = f"champion {was} was {taint.describe()}; scored with its own model {own[t][0]}/{own[t][1]}"
+        else:
+            del wanted[t]
+            outcomes.append(scope.skipped(t, f"champion {was} was {taint.describe()} and the tenant has no model of "
+                                             "its own to fall back to (retraining.tainted_models=fall_back)"))
+    return notes
 
 
 def _write_latest(scope: StepScope, pred_ref: Any, latest_ref: Any, tenants: list[str]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tenantml.core.ids import SHARED_ID
 from tenantml.io.context import git_commit
+from tenantml.io.lineage import Contribution, ModelLineage, record_lineage, taints
 from tenantml.io.model_store import write_models
 from tenantml.registry.decisions import write_decisions
 from tenantml.registry.tracking import (
@@ -60,7 +61,10 @@ def run(scope: StepScope) -> StepOutput:
     if "shared" not in cfg.strategies:
         return finish("strategy 'shared' is not in training.strategies", models_trained=0)
     decisions = retraining_decisions(ctx, name)
-    if (decisions is not None and not ctx.config.retraining.force and shared_champion(ctx, name) is not None
+    current_mv = shared_champion(ctx, name)
+    taint = (taints(spark, ctx.tables.model_lineage, ctx.tables.tenants, [(current_mv.name, str(current_mv.version))],
+                    key=ctx.signing_key).get((current_mv.name, str(current_mv.version))) if current_mv else None)
+    if (decisions is not None and not ctx.config.retraining.force and current_mv is not None and not taint
             and not any(retrain for retrain, _ in decisions.values())):
         return finish("no tenant needs retraining this run; the shared champion stays", models_trained=0)
     if len(contributors) < sh.min_tenants:
@@ -125,6 +129,10 @@ def run(scope: StepScope) -> StepOutput:
         "delta_version": version, "git_commit": lineage["git_commit"], "config_hash": lineage["config_hash"],
         "model": result.blob}], name, ctx.run_id, strategy="shared",
                  key=ctx.signing_key)
+    record_lineage(spark, ctx.tables.model_lineage, [ModelLineage(
+        name, reg.name, reg.version, "shared", SHARED_ID, tuple(
+            Contribution(t, int(n), silver_ref.display, version, trainset.ref.display, trainset.version)
+            for t, n in sorted(trainset.contributors.items())))], key=ctx.signing_key, run_id=ctx.run_id)
 
     # Shared champion/challenger on the contributors' holdouts.
     new_id = f"{reg.name}/{reg.version}"
@@ -142,6 +150,8 @@ def run(scope: StepScope) -> StepOutput:
         (pooled[new_id] - pooled[cur_id]) * (1 if higher else -1))
     if cur_id is None or cur_id == new_id:
         decision, reason = "promoted", "no shared champion yet"
+    elif taint:
+        decision, reason = "promoted", f"the shared champion {cur_id} was {taint.describe()}: replaced"
     elif not math.isfinite(pooled[cur_id]) or (gain is not None and gain > 0 and gain >= cfg.promotion_margin):
         decision, reason = "promoted", f"new shared model beats the champion by {gain:.4f} (pooled holdout)"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tenantml.io.lineage import taints
 from tenantml.registry.tracking import shared_champion_model
 from tenantml.steps.base import StepOutput, StepScope, step
 from tenantml.steps.candidates import skip_all, train_candidates
@@ -19,4 +20,10 @@ def run(scope: StepScope) -> StepOutput:
     if found.blob is None:
         return skip_all(scope, str(found.problem))
     champ = found.version
+    ctx = scope.ctx
+    taint = taints(ctx.spark, ctx.tables.model_lineage, ctx.tables.tenants, [(champ.name, str(champ.version))],
+                   key=ctx.signing_key).get((champ.name, str(champ.version)))
+    if taint:  # fine-tuning it would carry the withdrawn rows into every tuned model
+        return skip_all(scope, f"the shared champion {champ.name}/{champ.version} was {taint.describe()}; "
+                               "nothing is tuned from it until train_shared replaces it")
     return train_candidates(scope, "tuned", {"name": champ.name, "version": str(champ.version), "blob": found.blob})

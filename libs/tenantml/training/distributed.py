@@ -55,9 +55,27 @@ def horovod_available() -> bool:
     return importlib.util.find_spec("horovod") is not None
 
 
+HOROVOD_CONNECT_REFUSAL = (
+    "training.shared.backend is 'horovod', which runs on the classic SparkContext; this is a Spark "
+    "Connect session (spark.remote / SPARK_REMOTE: Databricks serverless, standard access mode, "
+    "Databricks Connect), which has none: choose training.shared.backend: torch_distributor")
+
+
+def spark_connect_mode() -> bool:
+    """Whether this process runs Spark Connect (the mode PySpark switches to when a Connect session
+    is built; then no SparkContext belongs to the caller's session)."""
+    try:
+        from pyspark.sql.utils import is_remote
+    except ImportError:
+        return False
+    return bool(is_remote())
+
+
 def require_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"training.shared.backend: unknown backend {backend!r} (choose one of {BACKENDS})")
+    if backend == "horovod" and spark_connect_mode():
+        raise ConfigError(HOROVOD_CONNECT_REFUSAL)
     if backend == "horovod":
         try:
             import horovod.torch  # noqa: F401

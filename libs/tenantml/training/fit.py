@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,10 +59,89 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, plan: TrainingPlan, base
         except Exception as exc:  # one tenant's failure is recorded, never propagated
             row.update(status="failed", error=short_error(exc), train_rows=0, test_rows=0, metric=None,
                        baseline_metric=None, metrics_json=None, epochs=0, best_epoch=0, n_parameters=0,
-                       model=None)
+                       model=None, profile_json=None)
     row["seconds"] = time.perf_counter() - started
     row["finished_at"] = time.time()  # wall clock, so per-tenant latency can be measured across tasks
     return row
+
+
+def training_device(setting: str) -> str:
+    """Where batched groups train: CUDA when the config allows it ('cuda' or 'auto') and a GPU is
+    present, else CPU (a Spark task on a CPU-only node must not fail because the config asked for GPU)."""
+    import torch
+
+    return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def train_tenants_batched(frames: Sequence[tuple[str, pd.DataFrame]], plan: TrainingPlan,
+                          base_model: bytes | None = None) -> list[dict[str, Any]]:
+    """Many tenants' candidates at once: the per-tenant steps of :func:`train_one_tenant`, one fit.
+
+    Each tenant gets the quota and holdout of `split_tenant` and the seed and quotas of
+    `tenant_params` (first attempt), exactly as alone; the fits run as stacked networks
+    (`fit_tabular_batched`, or `fine_tune_batched` from ``base_model`` for a tuned plan), then each
+    model is judged by `evaluate_fit` on its own holdout. A tenant whose split, batched fit or
+    evaluation raises is trained again alone by `train_one_tenant`, with its retries (``attempts``
+    then counts the batched try too), so one tenant's failure never fails the others. Rows come
+    back in input order, with `train_one_tenant`'s columns plus ``path`` ('batched', or 'task'
+    for a tenant that was retrained alone).
+    """
+    from tenantml.models import primary_metric
+    from tenantml.models.batched import BatchTask, fine_tune_batched, fit_tabular_batched
+
+    metric_name, _ = primary_metric(plan.task)  # type: ignore[arg-type]
+    rows: list[dict[str, Any] | None] = [None] * len(frames)
+    pending: list[tuple[int, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any], float]] = []
+    failed: dict[int, float] = {}  # index -> seconds already spent on the tenant
+    for i, (tenant_id, pdf) in enumerate(frames):
+        started = time.perf_counter()
+        row: dict[str, Any] = {"tenant_id": tenant_id, "rows": len(pdf), "metric_name": metric_name,
+                               "sampled_from": None, "attempts": 1}
+        try:
+            train, test, sampled_from = split_tenant(tenant_id, pdf, plan)
+        except Exception:
+            failed[i] = time.perf_counter() - started
+            continue
+        row.update(sampled_from=sampled_from, rows=len(train) + len(test))
+        pending.append((i, tenant_id, pdf, train, test, row, time.perf_counter() - started))
+    if pending:
+        device = training_device(plan.params.device)
+        tasks = [BatchTask(t, train, tenant_params(plan, t, 1)) for _, t, _, train, _, _, _ in pending]
+        fits: Sequence[FitResult | BaseException]
+        try:
+            if base_model is not None and plan.tune is not None:
+                from tenantml.models import TabularModel
+
+                tune = plan.tune
+                fits = fine_tune_batched(TabularModel.from_bytes(base_model), tasks, plan.label, freeze=tune.freeze,
+                                         learning_rate=tune.learning_rate, max_epochs=tune.max_epochs,
+                                         patience=tune.patience, device=device,
+                                         max_group_size=plan.batched_group_size)
+            else:
+                fits = fit_tabular_batched(tasks, plan.label, plan.features, device=device,
+                                           max_group_size=plan.batched_group_size)
+        except Exception as exc:  # e.g. a base model that cannot load: every tenant tries alone
+            fits = [exc] * len(tasks)
+        for (i, tenant_id, _, train, test, row, spent), fit in zip(pending, fits, strict=True):
+            started = time.perf_counter()
+            try:
+                if isinstance(fit, BaseException):
+                    raise fit
+                evaluate_fit(tenant_id, fit, train, test, plan, row)
+            except Exception:
+                failed[i] = spent + time.perf_counter() - started
+                continue
+            row.update(path="batched", seconds=spent + fit.seconds + time.perf_counter() - started,
+                       finished_at=time.time())
+            rows[i] = row
+    for i, spent in sorted(failed.items()):
+        tenant_id, pdf = frames[i]
+        alone = train_one_tenant(tenant_id, pdf, plan, base_model)
+        if alone["status"] == "ok":
+            alone["metrics_json"] = json.dumps({**json.loads(alone["metrics_json"]), "batched_fallback": 1.0})
+        alone.update(attempts=int(alone["attempts"]) + 1, seconds=float(alone["seconds"]) + spent, path="task")
+        rows[i] = alone
+    return [r for r in rows if r is not None]
 
 
 def tenant_params(plan: TrainingPlan, tenant_id: str, attempt: int = 1) -> TrainParams:
@@ -134,6 +213,10 @@ def evaluate_fit(tenant_id: str, fit: FitResult, train: pd.DataFrame, test: pd.D
         profile_json=training_profile(fit.model, train, plan),
         metric=float(metrics[metric_name]), baseline_metric=float(base_metrics[metric_name]),
         metrics_json=json.dumps({**metrics, **{f"baseline_{k}": v for k, v in base_metrics.items()},
+                                 # the holdout's size and class counts: promotion's noise-aware rule
+                                 # (selection.metric_standard_error) needs them, for every candidate
+                                 "holdout_rows": float(len(test)),
+                                 **({"holdout_positives": float(y_test.sum())} if plan.task == "binary" else {}),
                                  "best_val_loss": fit.best_val_loss,
                                  **({"time_quota_hit": 1.0} if fit.time_quota_hit else {})}),
         epochs=fit.epochs_run, best_epoch=fit.best_epoch, n_parameters=fit.model.n_parameters,

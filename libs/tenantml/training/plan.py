@@ -160,6 +160,8 @@ class TrainingPlan:
     params: TrainParams
     tenants: Mapping[str, TenantPlan] = field(default_factory=dict)
     tune: TunePlan | None = None
+    batched: bool = False                 # train a task's non-giant tenants as stacked groups
+    batched_group_size: int | None = None  # tenants per group (None: the device's default)
 
     @classmethod
     def build(cls, spec: DatasetSpec, cfg: TrainingConfig, row_counts: Mapping[str, int], *,
@@ -185,7 +187,8 @@ class TrainingPlan:
         return cls(strategy=strategy, label=spec.label, key=spec.entity_key,
                    features=FeatureSpec(tuple(spec.numeric_features), tuple(spec.categorical_features), spec.task),
                    event_time=spec.event_time, test_fraction=cfg.test_fraction, seed=cfg.seed, retries=cfg.retries,
-                   torch_threads=cfg.torch_threads, params=params, tenants=tenants, tune=tune)
+                   torch_threads=cfg.torch_threads, params=params, tenants=tenants, tune=tune,
+                   batched=cfg.batched, batched_group_size=cfg.batched_group_size)
 
     @property
     def task(self) -> str:
@@ -207,6 +210,7 @@ class TrainingPlan:
             "numeric_features": list(self.features.numeric), "categorical_features": list(self.features.categorical),
             "event_time": self.event_time, "test_fraction": self.test_fraction, "seed": self.seed,
             "retries": self.retries, "torch_threads": self.torch_threads, "tenants_planned": len(self.tenants),
+            "batched": self.batched, "batched_group_size": self.batched_group_size,
             **{f"train_{k}": v for k, v in self.params.to_dict().items()},
         }
         if self.tune is not None:

@@ -1,7 +1,7 @@
 """De-identification before rows leave their tenant: PII dropped or replaced by a keyed hash.
 
 The salt is resolved from a secret reference at run time and only ever held in memory (and in a
-Spark broadcast for the hashing tasks); it is never put in a query plan, a config file, a log
+pickled closure of the hashing tasks); it is never put in a query plan, a config file, a log
 line or an MLflow param. Hashes are HMAC-SHA256, so equal values still join within one salt
 while the raw value cannot be recovered by hashing guesses without the salt.
 """

@@ -62,13 +62,9 @@ def trainset_fingerprint(*, silver: str, silver_version: int, contributors: list
 
 
 def _latest_commit(spark: SparkSession, ref: TableRef) -> tuple[int, str | None] | None:
-    from tenantml.io import table_exists
-    from tenantml.io.delta import delta_table
+    from tenantml.io.delta import latest_commit
 
-    if not table_exists(spark, ref):
-        return None
-    row = delta_table(spark, ref).history(1).select("version", "userMetadata").collect()[0]
-    return int(row["version"]), row["userMetadata"]
+    return latest_commit(spark, ref)
 
 
 def _shard_files(spark: SparkSession, ref: TableRef, version: int, num_shards: int) -> list[list[str]]:
@@ -115,7 +111,6 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
             out_fields += [T.StructField(c, T.StringType(), True) for c in pii if c not in features]
         schema = T.StructType(out_fields)
         names = [f.name for f in out_fields]
-        bsalt = spark.sparkContext.broadcast(salt)  # the salt never enters the query plan
         quotas = {t: row_quota(cfg, t) for t in contributors}
         test_fraction, seed = cfg.test_fraction, cfg.seed
         pii_cols, action = tuple(c for c in pii if c not in features), policy.action
@@ -127,7 +122,7 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
             tenant = str(pdf["tenant_id"].iloc[0])
             train, _, _ = tenant_split(pdf, tenant, key, test_fraction=test_fraction, seed=seed,
                                        event_time=event_time, max_rows=quotas.get(tenant))
-            salt_value = bsalt.value
+            salt_value = salt  # in the pickled closure, never in the query plan's text
             train = deidentify(train, pii_cols, action, salt_value)
             train[ROW_ID_COL] = [keyed_hash(salt_value, f"{tenant}/{k}") for k in train[key].tolist()]
             return train[names]
@@ -135,7 +130,6 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
         rows = (src.groupBy("tenant_id").applyInPandas(per_tenant, schema=schema)
                 .withColumn(SHARD_COL, F.expr(f"pmod(xxhash64({ROW_ID_COL}), {int(num_shards)})")))
         overwrite(rows, ref, partition_by=(SHARD_COL,), user_metadata=fp)
-        bsalt.unpersist()
         latest = _latest_commit(spark, ref)
     if latest is None:
         raise RuntimeError(f"{ref.display}: no commit found after writing the shared training set")

@@ -13,7 +13,14 @@ import pandas as pd
 
 from tenantml.config import DatasetSpec, TrainingConfig
 from tenantml.io.spark import default_parallelism, scheduler_pool
-from tenantml.training.fit import RESULT_COLUMNS, RESULT_SCHEMA, train_one_tenant
+from tenantml.models.batched import group_size
+from tenantml.training.fit import (
+    RESULT_COLUMNS,
+    RESULT_SCHEMA,
+    train_one_tenant,
+    train_tenants_batched,
+    training_device,
+)
 from tenantml.training.plan import TIER_POOLS, TrainingPlan, giants_go_distributed, pack_tenants
 
 if TYPE_CHECKING:
@@ -25,10 +32,14 @@ POOL_PROPERTY = "spark.scheduler.pool"
 
 def train_partition(batches: Iterable[pd.DataFrame], plan: TrainingPlan,
                     base_model: bytes | None = None) -> Iterator[pd.DataFrame]:
-    """One Spark task: gather its tenants' rows, then train them one after another.
+    """One Spark task: gather its tenants' rows, then train them, smallest first.
 
     Smallest tenants first (ties by id): the task's total time is the same, but small tenants,
     the many, finish early instead of waiting behind a big one (shortest-processing-time order).
+    With ``plan.batched`` the non-giant tenants train in groups of up to ``batched_group_size``
+    stacked networks (`train_tenants_batched`: per-tenant split, seed, quotas and evaluation as
+    alone, a failed tenant retrained alone), each group's rows yielded as soon as it is done;
+    giants, and every tenant when batching is off, train one after another (`train_one_tenant`).
     """
     import torch
     from pyspark import TaskContext
@@ -40,12 +51,25 @@ def train_partition(batches: Iterable[pd.DataFrame], plan: TrainingPlan,
     context = TaskContext.get()
     pool = context.getLocalProperty(POOL_PROPERTY) if context is not None else None
     data = pd.concat(frames, ignore_index=True)
-    groups = sorted(data.groupby("tenant_id", sort=True), key=lambda kv: (len(kv[1]), str(kv[0])))
-    out = [{**train_one_tenant(str(t), g.drop(columns=[BIN_COL], errors="ignore").reset_index(drop=True), plan,
-                               base_model),
-            "tier": plan.tenants[str(t)].tier if str(t) in plan.tenants else None, "pool": pool, "path": "task"}
-           for t, g in groups]
-    yield pd.DataFrame(out, columns=RESULT_COLUMNS)
+    groups = [(str(t), g.drop(columns=[BIN_COL], errors="ignore").reset_index(drop=True))
+              for t, g in sorted(data.groupby("tenant_id", sort=True), key=lambda kv: (len(kv[1]), str(kv[0])))]
+    del data, frames
+
+    def tier(t: str) -> str | None:
+        return plan.tenants[t].tier if t in plan.tenants else None
+
+    def rows_frame(rows: list[dict[str, object]]) -> pd.DataFrame:
+        return pd.DataFrame([{**r, "tier": tier(str(r["tenant_id"])), "pool": pool, "path": r.get("path", "task")}
+                             for r in rows], columns=RESULT_COLUMNS)
+
+    batchable = [(t, g) for t, g in groups if plan.batched and tier(t) != "giant"]
+    alone = [(t, g) for t, g in groups if not (plan.batched and tier(t) != "giant")]
+    if batchable:
+        size = group_size(plan.batched_group_size, training_device(plan.params.device))
+        for start in range(0, len(batchable), size):
+            yield rows_frame(train_tenants_batched(batchable[start:start + size], plan, base_model))
+    for t, g in alone:
+        yield rows_frame([train_one_tenant(t, g, plan, base_model)])
 
 
 def partition_keys(spark: SparkSession, partitions: int) -> list[int]:

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Benchmark (not a test): what a quiet night costs against a full retrain of the same tenants.
+
+One run, one machine, one Spark session:
+
+  night 1   the demo's tenants (history + one batch of rows to score) through the whole pipeline;
+  quiet     the same pipeline again with no new data and no drift: the monitor keeps every champion,
+            ingest and validation find nothing new, nothing is trained, scored or published anew;
+  full      the same pipeline again, every tenant retrained (`retraining.force`), the behaviour a
+            platform without a retraining policy has every night.
+
+The figure is quiet / full wall time (target <= 0.1). Nothing is asserted.
+
+    .venv/bin/python bench/bench_production_loop.py                 # 1,000 tenants of 20 to 2,000 rows
+    .venv/bin/python bench/bench_production_loop.py --quick         # 30 tenants: a smoke run
+    .venv/bin/python bench/bench_production_loop.py --json          # figures as JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.1
+
+
+def night(ctx: Any, label: str, out: Any) -> dict[str, Any]:
+    from tenantml.steps.runner import run_pipeline
+
+    started = time.perf_counter()
+    results = run_pipeline(ctx, dataset="demo")
+    seconds = time.perf_counter() - started
+    steps = {r.step: round(r.seconds, 1) for r in results}
+    trained = sum(int(r.summary.get("models_trained", 0) or 0) for r in results)
+    scored = sum(int(r.summary.get("rows_scored", 0) or 0) for r in results)
+    print(f"{label:8s} {seconds:8.1f} s  models trained {trained:5d}  rows scored {scored:7d}  "
+          f"steps {steps}", file=out, flush=True)
+    return {"seconds": seconds, "steps": steps, "models_trained": trained, "rows_scored": scored}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tenants", type=int, default=None, help="default 1000 (--quick: 30)")
+    ap.add_argument("--largest", type=int, default=2000)
+    ap.add_argument("--smallest", type=int, default=20)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    out = sys.stderr if args.json else sys.stdout
+    tenants = args.tenants or (30 if args.quick else 1000)
+
+    from tenantml.apps.demo import DemoSpec, write_demo_source
+    from tenantml.io.context import JobContext
+
+    root = Path(tempfile.mkdtemp(prefix="tenantml-bench-loop-"))
+    try:
+        conf = root / "conf"
+        shutil.copytree(REPO / "conf", conf)
+        (conf / "local" / "bench.yml").write_text(
+            "training: {max_epochs: 10, patience: 3, strategies: [tenant]}\n"
+            "spark: {shuffle_partitions: 4}\n")
+        data = root / "data"
+        ctx = JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-night-1")
+        write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=tenants, largest=args.largest,
+                                                            smallest=args.smallest))
+        print(f"{tenants} tenants ({args.smallest} to {args.largest} rows), data in {data}", file=out, flush=True)
+        first = night(ctx, "night 1", out)
+        quiet = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-quiet", spark=ctx.spark),
+                      "quiet", out)
+        (conf / "local" / "force.yml").write_text("retraining: {force: true}\n")
+        full = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-full", spark=ctx.spark),
+                     "full", out)
+        ratio = quiet["seconds"] / full["seconds"] if full["seconds"] else float("nan")
+        met = "met" if ratio <= TARGET else "MISSED"
+        print(f"\nquiet night / full retrain = {quiet['seconds']:.1f} / {full['seconds']:.1f} s = {ratio:.3f} "
+              f"(target <= {TARGET}: {met}); {quiet['models_trained']} models trained on the quiet night",
+              file=out, flush=True)
+        if args.json:
+            print(json.dumps({"tenants": tenants, "night_1": first, "quiet": quiet, "full": full,
+                              "loop": {"quiet_over_full": ratio, "target": TARGET}}, indent=2))
+        ctx.spark.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
