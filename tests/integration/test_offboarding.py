@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import pytest
 
 from tenantml.apps.demo import DemoSpec, write_demo_source
-from tenantml.apps.report import run_pipeline_reported
 from tenantml.apps.offboarding import offboard_tenant, project_tables
+from tenantml.apps.report import run_pipeline_reported
 from tenantml.io import read_table
 from tenantml.io.context import JobContext
 from tenantml.io.tenants import list_tenant_ids, update_tenants

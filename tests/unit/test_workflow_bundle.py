@@ -19,6 +19,7 @@ from localbundle.cli import main as workflow_main
 from localbundle.runner import override_args, substitute, topological_order
 from localbundle.validation import entry_step, find_cycle, quartz_cron_problems
 
+from tenantml.apps.jobs import build_parser
 from tenantml.steps.runner import pipeline_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,9 @@ def test_targets_resolve_variables_modes_and_paths(monkeypatch: pytest.MonkeyPat
     assert prod.run_as == {"service_principal_name": "lookup:service_principal:tenantml-prod"}
     ingest = {b.target: b.job("nightly").task("ingest") for b in (dev, prod)}
     for target, task in ingest.items():
-        args = dict(zip(task.parameters[::2], task.parameters[1::2], strict=True))
+        args = vars(build_parser("ingest").parse_args(task.parameters))
+        args = {"--" + k.replace("_", "-"): v for k, v in args.items()}
+        assert args["--on-partial"] == "continue" and args["--resume-failed"] is True
         assert args["--env"] == target
         assert args["--conf-dir"] == str(REPO / "conf")  # ${workspace.file_path} is the sync root locally
         assert args["--data-dir"] == f"/Volumes/{target}/tenantml/files/tenantml"
@@ -172,11 +175,11 @@ BROKEN: dict[str, tuple[tuple[Path, Callable[[dict[str, Any]], None]], str]] = {
     "shared training off the GPU cluster": (
         _nightly(_set("train_shared", "job_cluster_key", "cpu")),
         "(target prod): conf/prod trains the shared model on GPUs (training.shared.use_gpu: auto) but job "
-        "cluster 'cpu' runs '17.3.x-cpu-ml-scala2.13', not a GPU runtime"),
+        "cluster 'cpu' runs '18.0.x-cpu-ml-scala2.13', not a GPU runtime"),
     "unknown bundle variable": (_nightly(_params("ingest", _replace("${var.env}", "${var.environment}"))),
                                 "unknown reference ${var.environment}"),
     "unknown dataset": (_root(lambda d: d["variables"]["dataset"].__setitem__("default", "nope")),
-                        "unknown dataset 'nope' (datasets in config: demo, mlc_churn)"),
+                        "unknown dataset 'nope' (datasets in config: demo, flights, mlc_churn)"),
     "volume in another catalog": (_root(lambda d: d["targets"]["prod"]["variables"].__setitem__("catalog", "dev")),
                                   "--data-dir /Volumes/dev/tenantml/files/tenantml is in dev.tenantml but "
                                   "conf/prod writes tables to prod.tenantml"),
@@ -249,7 +252,7 @@ def test_failed_task_stops_its_downstream_tasks_after_its_retries(tmp_path: Path
     assert run.task("validate").message == "run_if ALL_SUCCESS not met: upstream ingest failed"
     assert (run.status, run.exit_code) == ("failed", 1)
     # Locally: --env local whatever the target, --data-dir ours, --conf-dir the repository's conf/.
-    args = dict(zip(ingest.argv[::2], ingest.argv[1::2], strict=True))
+    args = {"--" + k.replace("_", "-"): v for k, v in vars(build_parser("ingest").parse_args(ingest.argv)).items()}
     assert args["--env"] == "local" and args["--data-dir"] == str(tmp_path)
     assert args["--conf-dir"] == str(REPO / "conf") and args["--run-id"] == run.run_id
     assert args["--dataset"] == "nope" and args["--tenants"] == ""
