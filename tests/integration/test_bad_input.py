@@ -34,6 +34,7 @@ from tenantml.core.errors import (
 )
 from tenantml.io import read_table, table_exists
 from tenantml.io.context import JobContext
+from tenantml.io.delta import latest_commit
 from tenantml.steps.base import StepResult
 from tenantml.steps.runner import run_step
 
@@ -84,7 +85,8 @@ TENANT_REASON = "tenant id in column 'tenant' is missing or invalid"
 HOSTILE_IN_DATA = ["acme corp", "o'brien", 'say"hi', "a/b", "..", "../escape", "", " alpha"]
 # Tenant ids handed in by a caller (CLI --tenants or the tenants= argument).
 HOSTILE_ARGS = ["../../etc", "a b", "x'; DROP TABLE t; --", "a/b", "..", "acme\n", "é"]
-VALID_PARTITIONS = {"alpha", "beta", "gamma", "omega", "__HIVE_DEFAULT_PARTITION__"}
+# zeta: a valid id with rows to score only (never registered: its scoring rows are quarantined)
+VALID_PARTITIONS = {"alpha", "beta", "gamma", "omega", "zeta", "__HIVE_DEFAULT_PARTITION__"}
 OVERFLOW_CUSTOMER = "O-inf"
 
 
@@ -378,7 +380,8 @@ def test_tenant_with_every_row_rejected_is_blocked_not_crashing(messy: Messy) ->
     preds = counts(messy.ctx.spark, messy.ctx.tables.predictions("acct"))
     assert preds == {"alpha": 30, "beta": 30}
     assert outcome(trn, "omega").status == "skipped" and "min_rows" in outcome(trn, "omega").detail["reason"]
-    quality = read_table(messy.ctx.spark, messy.ctx.tables.quality("acct")).toPandas().set_index("tenant_id")
+    quality = (read_table(messy.ctx.spark, messy.ctx.tables.quality("acct")).where("purpose = 'history'")
+               .toPandas().set_index("tenant_id"))
     assert bool(quality.loc["gamma", "blocked"]) and quality.loc["gamma", "rejected_fraction"] == 1.0
     # Asking for the blocked tenant by name is answered, not refused or crashed.
     again = run_step(messy.ctx, "train", dataset="acct", tenants=["gamma"])
@@ -412,11 +415,15 @@ def test_reingesting_the_same_files_is_idempotent(messy: Messy) -> None:
     """The fixture ingested the batch once; a second ingest of the same files replaces it."""
     ctx = JobContext.create(env="local", conf_dir=messy.conf, data_dir=messy.data, spark=messy.ctx.spark)
     before = counts(ctx.spark, ctx.tables.bronze("acct"))
+    version = latest_commit(ctx.spark, ctx.tables.bronze("acct"))
     again = run_step(ctx, "ingest", dataset="acct")
     assert again.summary["batch_id"] == messy.results["ingest"].summary["batch_id"]
-    assert again.summary["tenants_registered"] == 0
+    # The batch is held already: nothing is read or written, and every tenant is reported unchanged.
+    assert again.summary["unchanged"] is True and again.summary["rows_ingested"] == 0
+    assert latest_commit(ctx.spark, ctx.tables.bronze("acct")) == version
     assert counts(ctx.spark, ctx.tables.bronze("acct")) == before
-    assert sum(before.values()) == again.summary["rows_ingested"] == len(messy_rows()[0])
+    assert sum(before.values()) == len(messy_rows()[0])
+    assert {o.tenant_id: o.rows_in for o in again.tenants} == before
 
 
 # --------------------------------------------------------------------------- tenant arguments
@@ -433,8 +440,8 @@ def test_unknown_tenants_are_named_by_validate_and_train(messy: Messy,
         run_step(ctx, "train", dataset="acct", tenants=["nope", "beta"])
     assert "['nope']" in str(err.value)
     with pytest.raises(UnknownTenantError) as err:
-        run_step(ctx, "score", dataset="acct", tenants=["zeta"])
-    assert "['zeta']" in str(err.value)
+        run_step(ctx, "score", dataset="acct", tenants=["nope"])  # zeta has rows to score: it is known there
+    assert "['nope']" in str(err.value)
     assert read_table(ctx.spark, ctx.tables.silver("acct")).count() == silver_version
 
     for step in ("validate", "train"):

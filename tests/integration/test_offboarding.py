@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 
-from tenantml.apps.demo import DemoSpec, write_demo_source
 from tenantml.apps.offboarding import offboard_tenant, project_tables
-from tenantml.apps.report import run_pipeline_reported
 from tenantml.io import read_table
 from tenantml.io.context import JobContext
-from tenantml.io.tenants import list_tenant_ids, update_tenants
 from tenantml.registry.tracking import registered_model_exists, tenant_logged_model_ids
-from tenantml.steps.runner import pipeline_steps, run_pipeline, run_step
+from tenantml.steps.runner import run_step
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -40,16 +36,10 @@ def _tenant_rows(spark: Any, ctx: JobContext, tenant: str, version: int | None =
 
 
 @pytest.fixture(scope="module")
-def world(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    conf = tmp_path_factory.mktemp("conf")
-    shutil.copytree(REPO_CONF, conf, dirs_exist_ok=True)
-    (conf / "local" / "test.yml").write_text(
-        "training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, tuned: {max_epochs: 2}}\n")
-    ctx = JobContext.create(conf_dir=conf, data_dir=tmp_path_factory.mktemp("offboard"), spark=spark)
-    write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=4, largest=800, smallest=150))
-    run_pipeline(ctx, dataset="demo", steps=pipeline_steps(stop="validate_scoring"))
-    update_tenants(spark, ctx.tables.tenants, list_tenant_ids(spark, ctx.tables.tenants), consent_share_data=True)
-    run_pipeline_reported(ctx, dataset="demo", steps=pipeline_steps(start="monitor"))
+def world(spark: Any, copy_sharing_world: Any) -> dict[str, Any]:
+    """A private copy of the sharing world (4 consenting tenants after one full run, report included)."""
+    conf, data = copy_sharing_world("offboard")
+    ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark)
     gone_models = tenant_logged_model_ids(ctx, GONE)  # every candidate trained for the tenant
     model_dirs = [Path(urlparse(ctx.mlflow.get_logged_model(m).artifact_location).path) for m in gone_models]
     other_models = tenant_logged_model_ids(ctx, "t000")
@@ -75,6 +65,9 @@ def test_dry_run_lists_everything_and_changes_nothing(world: dict[str, Any]) -> 
     assert plan.models == [f"demo__{GONE}"] and plan.logged_models == world["gone_models"]
     assert plan.runs == []  # no child runs with tracking.tenant_runs off (the default)
     assert plan.shared_models_trained_with_tenant  # the shared model learned from the tenant's rows
+    # ... and it serves: the shared champion (and tuned models of others, if any) must be retrained
+    assert any("__shared/" in m for m in plan.serving_models_to_retrain), plan.serving_models_to_retrain
+    assert plan.lineage_rows == 0 and world["report"].lineage_rows > 0  # erased only with --yes
 
 
 def test_no_row_model_or_run_of_the_tenant_is_left(spark: Any, world: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ PySpark refuses when a classic session already runs there (this test process's s
 and building it switches the whole process into Connect mode (`pyspark.sql.functions` then build
 Connect columns): the test process's classic session and its active-session state are never
 touched. The child builds its session from config (`JobContext.spark` -> `build_connect_spark`),
-runs the pipeline on a small demo, writes the run report and reports what it saw as JSON.
+runs the pipeline on a small demo, writes the run report, runs every analyst notebook with the
+Connect session as its `spark`, and reports what it saw as JSON.
 """
 
 from __future__ import annotations
@@ -82,11 +83,35 @@ def _child(root: Path) -> dict[str, Any]:
             except ConfigError as exc:
                 refusals[name] = str(exc)
         out["refusals"] = refusals
+        out["notebooks"] = _notebooks(root, spark)
         out["conflicts"] = _conflicts(spark, root / "conflicts")
     finally:
         spark.stop()
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def _notebooks(root: Path, spark: Any) -> dict[str, Any]:
+    """Every analyst notebook, unchanged, with the Connect session as the runtime's `spark`: what
+    each one built (frames' rows, figures written) or the error it stopped with."""
+    import pandas as pd
+
+    from tenantml.apps.notebook_runner import run_notebook
+
+    seen: dict[str, Any] = {}
+    for nb in sorted((REPO / "notebooks").glob("*.py")):
+        out_dir = root / "figures" / nb.stem
+        try:
+            ns = run_notebook(nb, {"dataset": "demo", "conf_dir": str(root / "conf"),
+                                   "data_dir": str(root / "data"), "output_dir": str(out_dir)},
+                              namespace={"spark": spark})
+        except Exception as exc:
+            seen[nb.stem] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
+        frames = {k: len(v) for k, v in ns.items() if isinstance(v, pd.DataFrame) and not k.startswith("_")}
+        seen[nb.stem] = {"frames": frames,
+                         "figures": sorted(p.name for p in out_dir.glob("*.png")) if out_dir.exists() else []}
+    return seen
 
 
 def _conflicts(spark: Any, path: Path) -> dict[str, Any]:
@@ -175,6 +200,16 @@ def test_predictions_for_every_eligible_tenant(connect_run: dict[str, Any]) -> N
 def test_the_run_report_renders_over_connect(connect_run: dict[str, Any]) -> None:
     report = connect_run["report"]
     assert Path(report["path"]).is_file() and report["bytes"] > 5000 and report["names_tenants"]
+
+
+def test_every_notebook_runs_unchanged_over_connect(connect_run: dict[str, Any]) -> None:
+    notebooks = connect_run["notebooks"]
+    assert set(notebooks) == {p.stem for p in (REPO / "notebooks").glob("*.py")}
+    errors = {n: v["error"] for n, v in notebooks.items() if "error" in v}
+    assert errors == {}
+    for name, seen in notebooks.items():
+        assert seen["figures"], name  # each notebook draws at least one figure from the run's tables
+        assert any(n > 0 for n in seen["frames"].values()), (name, seen["frames"])
 
 
 def test_delta_conflicts_over_connect_are_recognised_and_retried(connect_run: dict[str, Any]) -> None:

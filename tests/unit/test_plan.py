@@ -51,18 +51,25 @@ def test_tier_thresholds_must_be_ordered() -> None:
         TierConfig(small_max_rows=10_000, giant_min_rows=5_000)
 
 
-def test_auto_giant_path_goes_data_parallel_when_giants_would_hold_over_a_third_of_the_cores() -> None:
+def test_auto_giant_path_picks_the_plan_with_the_lower_estimated_wall_time() -> None:
     from tenantml.config import TierConfig, TrainingConfig
-    from tenantml.training.plan import giants_go_distributed
+    from tenantml.training.plan import giant_plan_estimates, giants_go_distributed
 
     auto = TrainingConfig()
     assert auto.tiers.giant_path == "auto"
-    # One giant's task on 2 cores halves everyone else: data-parallel. On 8 cores it holds 1/8: a task.
-    assert giants_go_distributed(auto, giants=1, cores=2)
-    assert not giants_go_distributed(auto, giants=1, cores=8)
-    assert not giants_go_distributed(auto, giants=3, cores=9) and giants_go_distributed(auto, giants=4, cores=9)
+    # 2 CPU cores at the measured efficiency: data-parallel is slower than one process, so the giant
+    # keeps its own task (the benchmark's case: half of all rows in one tenant).
+    est = giant_plan_estimates(auto, [60_000], 60_000, cores=2)
+    assert est == {"task": 60_000.0, "distributed": 30_000 + 60_000 / (2 * 0.37)}
+    assert not giants_go_distributed(auto, giants=1, cores=2, giant_rows=[60_000], other_rows=60_000)
+    assert not giants_go_distributed(auto, giants=1, cores=2)  # no rows given: the same case
+    # Efficient data parallelism (a GPU cluster) on 8 cores: the giant's one task would be the makespan.
+    fast = TrainingConfig(tiers=TierConfig(data_parallel_efficiency=0.9))
+    assert giants_go_distributed(fast, giants=1, cores=8, giant_rows=[60_000], other_rows=60_000)
+    # ... but not when the giant is small next to everyone else: the task plan already packs well.
+    assert not giants_go_distributed(fast, giants=1, cores=8, giant_rows=[60_000], other_rows=1_000_000)
     assert not giants_go_distributed(auto, giants=0, cores=2)
-    assert not giants_go_distributed(auto, giants=1, cores=1)  # nothing to spread over
+    assert not giants_go_distributed(fast, giants=1, cores=1, giant_rows=[60_000], other_rows=0)
     forced = {p: TrainingConfig(tiers=TierConfig(giant_path=p)) for p in ("task", "distributed")}
     assert not giants_go_distributed(forced["task"], giants=2, cores=2)
     assert giants_go_distributed(forced["distributed"], giants=1, cores=16)

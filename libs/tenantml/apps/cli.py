@@ -473,6 +473,8 @@ def _tenant_delete(args: argparse.Namespace, ctx: JobContext) -> int:
     print(f"  {len(report.runs)} MLflow run(s), {len(report.checkpoints)} shared checkpoint(s)")
     for m in report.shared_models_trained_with_tenant:
         print(f"  shared model {m} learned from this tenant's rows")
+    for m in report.serving_models_to_retrain:
+        print(f"  serving model {m} holds this tenant's rows: retrained or replaced by the next run")
     for r in report.reports:
         print(f"  run report {r} (rendered again without the tenant)")
     for f in report.figures:

@@ -49,6 +49,10 @@ class OffboardReport:
     logged_models: list[str] = field(default_factory=list)      # MLflow LoggedModel ids removed
     checkpoints: list[str] = field(default_factory=list)
     shared_models_trained_with_tenant: list[str] = field(default_factory=list)
+    # serving models of other tenants (or the shared one) that learned from this tenant's rows; each
+    # stays tainted until the next run retrains or replaces it
+    serving_models_to_retrain: list[str] = field(default_factory=list)
+    lineage_rows: int = 0                                       # model_lineage rows erased or blanked
     reports: list[str] = field(default_factory=list)            # run reports naming the tenant: re-rendered
     figures: list[str] = field(default_factory=list)            # notebook figure folders: removed
     notes: list[str] = field(default_factory=list)
@@ -58,6 +62,7 @@ class OffboardReport:
                 "rows": self.rows, "models": self.models, "runs": self.runs,
                 "logged_models": self.logged_models, "checkpoints": self.checkpoints,
                 "shared_models_trained_with_tenant": self.shared_models_trained_with_tenant,
+                "serving_models_to_retrain": self.serving_models_to_retrain, "lineage_rows": self.lineage_rows,
                 "reports": self.reports, "figures": self.figures, "notes": self.notes}
 
 
@@ -127,6 +132,13 @@ def _shared_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
     return found
 
 
+def _serving_models_with(ctx: JobContext, tenant_id: str) -> list[str]:
+    """`name/version` of every serving model, in every dataset, that still holds the tenant's rows."""
+    from tenantml.registry.lineage import serving_models_with
+
+    return sorted({s.model for d in ctx.config.datasets for s in serving_models_with(ctx, d, tenant_id)})
+
+
 def _reports_naming(ctx: JobContext, tenant_id: str) -> list[str]:
     """Run reports whose page mentions the tenant id (a false match only costs a re-render)."""
     root = ctx.data_dir / "reports"
@@ -161,6 +173,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     from tenantml.core.ids import model_name
     from tenantml.io import read_table
     from tenantml.io.delta import sql_name, with_conflict_retries
+    from tenantml.io.lineage import erase_contributor
     from tenantml.io.tenants import list_tenant_ids
     from tenantml.registry.tracking import registered_model_exists, tenant_logged_model_ids, tenant_run_ids
 
@@ -183,6 +196,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     ckpt_root = ctx.data_dir / "checkpoints"
     report.checkpoints = sorted(str(p) for p in ckpt_root.glob("*.pt")) if ckpt_root.exists() else []
     report.shared_models_trained_with_tenant = _shared_models_with(ctx, tenant_id)
+    report.serving_models_to_retrain = _serving_models_with(ctx, tenant_id)
     report.reports = _reports_naming(ctx, tenant_id)
     figures_root = ctx.data_dir / "notebooks"
     report.figures = sorted(str(p) for p in figures_root.iterdir() if p.is_dir()) if figures_root.exists() else []
@@ -192,6 +206,12 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     if report.shared_models_trained_with_tenant:
         report.notes.append("shared model versions above learned from this tenant's rows; the next "
                             "train-shared excludes the tenant, then promote replaces them")
+    if report.serving_models_to_retrain:
+        report.notes.append(f"{len(report.serving_models_to_retrain)} serving model(s) of other tenants learned "
+                            "from this tenant's rows; they are tainted and the next run retrains or replaces "
+                            "them (`tenantml lineage --contains ID` lists what still holds its rows)")
+    else:
+        report.notes.append("no serving model of another tenant holds this tenant's rows")
     if not confirm:
         return report
 
@@ -205,6 +225,10 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
 
         with_conflict_retries(delete, what=ref.display)
         _purge_deletion_vectors(ctx, ref)
+    report.lineage_rows = with_conflict_retries(
+        lambda: erase_contributor(spark, ctx.tables.model_lineage, tenant_id), what=ctx.tables.model_lineage.display)
+    if report.lineage_rows:
+        _purge_deletion_vectors(ctx, ctx.tables.model_lineage)
     for name in report.models:
         ctx.mlflow.delete_registered_model(name)
     for run_id in report.runs:
@@ -225,7 +249,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
         spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
         try:
             for ref in tables:
-                if ref.name in report.rows:
+                if ref.name in report.rows or (report.lineage_rows and ref.name == ctx.tables.model_lineage.name):
                     spark.sql(f"VACUUM {sql_name(ref)} RETAIN 0 HOURS")
         finally:
             spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", prev)

@@ -246,9 +246,9 @@ class TierConfig(_Strict):
     """Tenant tiers by training rows. Each tier trains in its own FAIR scheduler pool.
 
     A giant trains in its own task in the lowest-weight pool, or (``giant_path: distributed``) after
-    the other tiers, data-parallel across all cores. ``auto`` picks per job: a giant's task holds
-    one core for its whole run, so when the giants would hold more than a third of the cores (every
-    other tenant slowed more than 1.5x), they go data-parallel instead.
+    the other tiers, data-parallel across all cores. ``auto`` picks per job the plan with the lower
+    estimated wall time: a giant's task holds one core for its whole run, while data-parallel
+    training frees that core at the price of its launch and all-reduce overhead.
     """
 
     small_max_rows: int = Field(default=5_000, ge=1)      # below: small
@@ -259,9 +259,14 @@ class TierConfig(_Strict):
     # task: the giant's own task in the giant pool; the cheapest in compute. distributed: after the
     # other tiers, data-parallel on all cores; on CPU it costs more compute-seconds than one process
     # (launch and all-reduce: 2.7x for a 60,000-row giant on 2 cores) but frees the small tenants.
-    # auto: task while the giants hold at most a third of the cores, else distributed.
+    # auto: the plan with the lower estimated job wall time (plan.giant_plan_estimates), from the
+    # rows of each tier and the measured data-parallel efficiency below.
     giant_path: Literal["auto", "distributed", "task"] = "auto"
     giant_processes: int | None = Field(default=None, ge=1)  # default: the cores Spark has
+    # Wall-time speedup of a giant's data-parallel fit over one process, per process. Measured by
+    # bench/bench_noisy_neighbour.py: 0.37 on 2 CPU cores with gloo (2 processes run 0.74x as fast
+    # as one); set it from that benchmark on GPU clusters, where it is far higher.
+    data_parallel_efficiency: float = Field(default=0.37, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ordered(self) -> TierConfig:
@@ -304,6 +309,21 @@ class TrainingConfig(_Strict):
     # a tenant whose batched fit fails is retrained alone. Group size: None is 64 on CPU, 1024 on CUDA.
     batched: bool = True
     batched_group_size: int | None = Field(default=None, ge=1)
+    # A folder every executor reads and writes: the shared model's shard exports and giant tenants'
+    # shards and checkpoints. "" is <data_dir>/staging; a relative path is taken from the data
+    # directory. A local path, not a URI (torch processes read it with pyarrow): on Databricks a UC
+    # Volume path (/Volumes/...), which executors see through FUSE.
+    staging_dir: str = ""
+
+    @field_validator("staging_dir")
+    @classmethod
+    def _local_path(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("staging_dir is not a path")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", v):
+            raise ValueError(f"staging_dir {v!r} is a URI: give a local path every executor sees "
+                             "(on Databricks a UC Volume path, /Volumes/<catalog>/<schema>/<volume>/...)")
+        return v.strip()
 
     @field_validator("tenant_quotas")
     @classmethod

@@ -217,6 +217,14 @@ class JobContext:
         """Config paths may start from the project data directory: ``${data_dir}/sources/x``."""
         return Path(path.replace("${data_dir}", str(self.data_dir)))
 
+    @property
+    def staging_dir(self) -> Path:
+        """`training.staging_dir`: where training leaves files for processes on other machines
+        (executors), so it must be a folder every one of them sees; default <data_dir>/staging."""
+        configured = self.config.training.staging_dir
+        path = self.resolve_path(configured) if configured else self.data_dir / "staging"
+        return path if path.is_absolute() else self.data_dir / path
+
     def source_path(self, dataset: str) -> Path:
         _, spec = self.config.dataset(dataset)
         if spec.source.path is None:

@@ -43,7 +43,7 @@ def train_candidates(scope: StepScope, strategy: str, base: dict[str, Any] | Non
     with SparkTaskProgress(ctx.spark, ctx.progress, "training tasks"):
         results = train_tenant_models(ctx.spark, silver.where(silver.tenant_id.isin(list(trainable)))
                                       if trainable else silver.limit(0), plan, spec, cfg,
-                                      base_model=base["blob"] if base else None)
+                                      base_model=base["blob"] if base else None, staging_dir=ctx.staging_dir)
     lineage: dict[str, Any] = {"delta_table": scope.input_ref.display if scope.input_ref else None,
                                "delta_version": scope.input_version, "git_commit": git_commit(),
                                "config_hash": ctx.config.config_hash()}

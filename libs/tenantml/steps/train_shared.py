@@ -78,7 +78,8 @@ def run(scope: StepScope) -> StepOutput:
                        f"training rows (silver v{version}, PII {policy.action})")
     trainset = build_shared_trainset(spark, silver, silver_ref=silver_ref.display, silver_version=version,
                                      spec=spec, cfg=cfg, contributors=contributors, policy=policy, salt=salt,
-                                     ref=ctx.tables.shared_trainset(name), num_shards=sh.num_processes)
+                                     ref=ctx.tables.shared_trainset(name), num_shards=sh.num_processes,
+                                     staging_dir=ctx.staging_dir, dataset=name)
     del salt
     ckpt_dir = ctx.resolve_path(sh.checkpoint_dir) if sh.checkpoint_dir else ctx.data_dir / "checkpoints"
     ctx.progress.phase(f"train_shared {name}: {trainset.rows} rows (v{trainset.version}"

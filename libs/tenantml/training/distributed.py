@@ -2,9 +2,10 @@
 
 `run_shared_worker` is what every process runs, under TorchDistributor (torch DDP; gloo on CPU,
 NCCL on GPU) or Horovod (gloo). Each process reads only the Parquet files of its own shard of a
-pinned Delta version, takes the same number of steps per epoch (so collectives line up), agrees
-on early stopping through an all-reduced validation loss, and rank 0 checkpoints after every
-epoch so that an interrupted run resumes where it stopped instead of starting over.
+pinned Delta version, exported to the staging folder every executor sees (`training.staging_dir`),
+takes the same number of steps per epoch (so collectives line up), agrees on early stopping
+through an all-reduced validation loss, and rank 0 checkpoints after every epoch so that an
+interrupted run resumes where it stopped instead of starting over.
 """
 
 from __future__ import annotations
@@ -171,14 +172,18 @@ class _HorovodComm:
 
 
 def _read_shard(files: tuple[str, ...]) -> Any:
+    """This process's shard: local paths (the staging folder's export), or URIs pyarrow can open."""
     import pyarrow.parquet as pq
     from pyarrow import fs
 
     if not files:
         raise RuntimeError("this process's shard of the shared training set is empty")
     tables = []
-    for uri in files:
-        filesystem, path = fs.FileSystem.from_uri(uri if "://" in uri else uri.replace("file:", "file://", 1))
+    for name in files:
+        if name.startswith("/"):
+            tables.append(pq.read_table(name))
+            continue
+        filesystem, path = fs.FileSystem.from_uri(name if "://" in name else name.replace("file:", "file://", 1))
         tables.append(pq.read_table(path, filesystem=filesystem))
     import pyarrow as pa
 
@@ -358,22 +363,33 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def launch(job: SharedJob, *, backend: str, num_processes: int, local_mode: bool) -> dict[str, Any]:
-    """Run ``run_shared_worker`` on ``num_processes`` processes; returns rank 0's result."""
+    """Run ``run_shared_worker`` on ``num_processes`` processes; returns rank 0's result.
+
+    Off local mode the processes run in barrier tasks on executors and rank 0's task returns the
+    result through Spark. In local mode they run on the driver and rank 0 leaves its result beside
+    the checkpoint (a folder the driver sees, never a driver temp folder), removed once read.
+    """
     import dataclasses
     import pickle
-    import tempfile
+    import secrets
 
     require_backend(backend)
-    with contextlib.ExitStack() as stack:
-        if local_mode:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tenantml-shared-"))
-            job = dataclasses.replace(job, result_path=str(Path(tmp) / "result.pkl"))
+    path: Path | None = None
+    if local_mode:
+        ckpt = Path(job.checkpoint_path)
+        path = ckpt.parent / f".{ckpt.stem}.result-{secrets.token_hex(4)}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        job = dataclasses.replace(job, result_path=str(path))
+    try:
         result = _launch(job, backend=backend, num_processes=num_processes, local_mode=local_mode)
-        if job.result_path:
-            path = Path(job.result_path)
+        if path is not None:
             if not path.exists():
                 raise RuntimeError(f"shared training with {backend} finished without a result from rank 0")
             result = pickle.loads(path.read_bytes())
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".tmp").unlink(missing_ok=True)
     if not isinstance(result, dict):
         raise RuntimeError(f"shared training with {backend} returned no result from rank 0")
     return result

@@ -3,16 +3,21 @@
 A tenant holding a large share of all rows would otherwise pin one core for most of the job.
 The other tiers train first (their many short tasks finish as if the giant were absent), then
 each giant trains with torch DDP (or Horovod) across all cores through the same launcher as the
-shared model, on the same holdout, early stopping and evaluation as every tenant model.
+shared model, on the same holdout, early stopping and evaluation as every tenant model. Its shards
+and checkpoint live in the staging folder (`training.staging_dir`), which executors also see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import secrets
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tenantml.config import TrainingConfig
+from tenantml.core.errors import ConfigError
 from tenantml.training.fit import Fitter, train_one_tenant
 from tenantml.training.plan import TrainingPlan
 
@@ -82,11 +88,43 @@ def distributed_fitter(tenant_id: str, cfg: TrainingConfig, processes: int, work
 
 
 def train_giant(tenant_id: str, pdf: pd.DataFrame, plan: TrainingPlan, cfg: TrainingConfig,
-                processes: int) -> dict[str, object]:
-    """One giant tenant on the distributed path; the same result row as a task-trained tenant."""
-    with tempfile.TemporaryDirectory(prefix=f"tenantml-giant-{tenant_id}-") as tmp:
+                processes: int, staging_dir: Path | None = None) -> dict[str, object]:
+    """One giant tenant on the distributed path; the same result row as a task-trained tenant.
+
+    Its shards and checkpoint go to ``<staging_dir>/giants/<tenant>-<random>/`` (`training.staging_dir`,
+    seen by every executor), removed when it ends. Without ``staging_dir`` (a caller outside a job)
+    only local mode can train it: its processes then run on the driver and read a driver temp folder.
+    """
+    with _workdir(tenant_id, staging_dir, local_mode=cfg.shared.local_mode) as workdir:
         row = train_one_tenant(tenant_id, pdf, plan,
-                               fitter=distributed_fitter(tenant_id, cfg, processes, Path(tmp)))
+                               fitter=distributed_fitter(tenant_id, cfg, processes, workdir))
     # Every process was busy for the whole wall time: that is the compute the tenant used.
     row["seconds"] = float(row["seconds"]) * processes
     return row
+
+
+STALE_SECONDS = 86_400  # a folder a killed run left behind
+
+
+@contextlib.contextmanager
+def _workdir(tenant_id: str, staging_dir: Path | None, *, local_mode: bool) -> Iterator[Path]:
+    if staging_dir is None:
+        if not local_mode:
+            raise ConfigError(f"giant tenant {tenant_id!r}: data-parallel training on executors "
+                              "(training.shared.local_mode: false) needs a staging folder every executor "
+                              "sees (training.staging_dir)")
+        with tempfile.TemporaryDirectory(prefix=f"tenantml-giant-{tenant_id}-") as tmp:
+            yield Path(tmp)
+        return
+    root = staging_dir / "giants"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():  # best effort: what a killed run left (its tenant's rows) goes too
+        with contextlib.suppress(OSError):
+            if old.is_dir() and time.time() - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+    workdir = root / f"{tenant_id}-{secrets.token_hex(6)}"
+    workdir.mkdir()
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -75,18 +75,45 @@ def plan_tiers(row_counts: Mapping[str, int], cfg: TrainingConfig) -> dict[str, 
     return {t: tier_of(cfg, t, n, total) for t, n in rows.items()}
 
 
-def giants_go_distributed(cfg: TrainingConfig, giants: int, cores: int) -> bool:
+def giant_plan_estimates(cfg: TrainingConfig, giant_rows: Sequence[int], other_rows: int,
+                         cores: int) -> dict[str, float]:
+    """Estimated job wall time of each giant plan, in row-epochs per core (training cost grows with rows).
+
+    ``task``: every giant holds one core, everyone else packs around it (longest-first packing keeps
+    the makespan near ``max(largest giant, all rows / cores)``). ``distributed``: the other tenants
+    on every core first, then each giant data-parallel on ``giant_processes`` processes at
+    ``tiers.data_parallel_efficiency`` (wall-time speedup over one process = processes x efficiency;
+    on CPU, launch and all-reduce make it < 1 on 2 cores: the measured 0.37 in docs/benchmarks.md).
+    """
+    giants = [max(int(r), 0) for r in giant_rows]
+    if not giants:
+        return {"task": other_rows / max(cores, 1), "distributed": other_rows / max(cores, 1)}
+    cores = max(cores, 1)
+    task = max(max(giants), (sum(giants) + max(other_rows, 0)) / cores)
+    processes = cfg.tiers.giant_processes or cores
+    speedup = max(processes * cfg.tiers.data_parallel_efficiency, 1e-9)
+    distributed = max(other_rows, 0) / cores + sum(g / speedup for g in giants)
+    return {"task": float(task), "distributed": float(distributed)}
+
+
+def giants_go_distributed(cfg: TrainingConfig, giants: int, cores: int,
+                          giant_rows: Sequence[int] | None = None, other_rows: int = 0) -> bool:
     """Whether this job's giants train data-parallel after the other tiers (``giant_path``).
 
-    ``auto``: a giant in its own task holds one core until it ends, leaving ``cores - giants`` to
-    everyone else; past a third of the cores that slows the other tenants more than 1.5x (on 2
-    cores one giant halves them), so the giants wait and then use every core.
+    ``auto`` picks the plan with the lower estimated job wall time (`giant_plan_estimates`, ties to
+    ``task``, the cheaper in compute); on one core there is nothing to spread over. Without row
+    counts every giant is taken to hold half the job's rows (the benchmark's case).
     """
     if giants == 0 or cfg.tiers.giant_path == "task":
         return False
     if cfg.tiers.giant_path == "distributed":
         return True
-    return cores > 1 and 3 * giants > cores  # one core: nothing to spread over
+    if cores <= 1:
+        return False
+    rows = list(giant_rows) if giant_rows is not None else [1] * giants
+    other = other_rows if giant_rows is not None else giants
+    est = giant_plan_estimates(cfg, rows, other, cores)
+    return est["distributed"] < est["task"]
 
 
 # --------------------------------------------------------------------------- packing

@@ -4,14 +4,20 @@ Rows leave their tenant only here, and only after three filters: the tenant cons
 contribute (`tenants.consent_share_data`), the row is not in the tenant's holdout (the same
 `tenant_split` every strategy uses, so shared models are never evaluated on rows they saw), and
 PII is dropped or replaced by a keyed hash inside the tenant's own group. The result is a Delta
-table partitioned by shard; training processes read only their shard's files of one version.
+table partitioned by shard; its pinned version is exported once as plain Parquet to the staging
+folder (`training.staging_dir`, seen by every executor), and each training process reads only its
+shard's files of that export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tenantml.config import DatasetSpec, TrainingConfig
@@ -67,23 +73,99 @@ def _latest_commit(spark: SparkSession, ref: TableRef) -> tuple[int, str | None]
     return latest_commit(spark, ref)
 
 
-def _shard_files(spark: SparkSession, ref: TableRef, version: int, num_shards: int) -> list[list[str]]:
+EXPORT_MANIFEST = "_tenantml_export.json"
+
+
+def _export_manifest(target: Path, *, version: int, fingerprint: str, num_shards: int) -> list[list[str]] | None:
+    """The shard files of a finished export at ``target`` (absolute paths), or None if there is none,
+    it was made for other data, or a file is missing."""
+    try:
+        manifest = json.loads((target / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+        if (manifest["version"], manifest["fingerprint"], manifest["num_shards"]) != (version, fingerprint,
+                                                                                      num_shards):
+            return None
+        shards = [[str(target / rel) for rel in files] for files in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return shards if all(Path(f).is_file() for files in shards for f in files) else None
+
+
+def export_shards(spark: SparkSession, ref: TableRef, *, version: int, fingerprint: str, num_shards: int,
+                  root: Path) -> list[list[str]]:
+    """Pinned version ``version`` of the training set as plain Parquet under ``root`` (a staging folder
+    every executor sees), one folder per shard; returns each shard's files as local paths.
+
+    Torch processes then read files that belong to this export alone (not the Delta table's, which a
+    later overwrite and VACUUM may remove), through a path they can open with pyarrow wherever they
+    run. One export per version and fingerprint, reused by reruns; older versions' exports are removed.
+    """
+    import shutil
+
     from tenantml.io import read_table
 
-    files = read_table(spark, ref, version=version).inputFiles()
-    shards: list[list[str]] = [[] for _ in range(num_shards)]
-    for f in sorted(files):
-        marker = f"/{SHARD_COL}="
-        if marker not in f:
-            raise RuntimeError(f"{ref.display}: file {f} is not under a {SHARD_COL}= partition")
-        shards[int(f.split(marker, 1)[1].split("/", 1)[0])].append(f)
+    name = f"v{int(version)}-{fingerprint}"
+    target = root / name
+    shards = _export_manifest(target, version=version, fingerprint=fingerprint, num_shards=num_shards)
+    if shards is None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            # One pass over the pinned files; each task writes a file per shard it holds.
+            read_table(spark, ref, version=version).write.mode("errorifexists") \
+                .partitionBy(SHARD_COL).parquet(str(tmp))
+            rel: list[list[str]] = [[] for _ in range(num_shards)]
+            for part in sorted(tmp.glob(f"{SHARD_COL}=*")):
+                rel[int(part.name.split("=", 1)[1])] = sorted(
+                    f"{part.name}/{f.name}" for f in part.iterdir()
+                    if f.name.endswith(".parquet") and not f.name.startswith((".", "_")))
+            (tmp / EXPORT_MANIFEST).write_text(json.dumps({
+                "table": ref.display, "version": int(version), "fingerprint": fingerprint,
+                "num_shards": num_shards, "shards": rel}, indent=1), encoding="utf-8")
+            if _export_manifest(target, version=version, fingerprint=fingerprint, num_shards=num_shards) is None:
+                shutil.rmtree(target, ignore_errors=True)  # an unfinished or mismatched export
+                with contextlib.suppress(OSError):  # else another run just finished it: use that one
+                    os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shards = _export_manifest(target, version=version, fingerprint=fingerprint, num_shards=num_shards)
+        if shards is None:
+            raise RuntimeError(f"{ref.display} v{version}: the shard export at {target} is incomplete")
+    _remove_stale_exports(root, keep=name, version=version)
     return shards
+
+
+def _remove_stale_exports(root: Path, *, keep: str, version: int) -> None:
+    """Best effort: exports of older versions, and temporary folders a killed run left (a day old)."""
+    import shutil
+    import time
+
+    for entry in root.iterdir():
+        try:
+            if entry.name == keep or not entry.is_dir():
+                continue
+            if entry.name.startswith("v"):
+                if int(entry.name[1:].split("-", 1)[0]) < version:
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.endswith(".tmp") and time.time() - entry.stat().st_mtime > 86_400:
+                shutil.rmtree(entry, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
+def remove_shared_exports(staging_dir: Path, dataset: str) -> None:
+    """Every shard export of ``dataset``'s training set (e.g. after a tenant's rows were deleted from
+    the table: the exports hold copies; the next shared training exports again)."""
+    import shutil
+
+    shutil.rmtree(staging_dir / "shared" / dataset, ignore_errors=True)
 
 
 def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref: str, silver_version: int,
                           spec: DatasetSpec, cfg: TrainingConfig, contributors: list[str], policy: PiiPolicy,
-                          salt: bytes, ref: TableRef, num_shards: int) -> SharedTrainset:
-    """Write (or reuse) the de-identified, sharded training set and return its pinned version."""
+                          salt: bytes, ref: TableRef, num_shards: int, staging_dir: Path,
+                          dataset: str) -> SharedTrainset:
+    """Write (or reuse) the de-identified, sharded training set and return its pinned version, exported
+    for the training processes under ``<staging_dir>/shared/<dataset>/`` (`export_shards`)."""
     import pandas as pd
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -143,6 +225,9 @@ def build_shared_trainset(spark: SparkSession, silver: DataFrame, *, silver_ref:
         shard_rows[int(r[SHARD_COL])] += int(r["n"])
     return SharedTrainset(ref=ref, version=version, fingerprint=fp, silver_version=silver_version,
                           contributors=dict(sorted(per_tenant_rows.items())),
-                          shard_files=_shard_files(spark, ref, version, num_shards), shard_rows=shard_rows,
+                          shard_files=export_shards(spark, ref, version=version, fingerprint=fp,
+                                                    num_shards=num_shards,
+                                                    root=staging_dir / "shared" / dataset),
+                          shard_rows=shard_rows,
                           policy=policy, reused=reused,
                           columns=[c for c in pinned.columns if c != SHARD_COL])

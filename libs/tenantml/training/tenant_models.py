@@ -24,6 +24,8 @@ from tenantml.training.fit import (
 from tenantml.training.plan import TIER_POOLS, TrainingPlan, giants_go_distributed, pack_tenants
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyspark.sql import DataFrame, SparkSession
 
 BIN_COL = "_task_bin"
@@ -93,27 +95,30 @@ def partition_keys(spark: SparkSession, partitions: int) -> list[int]:
 
 def train_tenant_models(spark: SparkSession, silver: DataFrame, plan: TrainingPlan, spec: DatasetSpec,
                         cfg: TrainingConfig, parallelism: int | None = None,
-                        base_model: bytes | None = None) -> pd.DataFrame:
+                        base_model: bytes | None = None, staging_dir: Path | None = None) -> pd.DataFrame:
     """Train every tenant of ``plan`` in parallel; returns one result row per tenant.
 
     Tenants are tiered (small / standard / giant). Each tier's tenants are packed into tasks of
     one Spark job that runs in the tier's FAIR pool, all tiers at once, so small tenants keep
     their share of the cores. Giants on the distributed path then train one after another,
     data-parallel across the cores. With ``base_model`` (a tuned plan) each tenant's model is that
-    model fine-tuned on the tenant's rows; tuned giants train in their own task.
+    model fine-tuned on the tenant's rows; tuned giants train in their own task. Giants on the
+    distributed path keep their shards and checkpoints in ``staging_dir`` (`train_giant`).
     """
     if not plan.tenants:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     cores = parallelism or cfg.parallelism or default_parallelism(spark)
     giants = sorted(t for t, p in plan.tenants.items() if p.tier == "giant" and base_model is None)
-    distributed = giants if giants_go_distributed(cfg, len(giants), cores) else []
+    giant_rows = [plan.tenants[t].rows for t in giants]
+    other_rows = sum(p.rows for t, p in plan.tenants.items() if t not in giants)
+    distributed = giants if giants_go_distributed(cfg, len(giants), cores, giant_rows, other_rows) else []
     groups: dict[str, dict[str, int]] = {}
     for t, p in plan.tenants.items():
         if t not in distributed:
             groups.setdefault(p.tier, {})[t] = p.rows
     frames = _run_tier_jobs(spark, silver, groups, spec, plan, cores, base_model)
     if distributed:
-        frames.append(_train_giants(spark, silver, distributed, spec, plan, cfg, cores))
+        frames.append(_train_giants(spark, silver, distributed, spec, plan, cfg, cores, staging_dir))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
 
@@ -161,7 +166,8 @@ def _train_packed(spark: SparkSession, silver: DataFrame, row_counts: dict[str, 
 
 
 def _train_giants(spark: SparkSession, silver: DataFrame, giants: list[str], spec: DatasetSpec,
-                  plan: TrainingPlan, cfg: TrainingConfig, cores: int) -> pd.DataFrame:
+                  plan: TrainingPlan, cfg: TrainingConfig, cores: int,
+                  staging_dir: Path | None = None) -> pd.DataFrame:
     """Giants after the other tiers, each data-parallel on all cores (its rows gathered once)."""
     from pyspark.sql import functions as F
 
@@ -173,7 +179,7 @@ def _train_giants(spark: SparkSession, silver: DataFrame, giants: list[str], spe
         for tenant in sorted(giants, key=lambda t: (plan.tenants[t].rows, t)):
             pdf = (silver.where(F.col("tenant_id") == F.lit(tenant))
                    .select(*[F.col(f"`{c}`") for c in _feature_columns(spec)]).toPandas())
-            row = train_giant(tenant, pdf, plan, cfg, processes)
+            row = train_giant(tenant, pdf, plan, cfg, processes, staging_dir)
             rows.append({**row, "tier": "giant", "pool": TIER_POOLS["giant"],
                          "path": f"distributed x{processes}"})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
