@@ -68,6 +68,9 @@ def test_dry_run_lists_everything_and_changes_nothing(world: dict[str, Any]) -> 
     # ... and it serves: the shared champion (and tuned models of others, if any) must be retrained
     assert any("__shared/" in m for m in plan.serving_models_to_retrain), plan.serving_models_to_retrain
     assert plan.lineage_rows == 0 and world["report"].lineage_rows > 0  # erased only with --yes
+    # the shared training set's staged copies (they held the tenant's de-identified rows) are gone
+    assert any("staged copies of the demo shared training set" in n for n in world["report"].notes)
+    assert not (world["ctx"].staging_dir / "shared" / "demo").exists()
 
 
 def test_no_row_model_or_run_of_the_tenant_is_left(spark: Any, world: dict[str, Any]) -> None:

@@ -238,6 +238,7 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
     _hard_delete_runs(ctx, report)
     for p in report.checkpoints:  # weights that may have learned from the tenant's rows
         Path(p).unlink(missing_ok=True)
+    _remove_staged_copies(ctx, report)
     _rerender_reports(ctx, report)
     for folder in report.figures:  # any figure may draw the tenant; the next notebook run redraws them
         shutil.rmtree(folder, ignore_errors=True)
@@ -257,6 +258,18 @@ def offboard_tenant(ctx: JobContext, tenant_id: str, *, confirm: bool = False,
         report.notes.append("Delta history still holds the deleted rows until VACUUM passes the retention "
                             "period; rerun with --purge-history to vacuum now")
     return report
+
+
+def _remove_staged_copies(ctx: JobContext, report: OffboardReport) -> None:
+    """Shared training exports each training-set version to the staging directory for its worker
+    processes; a dataset whose training set held the tenant's rows loses those copies (the next
+    shared training exports the table again, without the tenant)."""
+    from tenantml.training.shared_data import remove_shared_exports
+
+    for dataset in ctx.config.datasets:
+        if ctx.tables.shared_trainset(dataset).name in report.rows:
+            remove_shared_exports(ctx.staging_dir, dataset)
+            report.notes.append(f"staged copies of the {dataset} shared training set were removed")
 
 
 def _purge_deletion_vectors(ctx: JobContext, ref: TableRef) -> None:
