@@ -51,8 +51,8 @@ from tenantml.models.tabular import (
     TabularNet,
     Task,
     TrainParams,
+    _checked_labels,
     _labels,
-    _missing_columns,
     _validation_split,
     frozen_parameters,
     resolve_device,
@@ -256,14 +256,7 @@ def _prepare_fit(slot: int, task: BatchTask, label: str, spec: FeatureSpec, devi
     """Everything fit_tabular does before its training loop, with the same calls in the same order."""
     started = time.perf_counter()
     train, params = task.train, task.params
-    if len(train) == 0:
-        raise ValueError("training frame is empty")
-    if label in spec.columns:
-        raise ValueError(f"label column {label!r} is also listed as a feature")
-    missing = _missing_columns(train, spec.columns)
-    if missing:
-        raise ValueError(f"feature column {missing[0]!r} is missing (all missing: {missing})")
-    y = _labels(train, label, spec.task)
+    y = _checked_labels(train, label, spec)
     tr_pos, va_pos = _validation_split(len(train), params.val_fraction, np.random.default_rng(params.seed))
     preprocessor = Preprocessor.fit(train.iloc[tr_pos], spec)
     x_num, x_cat = preprocessor.transform(train)

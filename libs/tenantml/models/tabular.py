@@ -372,6 +372,18 @@ def _validation_split(n: int, val_fraction: float, rng: np.random.Generator) -> 
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _checked_labels(train: pd.DataFrame, label: str, spec: FeatureSpec) -> np.ndarray:
+    """The training frame's labels, after the checks every fit makes first (one message per mistake)."""
+    if len(train) == 0:
+        raise ValueError("training frame is empty")
+    if label in spec.columns:
+        raise ValueError(f"label column {label!r} is also listed as a feature")
+    missing = _missing_columns(train, spec.columns)
+    if missing:
+        raise ValueError(f"feature column {missing[0]!r} is missing (all missing: {missing})")
+    return _labels(train, label, spec.task)
+
+
 def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: TrainParams) -> FitResult:
     """Train one model with early stopping and return it with the best epoch's weights.
 
@@ -380,14 +392,7 @@ def fit_tabular(train: pd.DataFrame, label: str, spec: FeatureSpec, params: Trai
     in epoch 1 the prior-only initial weights are returned with best_epoch == 0.
     """
     start_time = time.perf_counter()
-    if len(train) == 0:
-        raise ValueError("training frame is empty")
-    if label in spec.columns:
-        raise ValueError(f"label column {label!r} is also listed as a feature")
-    missing = _missing_columns(train, spec.columns)
-    if missing:
-        raise ValueError(f"feature column {missing[0]!r} is missing (all missing: {missing})")
-    y = _labels(train, label, spec.task)
+    y = _checked_labels(train, label, spec)
 
     device = resolve_device(params.device)
     torch.manual_seed(params.seed)
