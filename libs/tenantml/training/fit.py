@@ -10,6 +10,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,11 +67,12 @@ def train_one_tenant(tenant_id: str, pdf: pd.DataFrame, plan: TrainingPlan, base
 
 
 def training_device(setting: str) -> str:
-    """Where batched groups train: CUDA when the config allows it ('cuda' or 'auto') and a GPU is
-    present, else CPU (a Spark task on a CPU-only node must not fail because the config asked for GPU)."""
-    import torch
+    """Where batched groups train, as for one tenant's fit (`resolve_device`): 'auto' is CUDA when a
+    GPU is present, else CPU; an explicit 'cuda' is a requirement, so a CPU-only node fails the
+    tenants loudly instead of training them somewhere the config did not ask for."""
+    from tenantml.models.tabular import resolve_device
 
-    return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    return resolve_device(setting)
 
 
 def train_tenants_batched(frames: Sequence[tuple[str, pd.DataFrame]], plan: TrainingPlan,
@@ -134,9 +136,11 @@ def train_tenants_batched(frames: Sequence[tuple[str, pd.DataFrame]], plan: Trai
             row.update(path="batched", seconds=spent + fit.seconds + time.perf_counter() - started,
                        finished_at=time.time())
             rows[i] = row
+    # The batched fit was each failed tenant's first attempt: alone, it has the retries that are left.
+    alone_plan = replace(plan, retries=max(plan.retries - 1, 0))
     for i, spent in sorted(failed.items()):
         tenant_id, pdf = frames[i]
-        alone = train_one_tenant(tenant_id, pdf, plan, base_model)
+        alone = train_one_tenant(tenant_id, pdf, alone_plan, base_model)
         if alone["status"] == "ok":
             alone["metrics_json"] = json.dumps({**json.loads(alone["metrics_json"]), "batched_fallback": 1.0})
         alone.update(attempts=int(alone["attempts"]) + 1, seconds=float(alone["seconds"]) + spent, path="task")
