@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow]
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(1800)]  # the child runs a whole pipeline
 REPO = Path(__file__).resolve().parents[2]
 # Small and quick (tests/e2e/conftest.py's FAST_TRAINING), one shared process pair, a Connect remote.
 CONF = ("training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2, num_processes: 2}, "
@@ -167,7 +167,7 @@ def connect_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                                              "SPARK_LOCAL_REMOTE", "PYSPARK_GATEWAY_PORT")}
     env["PYSPARK_PYTHON"] = sys.executable
     proc = subprocess.run([sys.executable, __file__, str(root)], cwd=root, env=env, text=True,
-                          capture_output=True, timeout=600, check=False)
+                          capture_output=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads((root / "result.json").read_text(encoding="utf-8"))
 

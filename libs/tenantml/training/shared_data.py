@@ -110,8 +110,10 @@ def export_shards(spark: SparkSession, ref: TableRef, *, version: int, fingerpri
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{name}.{secrets.token_hex(4)}.tmp"
         try:
-            # One pass over the pinned files; each task writes a file per shard it holds.
-            read_table(spark, ref, version=version).write.mode("errorifexists") \
+            # One pass over the pinned files; each task writes a file per shard it holds. The folder
+            # is this call's own (a random name), so overwrite only names the mode Spark Connect
+            # accepts (it refuses errorifexists).
+            read_table(spark, ref, version=version).write.mode("overwrite") \
                 .partitionBy(SHARD_COL).parquet(str(tmp))
             rel: list[list[str]] = [[] for _ in range(num_shards)]
             for part in sorted(tmp.glob(f"{SHARD_COL}=*")):
