@@ -22,6 +22,15 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("bench_*.py"))
+# Smaller still than --quick for the benchmarks that run whole pipelines or several training jobs:
+# the point here is that every code path still runs, not the figures.
+SMOKE_ARGS = {
+    "bench_production_loop.py": ["--tenants", "6", "--largest", "300", "--smallest", "120"],
+    "bench_scale.py": ["--sizes", "4,8", "--largest", "300", "--smallest", "120", "--max-epochs", "2"],
+    "bench_tenant_models.py": ["--tenants", "12", "--rows", "300", "--score-rows", "6000"],
+    "bench_tracking.py": ["--tenants", "20"],
+    "bench_noisy_neighbour.py": ["--small", "4", "--rows", "200", "--epochs", "2"],
+}
 
 
 def _numbers(value: Any) -> list[float]:
@@ -45,7 +54,8 @@ def test_every_benchmark_is_covered() -> None:
 def test_benchmark_runs_in_quick_mode(bench: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "libs"), str(REPO / "tools")]),
            "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--quick", "--json"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--quick", "--json", *SMOKE_ARGS.get(bench, [])],
+                          cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"{bench} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     figures = json.loads(proc.stdout)
