@@ -98,8 +98,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--record", action="store_true", help=f"write the figures to {RECORD.relative_to(REPO)}")
     args = ap.parse_args()
-    if args.quick:
-        args.small, args.rows, args.epochs = 12, 300, 5
+    if args.quick:  # smaller sizes, unless given explicitly
+        for name, value in (("small", 12), ("rows", 300), ("epochs", 5)):
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
     if args.json:
         _OUT = sys.stderr
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
