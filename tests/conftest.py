@@ -40,3 +40,23 @@ def restore_spark_conf(spark: Any) -> Iterator[None]:
     for key, value in before.items():
         if spark.conf.get(key, None) != value:
             spark.conf.set(key, value)
+
+
+# Under `pytest -n 2 --dist loadgroup` (what `make test` runs) every test of one group runs on one
+# worker: a module's tests share its module-scoped world, and the modules that share a session-scoped
+# world (built once, minutes of pipeline) form one group, so no world is built twice. Tests of
+# modules without such a world (the benchmark smoke runs) spread over the workers one by one.
+WORLD_GROUPS = {
+    "test_workflows": "nightly_run", "test_publish": "nightly_run", "test_uc_registry": "nightly_run",
+    "test_consent_lineage": "sharing_world", "test_offboarding": "sharing_world",
+    "test_cli_demo": "demo_cli_run", "test_notebooks": "demo_cli_run", "test_run_report": "demo_cli_run",
+}
+UNGROUPED = {"test_benchmarks_quick"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        if module in UNGROUPED:
+            continue
+        item.add_marker(pytest.mark.xdist_group(WORLD_GROUPS.get(module, f"{item.path.parent.name}/{module}")))
