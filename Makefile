@@ -38,11 +38,12 @@ browser:
 demo: setup
 	$(VENV)/bin/tenantml demo
 
+# Two workers; tests that share a built world run on the same one (tests/conftest.py).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check libs tests bench jobs
