@@ -1019,3 +1019,26 @@ def test_a_batch_of_rows_to_score_with_the_wrong_columns(spark: Any, tmp_path: P
     else:
         assert "lacks declared column(s) 'monthly_spend'" in msg
     assert not table_exists(spark, ctx.tables.inference("acct"))  # nothing was ingested
+
+
+def test_a_run_where_every_tenant_is_blocked_says_so_and_exits_cleanly(spark: Any, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Every tenant's rows are mostly garbage: no step fails on a missing table; the score step says
+    that no tenant was scored because all were blocked by validation, with the reasons, and the
+    pipeline exits 0 (blocked tenants are not failures: docs/operations.md, exit codes)."""
+    rng = random.Random(31)
+    rows = [{**good_row(rng, t, f"{t}-{i}"), "tenure_months": "n/a"} for t in ("alpha", "beta") for i in range(8)]
+    rows += [good_row(rng, "alpha", "alpha-ok")]
+    write_csv(tmp_path / "data" / "sources" / "acct" / "b.csv", rows)
+    write_csv(tmp_path / "data" / "sources" / "acct_scoring" / "b.csv",
+              [{k: v for k, v in r.items() if k != "churned"} | {"tenure_months": "x"} for r in rows[:6]],
+              SCORING_COLUMNS)
+    conf = make_conf(tmp_path)
+    code, payload = run_cli(capsys, "pipeline", "--dataset", "acct", "--conf-dir", str(conf),
+                            "--data-dir", str(tmp_path / "data"))
+    assert code == 0, payload
+    steps = {s["step"]: s for s in payload["steps"]}
+    assert all(s["status"] != "failed" for s in steps.values()), {k: s["status"] for k, s in steps.items()}
+    reason = steps["score"]["reason"]
+    assert reason.startswith("no tenant was scored: all 2 with rows to score were blocked by validation"), reason
+    assert "alpha" in reason and steps["score"]["tenants_blocked"] == 2

@@ -33,7 +33,9 @@ def uc_run(spark: Any, nightly_run: dict[str, Any], tmp_path_factory: pytest.Tem
     shutil.copytree(nightly_run["data_copy"], data)
     ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark, run_id="uc-1")
     double.calls.clear()
-    results = {r.step: r for r in run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="monitor"))}
+    # The copy's batch of rows to score was scored by the nightly run: rescore it with the UC models.
+    results = {r.step: r for r in run_pipeline(ctx, dataset="demo", steps=pipeline_steps(start="monitor"),
+                                               rescore=True)}
     return {"ctx": ctx, "results": results, "calls": list(double.calls), "double": double}
 
 
