@@ -40,10 +40,10 @@ demo: setup
 
 # Two workers; tests that share a built world run on the same one (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2
 
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check libs tests bench jobs

@@ -42,10 +42,11 @@ def restore_spark_conf(spark: Any) -> Iterator[None]:
             spark.conf.set(key, value)
 
 
-# Under `pytest -n 2 --dist loadgroup` (what `make test` runs) every test of one group runs on one
-# worker: a module's tests share its module-scoped world, and the modules that share a session-scoped
-# world (built once, minutes of pipeline) form one group, so no world is built twice. Tests of
-# modules without such a world (the benchmark smoke runs) spread over the workers one by one.
+# Under `pytest -n 2` (what `make test` runs) every test of one scope runs on one worker: a module's
+# tests share its module-scoped world, and the modules that share a session-scoped world (built once,
+# minutes of pipeline) form one scope, so no world is built twice. The benchmark smoke runs share
+# nothing and spread over the workers one by one. (xdist's own `loadgroup` marks do not reach the
+# scheduler under pytest 9, so the scopes are set here, through xdist's scheduler hook.)
 WORLD_GROUPS = {
     "test_workflows": "nightly_run", "test_publish": "nightly_run", "test_uc_registry": "nightly_run",
     "test_consent_lineage": "sharing_world", "test_offboarding": "sharing_world",
@@ -54,9 +55,21 @@ WORLD_GROUPS = {
 UNGROUPED = {"test_benchmarks_quick"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.stem
-        if module in UNGROUPED:
-            continue
-        item.add_marker(pytest.mark.xdist_group(WORLD_GROUPS.get(module, f"{item.path.parent.name}/{module}")))
+def world_scope(nodeid: str) -> str:
+    """The scheduling scope of a test: its shared world, else its module (else the test itself)."""
+    path = nodeid.split("::", 1)[0]
+    module = Path(path).stem
+    if module in UNGROUPED:
+        return nodeid
+    return WORLD_GROUPS.get(module, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorldScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return world_scope(nodeid)
+
+    return WorldScheduling(config, log)

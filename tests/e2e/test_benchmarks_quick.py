@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # three small pipelines for bench_scale
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("bench_*.py"))

@@ -164,7 +164,8 @@ def test_predictions_one_row_per_customer_and_rescoring_is_idempotent(
         set(zip(expected["tenant_id"], expected["customer_id"], strict=True))
     assert preds["score"].between(0, 1).all() and preds["prediction"].isin([0.0, 1.0]).all()
 
-    code, payload = run_cli(capsys, "score", "--dataset", DATASET, *churn["common"])
+    # Rescoring the batch (`--rescore`) replaces its predictions; it never adds a second copy.
+    code, payload = run_cli(capsys, "score", "--rescore", "--dataset", DATASET, *churn["common"])
     assert code == 0, payload
     step = _steps(payload)["score"]
     assert step["rows_scored"] == len(preds) and step["tenants_ok"] == len(trained)

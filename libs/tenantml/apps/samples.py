@@ -27,6 +27,11 @@ def export_sample(name: str, target: Path, max_rows_per_tenant: int | None = Non
     target.mkdir(parents=True, exist_ok=True)
     out = target / f"{name}.parquet"
     df.to_parquet(out, index=False)
+    # The data has no time to split on: the rows to score are today's customers, without the label
+    # (beside the source, in `<target>_scoring`, where the dataset's scoring_source points).
+    scoring = target.with_name(target.name + "_scoring")
+    scoring.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=["churn"]).to_parquet(scoring / f"{name}.parquet", index=False)
     return out
 
 
