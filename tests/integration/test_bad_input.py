@@ -1031,7 +1031,7 @@ def test_a_run_where_every_tenant_is_blocked_says_so_and_exits_cleanly(spark: An
     rows += [good_row(rng, "alpha", "alpha-ok")]
     write_csv(tmp_path / "data" / "sources" / "acct" / "b.csv", rows)
     write_csv(tmp_path / "data" / "sources" / "acct_scoring" / "b.csv",
-              [{k: v for k, v in r.items() if k != "churned"} | {"tenure_months": "x"} for r in rows[:6]],
+              [{k: v for k, v in r.items() if k != "churned"} | {"tenure_months": "x"} for r in rows[:4] + rows[8:12]],
               SCORING_COLUMNS)
     conf = make_conf(tmp_path)
     code, payload = run_cli(capsys, "pipeline", "--dataset", "acct", "--conf-dir", str(conf),
