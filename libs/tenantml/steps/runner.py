@@ -199,6 +199,15 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         raise ConfigError(f"step {name} takes no option(s) {unknown}")
     if resume == "auto":  # a workflow task's retry: resume only if this run already logged the step
         resume = ctx.run_id if step.resumable and _logged_per_tenant(ctx, name, ds) else None
+        if resume is not None and requested:
+            # A for-each iteration shares the run and step with its siblings: its own tenants that
+            # this run never tried are not a retry; they run, with the ones that failed before.
+            seen = _logged_statuses(ctx, name, ds)
+            if any(t not in seen for t in requested):
+                todo = [t for t in requested if seen.get(t, "failed") == "failed"]
+                if not todo:
+                    return StepResult(step=name, dataset=ds, run_id=ctx.run_id, summary={"resumed": []})
+                resume, requested = None, validate_tenant_ids(todo)
     if resume is not None:
         if not step.resumable:
             raise ConfigError(f"step {name} cannot be resumed: rerun it whole (it is idempotent)")
@@ -226,6 +235,16 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
     return result
+
+
+def _logged_statuses(ctx: JobContext, step: str, dataset: str) -> dict[str, str]:
+    """tenant -> status of this run's latest logged outcome of ``step``."""
+    from pyspark.sql import functions as F
+
+    rows = (read_table(ctx.spark, ctx.tables.run_log)
+            .where((F.col("run_id") == ctx.run_id) & (F.col("step") == step) & (F.col("dataset") == dataset)
+                   & F.col("tenant_id").isNotNull()).select("tenant_id", "status").collect())
+    return {r["tenant_id"]: r["status"] for r in rows}
 
 
 def _logged_per_tenant(ctx: JobContext, step: str, dataset: str) -> bool:
