@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tenantml.core.ids import SHARED_ID, tenant_in_predicate, validate_run_id, validate_tenant_ids
 from tenantml.io import read_table, replace_where, table_exists
@@ -23,7 +24,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame, SparkSession
 
-    from tenantml.io.scope import TenantScope
+
+class TenantCheck(Protocol):
+    """What writing needs of a tenant scope (`io.scope.TenantScope`, which reads this module): the
+    check that every row's tenant is one the step acts for."""
+
+    def check(self, tenants: Iterable[str], what: str) -> None: ...
 
 STORE_SCHEMA = (
     "dataset string, tenant_id string, strategy string, model_name string, model_version string, "
@@ -68,7 +74,7 @@ def verify(row: Any, key: bytes, registry_tags: dict[str, str] | None = None) ->
 
 
 def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]], dataset: str,
-                 run_id: str, strategy: str, *, key: bytes, scope: TenantScope | None = None) -> None:
+                 run_id: str, strategy: str, *, key: bytes, scope: TenantCheck | None = None) -> None:
     """Idempotent per (run, dataset, strategy, tenant): a rerun replaces its own tenants' rows
     only, so a resumed run keeps the models its first attempt registered for the other tenants.
     With ``scope`` every row's tenant must be one the step acts for; every row is signed with ``key``."""
