@@ -97,7 +97,10 @@ def after_demo(demo_cli_run: dict[str, Any], workdir: Path) -> dict[str, dict[st
 def test_demo_summary_is_machine_readable(demo: dict[str, Any], workdir: Path) -> None:
     steps = {s["step"]: s for s in demo["steps"]}
     assert demo["status"] == "ok" and list(steps) == list(pipeline_steps())
-    assert steps["ingest"]["rows_in"] == steps["validate"]["rows_out"] + steps["validate"]["rows_quarantined"]
+    # Rows whose label is empty are not training rows: neither kept in silver nor counted as rejected.
+    validate = steps["validate"]
+    assert validate["rows_unlabelled"] > 0
+    assert steps["ingest"]["rows_in"] == validate["rows_out"] + validate["rows_quarantined"] + validate["rows_unlabelled"]
     assert steps["validate"]["tenants_blocked"] == 1
     assert steps["train"]["models_trained"] >= 3 and steps["train"]["mlflow_run_id"]
     # The demo's consents: every tenant but t003 contributes, so a shared model and tuned ones exist.
@@ -171,7 +174,7 @@ def test_pipeline_from_a_step_rejects_unknown_steps_and_misplaced_options(workdi
     unknown = _cli("pipeline", "--data-dir", "data", "--from", "deploy", cwd=workdir)
     assert unknown.returncode == 2 and "invalid choice: 'deploy'" in unknown.stderr
     source = _cli("pipeline", "--data-dir", "data", "--from", "train", "--source", "elsewhere", cwd=workdir)
-    assert source.returncode == 2 and "--source is an ingest setting" in source.stderr
+    assert source.returncode == 2 and "--source 'elsewhere': no step from train on takes it" in source.stderr
     assert "Traceback" not in unknown.stderr + source.stderr
 
 

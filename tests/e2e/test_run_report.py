@@ -98,14 +98,16 @@ def test_the_report_is_self_contained(report: Path) -> None:
     assert "<script" not in page.lower()
     assert not re.search(r"https?:|//[a-z0-9]|\b(src|href)\s*=", page, re.IGNORECASE), "external reference"
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    assert page.count("<svg") == 3 and "<style>" in page
+    # Quality, candidates, predictions, and the monitoring section's drift chart.
+    assert page.count("<svg") == 4 and "<style>" in page
 
 
 def test_chromium_renders_every_tenant_and_the_charts(spark: Any, analyst_run: dict[str, Any], report: Path,
                                                       tmp_path: Path) -> None:
     ctx = analyst_run["ctx"]
     dom = Dom(_browse(report, tmp_path, "--dump-dom"))
-    quality = {r["tenant_id"] for r in read_table(spark, ctx.tables.quality("demo")).collect()}
+    quality = {r["tenant_id"] for r in read_table(spark, ctx.tables.quality("demo"))
+               .where("purpose = 'history' AND tenant_id IS NOT NULL").collect()}
     decided = {r["tenant_id"] for r in read_table(spark, ctx.tables.promotions)
                .where(f"run_id = '{ctx.run_id}'").collect()} - {"_shared"}
     scored = {r["tenant_id"] for r in read_table(spark, ctx.tables.predictions("demo"))
@@ -113,13 +115,15 @@ def test_chromium_renders_every_tenant_and_the_charts(spark: Any, analyst_run: d
     assert sorted(dom.rows["quality-table"]) == sorted(quality) and "t-dirty" in quality
     assert sorted(dom.rows["strategies-table"]) == sorted(decided) == ["t000", "t001", "t002", "t003", "t004"]
     assert sorted(dom.rows["predictions-table"]) == sorted(scored) == sorted(decided)
-    assert dom.tags.get("svg") == 3 and dom.classes.get("svg.chart") == 3
+    assert dom.tags.get("svg") == 4 and dom.classes.get("svg.chart") == 4
     # Quality: two segments per tenant (zero-width ones included); candidates: one bar per metric
     # recorded; predictions: one bar per tenant.
     n_candidates = sum(1 for r in read_table(spark, ctx.tables.promotions).where(f"run_id = '{ctx.run_id}'")
                        .collect() if r["tenant_id"] != "_shared" for c in json.loads(r["candidates_json"])
                        if c.get("auc") is not None)
-    assert dom.classes.get("rect.bar") == 2 * len(quality) + len(scored)
+    drift = re.search(r'<svg id="chart-drift".*?</svg>', report.read_text(encoding="utf-8"), re.S)
+    drift_bars = drift.group(0).count('<rect class="bar"') if drift else 0
+    assert dom.classes.get("rect.bar") == 2 * len(quality) + len(scored) + drift_bars
     assert dom.classes.get("circle.dot") == n_candidates
     assert dom.classes.get("circle.champion") == sum(1 for r in read_table(spark, ctx.tables.promotions)
                                                      .where(f"run_id = '{ctx.run_id}'").collect()
@@ -253,14 +257,14 @@ def test_error_text_is_escaped_and_the_cli_writes_the_report(spark: Any, analyst
 
 def test_a_run_whose_step_raised_still_gets_its_report(spark: Any, analyst_run: dict[str, Any],
                                                        tmp_path: Path) -> None:
+    from tenantml.apps.report import run_pipeline_reported
     from tenantml.core.errors import SourceError
     from tenantml.io.context import JobContext
-    from tenantml.steps.runner import run_pipeline
 
     ctx = JobContext.create(conf_dir=analyst_run["conf"], data_dir=tmp_path / "empty", spark=spark,
                             run_id="report-raised-1")
     with pytest.raises(SourceError, match="does not exist"):  # no source files in a new data directory
-        run_pipeline(ctx, dataset="demo")
+        run_pipeline_reported(ctx, dataset="demo")
     page = (ctx.data_dir / "reports" / "report-raised-1.html").read_text(encoding="utf-8")
     dom = Dom(page)
     assert dom.classes.get("span.failed") == 1 and len(dom.texts["pre"]) == 1
@@ -271,13 +275,12 @@ def test_a_report_that_cannot_be_written_is_logged_not_raised(analyst_run: dict[
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     import tenantml.apps.report
-    from tenantml.steps.runner import run_pipeline
 
     def broken(*args: object, **kwargs: object) -> Path:
         raise OSError("disk full")
 
     monkeypatch.setattr(tenantml.apps.report, "write_run_report", broken)
-    with caplog.at_level("ERROR", logger="tenantml.steps.runner"):
-        assert run_pipeline(analyst_run["ctx"], dataset="demo", steps=()) == []
+    with caplog.at_level("ERROR", logger="tenantml.apps.report"):
+        assert tenantml.apps.report.run_pipeline_reported(analyst_run["ctx"], dataset="demo", steps=()) == []
     assert any("could not write the run report" in r.getMessage() and r.exc_info and "disk full" in str(r.exc_info[1])
                for r in caplog.records)
