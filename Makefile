@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tenantml-installed
 
-.PHONY: setup horovod browser demo test test-fast lint bench clean
+.PHONY: setup horovod browser demo test test-all test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -38,12 +38,16 @@ browser:
 demo: setup
 	$(VENV)/bin/tenantml demo
 
-# Two workers; tests that share a built world run on the same one (tests/conftest.py).
+# Two workers; tests that share a built world run on the same one (tests/conftest.py). `test` is
+# what CI runs; `test-all` adds the heavy tier (cluster, Connect, kill-and-rerun, consent worlds).
 test: setup
+	$(PY) -m pytest -n 2 -m "not heavy"
+
+test-all: setup
 	$(PY) -m pytest -n 2
 
 test-fast: setup
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow and not heavy"
 
 lint: setup
 	$(VENV)/bin/ruff check libs tests bench jobs

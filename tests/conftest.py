@@ -55,6 +55,28 @@ WORLD_GROUPS = {
 UNGROUPED = {"test_benchmarks_quick"}
 
 
+# The heavy tier: each builds a whole world of its own (its own processes, JVMs or cluster, and
+# several pipelines), minutes apiece on two cores. `make test` (what CI runs) leaves them out to keep
+# the suite inside its time budget; `make test-all` runs them too. Named here, in one place.
+HEAVY_MODULES = {
+    "test_standalone_cluster", "test_spark_connect", "test_kill_and_rerun", "test_multiprocess_concurrency",
+    "test_churn_dataset", "test_consent_lineage", "test_offboarding", "test_uc_registry",
+}
+HEAVY_BENCHES = {"bench_production_loop.py", "bench_scale.py"}  # whole pipelines, several sizes
+
+
+def is_heavy(nodeid: str) -> bool:
+    """Whether a test belongs to the heavy tier (its module, or a benchmark smoke run of a heavy bench)."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return module in HEAVY_MODULES or any(f"[{bench}]" in nodeid for bench in HEAVY_BENCHES)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_heavy(item.nodeid):
+            item.add_marker(pytest.mark.heavy)
+
+
 def world_scope(nodeid: str) -> str:
     """The scheduling scope of a test: its shared world, else its module (else the test itself)."""
     path = nodeid.split("::", 1)[0]
