@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.tenants, args.largest, args.epochs = 8, 3000, 2
+        args.tenants, args.largest, args.epochs = min(args.tenants, 8), min(args.largest, 3000), min(args.epochs, 2)
     if args.json:
         _OUT = sys.stderr
     logging.basicConfig(level=logging.WARNING)

@@ -29,6 +29,7 @@ SMOKE_ARGS = {
     "bench_scale.py": ["--sizes", "4,8", "--largest", "300", "--smallest", "120", "--max-epochs", "2"],
     "bench_tenant_models.py": ["--tenants", "12", "--rows", "300", "--score-rows", "6000"],
     "bench_tracking.py": ["--tenants", "20"],
+    "bench_shared_models.py": ["--tenants", "6", "--largest", "1200", "--epochs", "1"],
     "bench_noisy_neighbour.py": ["--small", "4", "--rows", "200", "--epochs", "2"],
 }
 
