@@ -109,7 +109,7 @@ def check_data_quality(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> l
     assert "other" not in set(reasons["reason"])  # every reason is one of the dataset's rules
     # Unlabelled history rows sit in quarantine with their reason but are not rejected rows.
     quarantine = (read_table(spark, ctx.tables.quarantine("demo")).where("_purpose = 'history'")
-                  .where(F.col("_reason") != unlabelled_reason(ctx.config.dataset("demo"))))
+                  .where(F.col("_reason") != unlabelled_reason(ctx.config.dataset("demo")[1])))
     counts = _counts(quarantine)
     per_tenant = reasons.groupby("tenant")["rows"].sum()
     for tenant, n in counts.items():
