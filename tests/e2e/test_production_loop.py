@@ -90,8 +90,12 @@ def test_one_tenants_drift_is_flagged_and_only_it_is_retrained(spark: Any, loop:
     assert monitor.summary["drifted"] == [SHIFTED], monitor.summary
     assert monitor.summary["retrain"] == [SHIFTED]
     mon = read_table(spark, loop["ctx"].tables.monitoring("flights")).toPandas()
-    moved = mon[(mon["tenant_id"] == SHIFTED) & (mon["run_id"] == "night-2") & mon["feature"].isin(["hour", "distance"])]
-    assert (moved["status"] == "drift").all() and len(moved) == 2
+    # Night 2 also measures night 1's batch (no champion existed when it arrived); batch 2 is the moved one.
+    preds = read_table(spark, loop["ctx"].tables.predictions("flights")).toPandas()
+    (batch2,) = preds[preds["entity_key"].str.endswith("-b2")]["batch_id"].unique()
+    moved = mon[(mon["tenant_id"] == SHIFTED) & (mon["run_id"] == "night-2") & (mon["batch_id"] == batch2)
+                & mon["feature"].isin(["hour", "distance"])]
+    assert (moved["status"] == "drift").all() and len(moved) == 2, moved
     train = {t.tenant_id: t for t in loop["second"]["train"].tenants}
     assert train[SHIFTED].status == "ok"
     assert all(o.status == "skipped" and "no retraining needed" in o.detail["reason"]
@@ -223,7 +227,7 @@ def test_score_with_a_source_ingests_validates_and_scores_new_rows_under_one_run
     batch3.loc[batch3.index[0], "carrier"] = "ZZ"  # a tenant the platform does not know: quarantined, not scored
     folder = loop["root"] / "batch3"
     folder.mkdir()
-    batch3.to_csv(folder / "rows.csv", index=False)
+    batch3.to_parquet(folder / "rows.parquet", index=False)  # the dataset's scoring source format
     code = run(["score", "--conf-dir", str(loop["conf"]), "--data-dir", str(loop["data"]), "--dataset", "flights",
                 "--source", str(folder), "--run-id", "night-3b", "--json", "--quiet"])
     summary = json.loads(capsys.readouterr().out)

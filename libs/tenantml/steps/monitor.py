@@ -233,8 +233,12 @@ def run(scope: StepScope) -> StepOutput:
             n_new = new_rows.get(t, 0)
             if n_new >= rcfg.min_new_rows or (base and n_new >= rcfg.min_new_fraction * base):
                 reasons.append(f"{n_new} new labelled rows since the champion was trained")
-            features_drifted = st.get("drifted_features", 0) >= mcfg.drift_features
-            prediction_drifted = (st.get("prediction_psi") or 0) > mcfg.psi_alert
+            # Drift measured against an earlier champion was that champion's to answer for (the retrain
+            # it caused replaced it): only drift against the serving champion is a reason to retrain.
+            measured_on = st.get("drift_model")
+            against_champion = measured_on is None or measured_on == f"{c['model_name']}/{c['model_version']}"
+            features_drifted = against_champion and st.get("drifted_features", 0) >= mcfg.drift_features
+            prediction_drifted = against_champion and (st.get("prediction_psi") or 0) > mcfg.psi_alert
             if features_drifted or prediction_drifted:
                 drifted.append(t)
                 if rcfg.on_drift:
@@ -311,9 +315,11 @@ def _tenant_state(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, A
                    F.array_sort(F.collect_list(F.when((F.col("kind") != "prediction") & (F.col("status") == "drift"),
                                                       F.col("feature")))).alias("names"),
                    F.max(F.when((F.col("kind") == "prediction") & (F.col("status") != "too_few_rows"), F.col("psi")))
-                   .alias("p")).collect()):
+                   .alias("p"),
+                   F.max(F.concat_ws("/", "model_name", "model_version")).alias("m")).collect()):
         out.setdefault(r["tenant_id"], {}).update(drift_batch=r["batch_id"], drifted_features=int(r["n"] or 0),
-                                                  drifted_names=list(r["names"] or []), prediction_psi=r["p"])
+                                                  drifted_names=list(r["names"] or []), prediction_psi=r["p"],
+                                                  drift_model=r["m"] or None)
     wr = Window.partitionBy("tenant_id").orderBy(F.col("computed_at").desc(), F.col("batch_id").desc())
     for r in (mon.where(F.col("kind") == "realised").withColumn("_n", F.row_number().over(wr)).where("_n = 1")
               .collect()):
