@@ -39,7 +39,7 @@ demo: setup
 	$(VENV)/bin/tenantml demo
 
 # Two workers; tests that share a built world run on the same one (tests/conftest.py). `test` is
-# what CI runs; `test-all` adds the heavy tier (cluster, Connect, kill-and-rerun, consent worlds).
+# what CI runs; `test-all` adds the heavy tier (listed in tests/conftest.py, HEAVY_MODULES).
 test: setup
 	$(PY) -m pytest -n 2 -m "not heavy"
 

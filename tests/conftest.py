@@ -67,10 +67,13 @@ HEAVY_MODULES = {
 HEAVY_BENCHES = {"bench_production_loop.py", "bench_scale.py", "bench_shared_models.py"}
 
 
+def _module(nodeid: str) -> str:
+    return Path(nodeid.split("::", 1)[0]).stem
+
+
 def is_heavy(nodeid: str) -> bool:
     """Whether a test belongs to the heavy tier (its module, or a benchmark smoke run of a heavy bench)."""
-    module = Path(nodeid.split("::", 1)[0]).stem
-    return module in HEAVY_MODULES or any(f"[{bench}]" in nodeid for bench in HEAVY_BENCHES)
+    return _module(nodeid) in HEAVY_MODULES or any(f"[{bench}]" in nodeid for bench in HEAVY_BENCHES)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -81,11 +84,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def world_scope(nodeid: str) -> str:
     """The scheduling scope of a test: its shared world, else its module (else the test itself)."""
-    path = nodeid.split("::", 1)[0]
-    module = Path(path).stem
+    module = _module(nodeid)
     if module in UNGROUPED:
         return nodeid
-    return WORLD_GROUPS.get(module, path)
+    return WORLD_GROUPS.get(module, nodeid.split("::", 1)[0])
 
 
 @pytest.hookimpl(optionalhook=True)

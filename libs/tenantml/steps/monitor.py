@@ -217,6 +217,7 @@ def run(scope: StepScope) -> StepOutput:
     drifted, degraded, retrain_ids = [], [], []
     for t in tenants:
         c = champs.get(t)
+        champion = f"{c['model_name']}/{c['model_version']}" if c else None
         st = history.get(t, {})
         reasons = []
         if rcfg.force:
@@ -236,7 +237,7 @@ def run(scope: StepScope) -> StepOutput:
             # Drift measured against an earlier champion was that champion's to answer for (the retrain
             # it caused replaced it): only drift against the serving champion is a reason to retrain.
             measured_on = st.get("drift_model")
-            against_champion = measured_on is None or measured_on == f"{c['model_name']}/{c['model_version']}"
+            against_champion = measured_on is None or measured_on == champion
             features_drifted = against_champion and st.get("drifted_features", 0) >= mcfg.drift_features
             prediction_drifted = against_champion and (st.get("prediction_psi") or 0) > mcfg.psi_alert
             if features_drifted or prediction_drifted:
@@ -264,7 +265,7 @@ def run(scope: StepScope) -> StepOutput:
             retrain_ids.append(t)
         why = "; ".join(reasons) if reasons else "champion current: no new rows, drift or degradation"
         created = c.get("created_at") if c else None
-        decisions.append((ctx.run_id, name, t, retrain, why, f"{c['model_name']}/{c['model_version']}" if c else None,
+        decisions.append((ctx.run_id, name, t, retrain, why, champion,
                           (now - created).total_seconds() / 86400 if created is not None else None,
                           int(new_rows.get(t, 0)), int(st.get("drifted_features", 0)), st.get("prediction_psi"),
                           st.get("realised_value"), c.get("promoted_value") if c else None, now))
