@@ -61,7 +61,6 @@ UNGROUPED = {"test_benchmarks_quick"}
 HEAVY_MODULES = {
     "test_standalone_cluster", "test_spark_connect", "test_kill_and_rerun", "test_multiprocess_concurrency",
     "test_churn_dataset", "test_consent_lineage", "test_offboarding", "test_uc_registry",
-    "test_production_loop",  # three nights on nycflights13: 10 to 23 minutes for its world alone
 }
 # Whole pipelines at several sizes, or several shared-training launches (1 and 2 processes, per backend).
 HEAVY_BENCHES = {"bench_production_loop.py", "bench_scale.py", "bench_shared_models.py"}

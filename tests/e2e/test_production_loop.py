@@ -96,6 +96,8 @@ def test_one_tenants_drift_is_flagged_and_only_it_is_retrained(spark: Any, loop:
     moved = mon[(mon["tenant_id"] == SHIFTED) & (mon["run_id"] == "night-2") & (mon["batch_id"] == batch2)
                 & mon["feature"].isin(["hour", "distance"])]
     assert (moved["status"] == "drift").all() and len(moved) == 2, moved
+    shared = loop["second"]["train_shared"].summary  # one of 16 contributors: the shared model stays
+    assert shared["models_trained"] == 0 and "1 of 16 contributing tenants" in shared["reason"], shared
     train = {t.tenant_id: t for t in loop["second"]["train"].tenants}
     assert train[SHIFTED].status == "ok"
     assert all(o.status == "skipped" and "no retraining needed" in o.detail["reason"]
@@ -161,7 +163,9 @@ def test_a_champion_is_served_in_a_separate_process(loop: dict[str, Any], tmp_pa
     model_dir = Path(urlparse(source).path)
     reqs = (model_dir / "requirements.txt").read_text()
     assert "tenantml" not in reqs and "+" not in reqs and "torch>=" in reqs, reqs
-    assert (model_dir / "code" / "tenantml" / "registry" / "pyfunc_flavor.py").is_file()
+    loader = model_dir / "code" / "tenantml_pyfunc" / "registry" / "pyfunc_flavor.py"
+    assert loader.is_file() and not (model_dir / "code" / "tenantml").exists()  # never shadows the platform
+    assert "from tenantml_pyfunc.models import" in loader.read_text()
     payload = tmp_path / "input.json"
     payload.write_text(json.dumps({"dataframe_split": {"columns": ["weekday", "hour", "distance", "origin", "dest"],
                                                        "data": [[1, 8, 500, "JFK", "BOS"], [4, 18, 1400, "EWR", "IAH"]]}}))
@@ -194,7 +198,11 @@ def test_the_monitoring_notebook_and_the_run_report_show_the_drift_and_the_reali
     realised = read_table(spark, loop["ctx"].tables.monitoring("flights")).where("kind = 'realised'").toPandas()
     assert sorted(ns["realised"]["tenant_id"]) == sorted(realised["tenant_id"])
     assert ns["realised"]["value"].sum() == pytest.approx(realised["value"].sum())
-    assert bool(ns["decisions"].set_index("tenant_id").loc[SHIFTED, "retrain"]) is False  # night 3: retrained on night 2
+    # Night 3 (the latest decisions): the labels of batch 1 arrived, new rows that retrain it; batch 2's
+    # drift is no longer a reason (night 2's retrain answered it, though it kept the champion).
+    latest = ns["decisions"].set_index("tenant_id").loc[SHIFTED]
+    assert latest["run_id"] == "night-3" and "new labelled rows" in latest["reasons"], latest.to_dict()
+    assert "drift" not in latest["reasons"]
 
     ctx2 = JobContext.create(conf_dir=loop["conf"], data_dir=loop["data"], spark=spark, run_id="night-2")
     page = write_run_report(ctx2, "flights", "night-2").read_text()

@@ -147,6 +147,30 @@ def test_registered_versions_keep_their_tags_and_load_by_both_uris(default_run: 
         pd.testing.assert_frame_equal(out, by_id.predict(rows))
 
 
+def test_a_process_that_loaded_a_champion_still_imports_the_whole_platform(default_run: dict[str, Any]) -> None:
+    """MLflow puts the model's `code/` first on `sys.path`, and a Spark Python worker that ran
+    `spark_udf` is reused for later tasks: the model's runtime must not shadow the installed
+    `tenantml` there (a partial copy of it would leave `tenantml.scoring` unimportable)."""
+    import subprocess
+    import sys
+
+    ctx, tracked = default_run["ctx"], default_run["tracked"]
+    source = ctx.mlflow.get_model_version(tracked.registered[TENANTS[0]].name, tracked.registered[TENANTS[0]].version).source
+    model_dir = Path(urlparse(source).path)
+    script = (
+        "import sys, pandas as pd, mlflow.pyfunc\n"
+        f"m = mlflow.pyfunc.load_model({str(model_dir)!r})\n"
+        f"rows = pd.DataFrame({{c: [1.0, 2.0] for c in {list(_rows(1, 0).columns[:5])!r}}} | "
+        "{'plan': ['basic', 'pro'], 'region': ['eu', 'us']})\n"
+        "print(m.predict(rows)['score'].between(0, 1).all())\n"
+        "import tenantml, tenantml.scoring.batch\n"
+        "print(tenantml.__file__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ok, where = proc.stdout.split()[-2:]
+    assert ok == "True" and str(model_dir) not in where and Path(where).parent.name == "tenantml"
+
+
 def test_the_shared_model_is_a_logged_model_too(default_run: dict[str, Any], results: pd.DataFrame,
                                                 tmp_path: Path) -> None:
     import mlflow

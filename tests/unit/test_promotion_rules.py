@@ -186,3 +186,32 @@ def replace_se(c: Candidate, se: float) -> Candidate:
     from dataclasses import replace
 
     return replace(c, se=se)
+
+
+def test_the_shared_model_retrains_only_when_enough_of_its_contributors_need_it() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from tenantml.config.schema import RetrainingConfig
+    from tenantml.steps.train_shared import _keep_shared
+
+    rcfg = RetrainingConfig()
+    contributors = [f"t{i}" for i in range(10)]
+    fresh = SimpleNamespace(creation_timestamp=time.time() * 1000 - 3_600_000)  # an hour old
+    one = {t: (t == "t3", "drift" if t == "t3" else "current") for t in contributors}
+    kept = _keep_shared(rcfg, one, contributors, fresh, None)
+    assert kept is not None and "1 of 10" in kept and "shared_min_fraction=0.5" in kept
+    assert _keep_shared(rcfg, {t: (False, "") for t in contributors}, contributors, fresh, None) == (
+        "no tenant needs retraining this run; the shared champion stays")
+    half = {t: (i < 5, "") for i, t in enumerate(contributors)}
+    assert _keep_shared(rcfg, half, contributors, fresh, None) is None  # half of them: retrain
+    # No champion, a tainted one, an old one, forced, or no decisions (no monitor step): retrain.
+    assert _keep_shared(rcfg, one, contributors, None, None) is None
+    assert _keep_shared(rcfg, one, contributors, fresh, "taint") is None
+    old = SimpleNamespace(creation_timestamp=time.time() * 1000 - 40 * 86_400_000)
+    assert _keep_shared(rcfg, one, contributors, old, None) is None
+    assert _keep_shared(RetrainingConfig(force=True), one, contributors, fresh, None) is None
+    assert _keep_shared(rcfg, None, contributors, fresh, None) is None
+    # A contributor without a decision (new since the monitor ran) counts as needing a retrain.
+    assert _keep_shared(RetrainingConfig(shared_min_fraction=0.2), {"t0": (True, "")}, ["t0", "t1"],
+                        fresh, None) is None

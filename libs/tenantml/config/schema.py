@@ -387,6 +387,10 @@ class RetrainingConfig(_Strict):
     on_drift: bool = True
     on_degradation: bool = True
     max_age_days: float | None = Field(default=30.0, gt=0)  # champions older than this are retrained
+    # The shared model learns from every consenting tenant: it is retrained when at least this share of
+    # them need retraining (or it has no champion, is tainted, too old, or retraining is forced); below
+    # that, the few that retrain fine-tune from the shared champion as it is, and it stays unchanged.
+    shared_min_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     # A model that learned from a tenant that withdrew consent or was offboarded (io/lineage.py) is
     # retrained at the next run; until then: fall_back = its tenants are served by their own model
     # (or not at all), keep_serving = it keeps serving, with a warning in the summary and the report.

@@ -8,6 +8,11 @@ A champion must load where tenantml is not installed (`mlflow models serve`, a s
 needs under `code/` (MLflow puts it on the path), and `requirements.txt` names only packages an
 index serves, with version ranges (the driver's local build of torch, `+cu128` and the like, is
 not installable anywhere else).
+
+That runtime is its own top-level package (`tenantml_pyfunc`), a copy with its imports renamed:
+MLflow puts `code/` first on `sys.path` of the process that loads the model, and a Spark Python
+worker that ran `spark_udf` is reused for later tasks; a partial copy named `tenantml` would shadow
+the installed platform there, and its next scoring task would fail to import `tenantml.scoring`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import yaml
 
 from tenantml.registry.pyfunc_flavor import MODEL_FILE
 
-LOADER_MODULE = "tenantml.registry.pyfunc_flavor"
+RUNTIME_PACKAGE = "tenantml_pyfunc"
+LOADER_MODULE = f"{RUNTIME_PACKAGE}.registry.pyfunc_flavor"
 CODE_DIR = "code"
 # What the loader imports: the package roots, the pure torch models and the loader itself.
 RUNTIME_FILES = ("__init__.py", "models/__init__.py", "models/tabular.py", "models/metrics.py", "models/split.py",
@@ -70,9 +76,14 @@ def _env_files() -> dict[str, str]:
     }
 
 
+_IMPORTS = re.compile(rb"\b(from|import) tenantml\b")
+
+
 @functools.cache
 def _runtime() -> dict[str, bytes]:
-    return {f"tenantml/{rel}": (_PACKAGE_ROOT / rel).read_bytes() for rel in RUNTIME_FILES}
+    """The loader's files under their own package name, imports renamed to match."""
+    return {f"{RUNTIME_PACKAGE}/{rel}": _IMPORTS.sub(rb"\1 " + RUNTIME_PACKAGE.encode(), (_PACKAGE_ROOT / rel).read_bytes())
+            for rel in RUNTIME_FILES}
 
 
 def signature(numeric: list[str], categorical: list[str]) -> dict[str, str]:
@@ -126,4 +137,4 @@ def write_model_dir(target: Path, blob: bytes, *, run_id: str, artifact_path: st
     return target
 
 
-__all__ = ["CODE_DIR", "LOADER_MODULE", "RUNTIME_FILES", "requirements", "signature", "write_model_dir"]
+__all__ = ["CODE_DIR", "LOADER_MODULE", "RUNTIME_FILES", "RUNTIME_PACKAGE", "requirements", "signature", "write_model_dir"]

@@ -63,7 +63,8 @@ def champions(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, Any]]
         model, _, version = str(r["serving_model"]).rpartition("/")
         metric = r["challenger_metric"] if r["decision"] == "promoted" else r["champion_before_metric"]
         out[r["tenant_id"]] = {"model_name": model, "model_version": version, "strategy": r["serving_strategy"],
-                               "metric_name": r["metric_name"], "promoted_value": metric}
+                               "metric_name": r["metric_name"], "promoted_value": metric,
+                               "decided_at": r["decided_at"]}
     store_ref = ctx.tables.model_store
     if out and table_exists(ctx.spark, store_ref):
         keys = ctx.spark.createDataFrame([(t, c["model_name"], c["model_version"]) for t, c in out.items()],
@@ -234,10 +235,12 @@ def run(scope: StepScope) -> StepOutput:
             n_new = new_rows.get(t, 0)
             if n_new >= rcfg.min_new_rows or (base and n_new >= rcfg.min_new_fraction * base):
                 reasons.append(f"{n_new} new labelled rows since the champion was trained")
-            # Drift measured against an earlier champion was that champion's to answer for (the retrain
-            # it caused replaced it): only drift against the serving champion is a reason to retrain.
-            measured_on = st.get("drift_model")
-            against_champion = measured_on is None or measured_on == champion
+            # Drift is answered by the retrain it causes, whether that retrain replaced the champion or
+            # kept it (retraining again on the same rows would decide the same): only drift against the
+            # serving champion, measured after its latest promotion decision, is a reason to retrain.
+            measured_on, measured_at, decided_at = st.get("drift_model"), st.get("drift_at"), c.get("decided_at")
+            against_champion = ((measured_on is None or measured_on == champion)
+                                and (measured_at is None or decided_at is None or measured_at > decided_at))
             features_drifted = against_champion and st.get("drifted_features", 0) >= mcfg.drift_features
             prediction_drifted = against_champion and (st.get("prediction_psi") or 0) > mcfg.psi_alert
             if features_drifted or prediction_drifted:
@@ -307,7 +310,8 @@ def _tenant_state(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, A
     mon = scope.tenants.read(ref).where(F.col("dataset") == name)
     out: dict[str, dict[str, Any]] = {}
     w = Window.partitionBy("tenant_id").orderBy(F.col("computed_at").desc(), F.col("batch_id").desc())
-    latest_batch = (mon.where(F.col("kind").isin("numeric", "categorical", "prediction"))
+    drift_kind = F.col("kind").isin("numeric", "categorical", "prediction")
+    latest_batch = (mon.where(drift_kind)
                     .groupBy("tenant_id", "batch_id").agg(F.max("computed_at").alias("computed_at"))
                     .withColumn("_n", F.row_number().over(w)).where("_n = 1").select("tenant_id", "batch_id"))
     for r in (mon.join(latest_batch, ["tenant_id", "batch_id"])
@@ -317,10 +321,15 @@ def _tenant_state(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, A
                                                       F.col("feature")))).alias("names"),
                    F.max(F.when((F.col("kind") == "prediction") & (F.col("status") != "too_few_rows"), F.col("psi")))
                    .alias("p"),
-                   F.max(F.concat_ws("/", "model_name", "model_version")).alias("m")).collect()):
+                   F.max(F.when(drift_kind, F.concat_ws("/", "model_name", "model_version"))).alias("m"),
+                   # When the monitor measured the batch's features (the score step adds its prediction
+                   # PSI later in the same run, after the retrain that this measurement decided).
+                   F.coalesce(F.max(F.when(F.col("kind").isin("numeric", "categorical"), F.col("computed_at"))),
+                              F.max(F.when(F.col("kind") == "prediction", F.col("computed_at")))).alias("at"))
+              .collect()):
         out.setdefault(r["tenant_id"], {}).update(drift_batch=r["batch_id"], drifted_features=int(r["n"] or 0),
                                                   drifted_names=list(r["names"] or []), prediction_psi=r["p"],
-                                                  drift_model=r["m"] or None)
+                                                  drift_model=r["m"] or None, drift_at=r["at"])
     wr = Window.partitionBy("tenant_id").orderBy(F.col("computed_at").desc(), F.col("batch_id").desc())
     for r in (mon.where(F.col("kind") == "realised").withColumn("_n", F.row_number().over(wr)).where("_n = 1")
               .collect()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from tenantml.core.ids import SHARED_ID
@@ -64,9 +65,9 @@ def run(scope: StepScope) -> StepOutput:
     current_mv = shared_champion(ctx, name)
     taint = (taints(spark, ctx.tables.model_lineage, ctx.tables.tenants, [(current_mv.name, str(current_mv.version))],
                     key=ctx.signing_key).get((current_mv.name, str(current_mv.version))) if current_mv else None)
-    if (decisions is not None and not ctx.config.retraining.force and current_mv is not None and not taint
-            and not any(retrain for retrain, _ in decisions.values())):
-        return finish("no tenant needs retraining this run; the shared champion stays", models_trained=0)
+    keep = _keep_shared(ctx.config.retraining, decisions, contributors, current_mv, taint)
+    if keep:
+        return finish(keep, models_trained=0)
     if len(contributors) < sh.min_tenants:
         return finish(f"{len(contributors)} consenting tenant(s), below training.shared.min_tenants="
                       f"{sh.min_tenants}", models_trained=0)
@@ -179,6 +180,27 @@ def run(scope: StepScope) -> StepOutput:
                   trainset_rows=trainset.rows, contributors=len(contributors), backend=sh.backend,
                   samples_per_second=round(float(fig["samples_per_second"]), 1),
                   epochs_run=fig["epochs_run"], start_epoch=fig["start_epoch"], resumed=fig["resumed"])
+
+
+def _keep_shared(rcfg: Any, decisions: dict[str, tuple[bool, str]] | None, contributors: list[str],
+                 current_mv: Any, taint: Any) -> str | None:
+    """Why the shared champion stays as it is this run (None: retrain it). It learned from every
+    consenting tenant, so one tenant's drift or new rows are that tenant's to answer (its own and
+    its tuned model); the shared model moves when enough of its contributors need it."""
+    if decisions is None or rcfg.force or current_mv is None or taint:
+        return None
+    created = getattr(current_mv, "creation_timestamp", None)
+    age_days = (time.time() * 1000 - created) / 86_400_000 if created else None
+    if age_days is not None and rcfg.max_age_days is not None and age_days > rcfg.max_age_days:
+        return None
+    needing = [t for t in contributors if decisions.get(t, (True, ""))[0]]
+    if contributors and len(needing) >= rcfg.shared_min_fraction * len(contributors):
+        return None
+    if not needing:
+        return "no tenant needs retraining this run; the shared champion stays"
+    return (f"{len(needing)} of {len(contributors)} contributing tenants need retraining, below "
+            f"retraining.shared_min_fraction={rcfg.shared_min_fraction:g}: the shared champion stays "
+            "(they fine-tune from it)")
 
 
 def _pooled(rows: Any) -> float:
