@@ -183,7 +183,7 @@ def test_a_champion_is_served_in_a_separate_process(loop: dict[str, Any], tmp_pa
 def test_the_monitoring_notebook_and_the_run_report_show_the_drift_and_the_realised_metric(
         spark: Any, loop: dict[str, Any], tmp_path: Path, check_png: Any) -> None:
     from tenantml.apps.notebook_runner import run_notebook
-    from tenantml.apps.report import write_run_report
+    from tenantml.apps.report import NONE, write_run_report
 
     out = tmp_path / "figures"
     ns = run_notebook(REPO / "notebooks" / "monitoring.py",
@@ -210,6 +210,10 @@ def test_the_monitoring_notebook_and_the_run_report_show_the_drift_and_the_reali
     assert "1 retrained this run" in section and 'id="chart-drift"' in section
     first_row = section.split('id="drift-table"')[1].split("</tr>")[1]
     assert f'data-tenant="{SHIFTED}"' in first_row  # worst drift first
+    assert f'<td>{SHIFTED}</td><td class="num">300</td>' in first_row  # the rows of its batch
+    # A tiny airline's PSI over a handful of rows is noise: no largest PSI, ranked last.
+    last_row = section.split('id="drift-table"')[1].split("</table>")[0].split("</tr>")[-2]
+    assert f'<td class="num">{NONE}</td><td>' in last_row, last_row
     page3 = write_run_report(JobContext.create(conf_dir=loop["conf"], data_dir=loop["data"], spark=spark,
                                                run_id="night-3"), "flights", "night-3").read_text()
     assert 'id="chart-realised"' in page3 and page3.count('class="baseline"') >= 12

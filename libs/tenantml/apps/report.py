@@ -123,14 +123,18 @@ def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
                                          .collect()), key=lambda r: r["tenant_id"])
     if table_exists(spark, t.monitoring(name)):
         mon = read_table(spark, t.monitoring(name)).where(in_run & (F.col("dataset") == name))
-        feature = F.col("kind").isin("numeric", "categorical")
-        report.drift = [r.asDict() for r in mon.where(F.col("kind").isin("numeric", "categorical", "prediction"))
+        # A PSI over fewer than monitoring.min_drift_rows rows is noise (status too_few_rows): it is
+        # neither the largest drift of a tenant nor a reason to rank it first.
+        measured = F.col("status") != "too_few_rows"
+        feature = F.col("kind").isin("numeric", "categorical") & measured
+        report.drift = [r.asDict() for r in mon.where(F.col("kind").isin("numeric", "categorical", "prediction", "rows"))
                         .groupBy("tenant_id").agg(
                             F.max(F.when(feature, F.col("psi"))).alias("max_feature_psi"),
                             F.max_by(F.when(feature, F.col("feature")), F.when(feature, F.col("psi")))
                             .alias("feature"),
                             F.sum((feature & (F.col("status") == "drift")).cast("long")).alias("drifted_features"),
-                            F.max(F.when(F.col("kind") == "prediction", F.col("psi"))).alias("prediction_psi"),
+                            F.max(F.when((F.col("kind") == "prediction") & measured, F.col("psi")))
+                            .alias("prediction_psi"),
                             F.max(F.when(F.col("kind") == "rows", F.col("rows"))).alias("rows"))
                         .orderBy("tenant_id").collect()]
         report.realised = [r.asDict() for r in mon.where(F.col("kind") == "realised")
