@@ -75,7 +75,7 @@ def test_drift_by_tenant_matches_pandas_in_one_query(spark: Any, drift_case: dic
     df, profiles, pdf = drift_case["df"], drift_case["profiles"], drift_case["pdf"]
     df.count()
     out, jobs = jobs_of(spark, lambda: drift_by_tenant(df, profiles, NUMERIC, CATEGORICAL, "score"))
-    assert list(out.columns) == ["tenant_id", "feature", "kind", "psi", "rows", "missing_share"]
+    assert list(out.columns) == ["tenant_id", "feature", "kind", "psi", "rows", "missing_share", "noise_psi"]
     assert sorted(out.tenant_id.unique()) == ["t-a", "t-b", SHIFTED]
     assert out.attrs["missing_profile"] == ["t-unprofiled"] and out.attrs["missing_features"] == {}
     for tenant, got in out.groupby("tenant_id"):
@@ -88,6 +88,7 @@ def test_drift_by_tenant_matches_pandas_in_one_query(spark: Any, drift_case: dic
         assert got.rows.tolist() == expected.rows.tolist() == [len(part)] * 5
         np.testing.assert_allclose(got.psi, expected.psi, rtol=0, atol=1e-9)
         np.testing.assert_allclose(got.missing_share, expected.missing_share, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got.noise_psi, expected.noise_psi, rtol=0, atol=1e-12)
     status = {(r.tenant_id, r.feature): classify_psi(r.psi) for r in out.itertuples()}
     assert {k for k, v in status.items() if v == "drift"} == {(SHIFTED, "spend"), (SHIFTED, "plan")}
     assert out.loc[(out.tenant_id == "t-a") & (out.feature == "spend"), "missing_share"].iloc[0] > 0.0

@@ -19,6 +19,7 @@ from tenantml.monitoring import (
     classify_psi,
     drift_report,
     psi,
+    psi_noise_level,
     realised_metrics_pandas,
     reference_profile,
 )
@@ -96,6 +97,57 @@ def test_psi_function() -> None:
     assert math.isnan(psi([0.5, 0.5], [0, 0]))
     with pytest.raises(ValueError):
         psi([0.5, 0.5], [1, 1, 1])
+
+
+def _null_false_alarms(shares: np.ndarray, rows: int, reference_rows: int, confidence: float,
+                       draws: int = 4000) -> float:
+    """Share of batches drawn from the reference's own distribution whose (smoothed) PSI exceeds
+    `psi_noise_level`: what a monitor would flag with no drift at all."""
+    rng = np.random.default_rng(rows * 7 + reference_rows)
+    level = psi_noise_level(shares, rows, reference_rows, confidence)
+    flagged = 0
+    for _ in range(draws):
+        ref = rng.multinomial(reference_rows, shares) / reference_rows
+        batch = rng.multinomial(rows, shares)
+        flagged += psi(ref, batch, expected_rows=reference_rows, smoothing=0.5) > level
+    return flagged / draws
+
+
+@pytest.mark.parametrize("rows,reference_rows", [(50, 400), (80, 2000), (300, 300), (2000, 2000)])
+def test_noise_level_holds_its_confidence_on_batches_without_drift(rows: int, reference_rows: int) -> None:
+    deciles = np.r_[np.full(10, 0.1), 0.0]  # a numeric feature's quantile bins, nothing missing
+    skewed = np.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.01, 0.005, 0.005, 0.0, 0.0])  # a categorical one
+    for shares in (deciles, skewed):
+        rate = _null_false_alarms(shares, rows, reference_rows, 0.99)
+        assert rate <= 0.02, (shares, rows, reference_rows, rate)
+    # The textbook PSI and its usual 0.25 alert flag a third of 50-row batches that did not drift.
+    rng = np.random.default_rng(3)
+    textbook = np.mean([psi(deciles, rng.multinomial(50, deciles)) > 0.25 for _ in range(2000)])
+    assert textbook > 0.2
+
+
+def test_noise_level_shrinks_with_rows_and_a_real_shift_clears_it(profile: dict) -> None:
+    levels = [psi_noise_level(np.full(10, 0.1), n, 5000) for n in (50, 200, 1000, 10_000)]
+    assert levels == sorted(levels, reverse=True) and levels[0] > 0.4 > 0.01 > levels[-1]
+    assert math.isnan(psi_noise_level([0.5, 0.5], 0))
+    with pytest.raises(ValueError):
+        psi_noise_level([0.5, 0.5], 10, confidence=1.0)
+    # A shift of two standard deviations in a 60-row batch is drift beyond any noise.
+    report = {r["feature"]: r for r in drift_report(profile, frame(60, seed=9, shift_sd=2.0), NUMERIC, CATEGORICAL)}
+    assert report["spend"]["psi"] > report["spend"]["noise_psi"] > 0.25
+    calm = {r["feature"]: r for r in drift_report(profile, frame(60, seed=10), NUMERIC, CATEGORICAL)}
+    assert all(r["psi"] < r["noise_psi"] for r in calm.values()), calm
+
+
+def test_smoothed_psi_keeps_an_empty_bin_of_a_small_batch_finite_and_modest() -> None:
+    shares = np.full(10, 0.1)
+    one_empty = np.array([0, 6, 6, 6, 6, 6, 5, 5, 5, 5])  # 50 rows, one decile happened to stay empty
+    assert psi(shares, one_empty) > 0.6  # eps-floored: the empty bin alone is ~0.69
+    assert psi(shares, one_empty, expected_rows=1000, smoothing=0.5) < 0.3
+    big = np.array([480, 520, 500, 505, 495, 510, 490, 500, 500, 500])  # thousands of rows: the textbook PSI
+    assert psi(shares, big, expected_rows=100_000, smoothing=0.5) == pytest.approx(psi(shares, big), abs=1e-4)
+    with pytest.raises(ValueError):
+        psi(shares, one_empty, smoothing=-1.0)
 
 
 def test_classify_psi() -> None:

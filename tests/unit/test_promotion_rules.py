@@ -215,3 +215,36 @@ def test_the_shared_model_retrains_only_when_enough_of_its_contributors_need_it(
     # A contributor without a decision (new since the monitor ran) counts as needing a retrain.
     assert _keep_shared(RetrainingConfig(shared_min_fraction=0.2), {"t0": (True, "")}, ["t0", "t1"],
                         fresh, None) is None
+
+
+def test_a_tenant_no_strategy_can_serve_waits_for_rows_instead_of_retraining_every_night() -> None:
+    from tenantml.core.policy import no_model_possible
+
+    tenant_only = TenantPolicy("t1", "tenant", False, False)
+    why = no_model_possible(tenant_only, 40, ["tenant", "shared", "tuned"], 200, 100)
+    assert why is not None and "40 labelled rows" in why and "training.min_rows=200" in why
+    assert no_model_possible(tenant_only, 200, ["tenant"], 200, 100) is None  # enough rows for its own model
+    # A consenting tenant is served by the shared model whatever its size; the tuned one needs its minimum.
+    assert no_model_possible(AUTO, 5, ["tenant", "shared", "tuned"], 200, 100) is None
+    tuned = no_model_possible(AUTO, 40, ["tenant", "tuned"], 200, 100)
+    assert tuned is not None and "'tuned' needs training.tuned.min_rows=100" in tuned
+    assert no_model_possible(AUTO, 150, ["tenant", "tuned"], 200, 100) is None
+    nothing = no_model_possible(NO_SHARED, 500, ["shared"], 200, 100)
+    assert nothing is not None and "no strategy in training.strategies ['shared'] is allowed" in nothing
+
+
+def test_a_psi_above_the_alert_level_but_within_a_small_batchs_noise_is_not_drift() -> None:
+    from tenantml.config.schema import MonitoringConfig
+    from tenantml.steps.monitor import drift_status, feature_confidence
+
+    cfg = MonitoringConfig()
+    assert drift_status(0.4, 60, cfg, noise=0.55) == "within_noise"
+    assert drift_status(0.9, 60, cfg, noise=0.55) == "drift"
+    assert drift_status(0.15, 60, cfg, noise=0.55) == "within_noise"
+    assert drift_status(0.05, 60, cfg, noise=0.55) == "stable"
+    assert drift_status(0.9, 20, cfg, noise=0.55) == "too_few_rows"
+    assert drift_status(0.3, 5000, cfg, noise=0.01) == "drift"  # big batches: the thresholds decide
+    off = MonitoringConfig(drift_confidence=None)
+    assert drift_status(0.4, 60, off, noise=0.55) == "drift"
+    # Ten features at 0.99 per tenant: each is tested at 0.999.
+    assert feature_confidence(cfg, 10) == pytest.approx(0.999) and feature_confidence(cfg, 1) == pytest.approx(0.99)

@@ -152,7 +152,10 @@ def test_the_monitoring_section_ranks_drift_and_marks_realised_against_promoted(
              {"tenant_id": "beta", "max_feature_psi": 1.7, "feature": "<hour>", "drifted_features": 2,
               "prediction_psi": 0.4, "rows": 60},
              {"tenant_id": "gamma", "max_feature_psi": 0.15, "feature": "distance", "drifted_features": 0,
-              "prediction_psi": None, "rows": 55}]
+              "prediction_psi": None, "rows": 55},
+             # above the alert level, but not above the noise of a 52-row batch: grey, not red
+             {"tenant_id": "delta", "max_feature_psi": 0.6, "feature": "distance", "drifted_features": 0,
+              "prediction_psi": None, "rows": 52, "feature_status": "within_noise"}]
     realised = [{"tenant_id": "acme", "batch_id": "b1", "metric_name": "auc", "value": 0.71, "promoted_value": 0.8,
                  "rows": 120}]
     retraining = [{"tenant_id": "acme", "retrain": False, "reasons": "champion current", "champion": "m/1",
@@ -164,9 +167,10 @@ def test_the_monitoring_section_ranks_drift_and_marks_realised_against_promoted(
     assert "3 tenants monitored" not in section and "2 tenants monitored; 1 retrained" in section
     # worst first, each bar coloured by its level, the feature name escaped
     assert re.findall(r'<tr data-tenant="([^"]+)"', section.split('id="drift-table"')[1].split("</table>")[0]) == [
-        "beta", "gamma", "acme"]
+        "beta", "delta", "gamma", "acme"]
     chart = section[section.index('id="chart-drift"'):section.index("</svg>")]
-    assert re.findall(r'class="bar"[^>]*fill="(#[0-9a-f]+)"', chart) == ["#c0392b", "#e08a1e", "#3a9a5b"]
+    assert re.findall(r'class="bar"[^>]*fill="(#[0-9a-f]+)"', chart) == ["#c0392b", "#9aa5b1", "#e08a1e", "#3a9a5b"]
+    assert "within noise" in chart and "grey: within the noise" in section
     assert "&lt;hour&gt;" in chart and "<hour>" not in page
     # realised: one ringed dot and the promoted bar; the retrained tenant is listed first
     real = section[section.index('id="chart-realised"'):]

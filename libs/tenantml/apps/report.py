@@ -132,6 +132,8 @@ def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
                             F.max(F.when(feature, F.col("psi"))).alias("max_feature_psi"),
                             F.max_by(F.when(feature, F.col("feature")), F.when(feature, F.col("psi")))
                             .alias("feature"),
+                            F.max_by(F.when(feature, F.col("status")), F.when(feature, F.col("psi")))
+                            .alias("feature_status"),
                             F.sum((feature & (F.col("status") == "drift")).cast("long")).alias("drifted_features"),
                             F.max(F.when((F.col("kind") == "prediction") & measured, F.col("psi")))
                             .alias("prediction_psi"),
@@ -573,7 +575,7 @@ def _predictions_section(r: RunReport) -> str:
                      numeric=(2, 3, 4)) + "</section>")
 
 
-PSI_COLORS = {"stable": "#3a9a5b", "warn": "#e08a1e", "drift": "#c0392b"}
+PSI_COLORS = {"stable": "#3a9a5b", "within_noise": "#9aa5b1", "warn": "#e08a1e", "drift": "#c0392b"}
 
 
 def _monitoring_section(r: RunReport, psi_warn: float, psi_alert: float) -> str:
@@ -590,9 +592,13 @@ def _monitoring_section(r: RunReport, psi_warn: float, psi_alert: float) -> str:
         return ('<section id="monitoring"><h2>Monitoring and retraining</h2>'
                 '<p class="note">This run did not monitor.</p></section>')
 
-    def level(v: Any) -> str:
-        f = _finite(v)
-        return "drift" if f is not None and f > psi_alert else "warn" if f is not None and f > psi_warn else "stable"
+    def level(d: dict[str, Any]) -> str:
+        """The monitor's own status of the tenant's largest feature PSI (within_noise: above a
+        threshold, but not above what sampling noise reaches for a batch of that size)."""
+        if d.get("feature_status") in PSI_COLORS:
+            return str(d["feature_status"])
+        f = _finite(d["max_feature_psi"])
+        return "drift" if f is not None and f >= psi_alert else "warn" if f is not None and f >= psi_warn else "stable"
 
     parts = ['<section id="monitoring"><h2>Monitoring and retraining</h2>']
     retrain = [d for d in r.retraining if d["retrain"]]
@@ -609,11 +615,12 @@ def _monitoring_section(r: RunReport, psi_warn: float, psi_alert: float) -> str:
         ranked = sorted(r.drift, key=lambda d: -(_finite(d["max_feature_psi"]) or 0.0))
         labels = [f"{d['tenant_id']} ({d['feature'] or NONE})" for d in ranked]
         chart = bar_chart("chart-drift", "largest feature PSI per tenant", labels,
-                          [(name, color, [d["max_feature_psi"] if level(d["max_feature_psi"]) == name else None
+                          [(name.replace("_", " "), color, [d["max_feature_psi"] if level(d) == name else None
                                           for d in ranked]) for name, color in PSI_COLORS.items()],
                           stacked=True, fmt=lambda v: f"{v:.3f}")
         parts.append(_figure(chart, f"Largest feature PSI of each tenant's batch against its champion's training "
-                             f"rows, worst first; warn above {psi_warn:g}, drift above {psi_alert:g}",
+                             f"rows, worst first; warn above {psi_warn:g}, drift above {psi_alert:g}, grey: within the "
+                             "noise of a batch of that size",
                              min(len(labels), MAX_CHART_ROWS), len(labels)))
         parts.append(_table("drift-table", ["tenant", "rows", "largest feature PSI", "feature", "drifted features",
                                             "prediction PSI"],

@@ -369,6 +369,10 @@ class MonitoringConfig(_Strict):
     metric_drop: float = Field(default=0.05, ge=0.0)  # realised metric worse than promoted by more: degraded
     min_labelled_rows: int = Field(default=30, ge=1)  # labelled, scored rows a realised metric needs
     min_drift_rows: int = Field(default=50, ge=1)     # rows a batch needs before its PSI counts (noise below)
+    # A feature drifts only when its PSI is also above what sampling noise alone reaches for a batch
+    # of its size against the champion's training rows, at this confidence per tenant and batch
+    # (over all its features); None: the PSI thresholds alone decide, however small the batch.
+    drift_confidence: float | None = Field(default=0.99, gt=0.5, lt=1.0)
     bins: int = Field(default=10, ge=2, le=100)       # reference bins per numeric feature
 
     @model_validator(mode="after")

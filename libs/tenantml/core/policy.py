@@ -6,6 +6,7 @@ promotion, the steps' eligibility) applies the same ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tenantml.core.ids import TenantId
@@ -53,6 +54,26 @@ def entitled(tenant_id: str, version_tags: dict[str, str], policy: TenantPolicy 
             return (f"champion of tenant {tenant_id!r} claims strategy {strategy!r} but derives from "
                     f"{version_tags.get('base_model')!r}, not {shared_name!r}: refused")
     return None
+
+
+def no_model_possible(policy: TenantPolicy, rows: int, strategies: Sequence[str], min_rows: int,
+                      tuned_min_rows: int) -> str | None:
+    """Why none of the strategies a run trains can give this tenant a model yet, or None.
+
+    A tenant below every row minimum that allows no shared model would otherwise be "retrained"
+    every night for want of a champion, with nothing to train; it waits for rows instead."""
+    needs = []
+    for strategy in strategies:
+        if not policy.allows(strategy):
+            continue
+        if strategy == "shared":
+            return None  # the shared model serves a consenting tenant whatever its size
+        need, key = (tuned_min_rows, "training.tuned.min_rows") if strategy == "tuned" else (min_rows, "training.min_rows")
+        if rows >= need:
+            return None
+        needs.append(f"{strategy!r} needs {key}={need}")
+    allowed = needs or [f"no strategy in training.strategies {list(strategies)} is allowed for the tenant"]
+    return f"no model possible yet: {rows} labelled rows; " + ", ".join(allowed)
 
 
 def monthly_budget(budgets: dict[str, float], default: float | None, tenant_id: str) -> float | None:

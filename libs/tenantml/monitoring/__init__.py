@@ -14,6 +14,7 @@ from tenantml.monitoring.drift import (
     drift_report,
     feature_profile,
     psi,
+    psi_noise_level,
     reference_profile,
 )
 from tenantml.monitoring.realised import realised_metrics, realised_metrics_pandas
@@ -28,6 +29,7 @@ __all__ = [
     "drift_report",
     "feature_profile",
     "psi",
+    "psi_noise_level",
     "realised_metrics",
     "realised_metrics_pandas",
     "reference_profile",

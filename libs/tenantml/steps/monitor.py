@@ -23,10 +23,12 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+from tenantml.core.policy import no_model_possible
 from tenantml.io.delta import table_exists
 from tenantml.io.lineage import taints
 from tenantml.io.tenants import list_tenant_ids
 from tenantml.monitoring import SCORE_FEATURE, classify_psi, drift_by_tenant, realised_metrics
+from tenantml.monitoring.drift import NOISE_CONFIDENCE
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
 
 MONITORING_SCHEMA = (
@@ -77,15 +79,29 @@ def champions(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
-def drift_status(psi: float, rows: int, cfg: Any) -> str:
-    """stable / warn / drift, or too_few_rows: a PSI over a handful of rows is noise, not drift."""
+def drift_status(psi: float, rows: int, cfg: Any, noise: float | None = None) -> str:
+    """stable / warn / drift; too_few_rows below `monitoring.min_drift_rows`; within_noise when the
+    PSI is above a threshold but not above what sampling noise reaches for a batch of this size
+    (``noise``, `psi_noise_level`; only with `monitoring.drift_confidence` set)."""
     if rows < cfg.min_drift_rows:
         return "too_few_rows"
-    return classify_psi(psi, cfg.psi_warn, cfg.psi_alert)
+    level = classify_psi(psi, cfg.psi_warn, cfg.psi_alert)
+    if (level != "stable" and cfg.drift_confidence is not None and noise is not None and math.isfinite(noise)
+            and psi <= noise):
+        return "within_noise"
+    return level
 
 
-def _unmonitored_batches(scope: StepScope, tenants: list[str]) -> Any:
-    """Rows of the batches to score that have no feature-drift rows yet (tenant, batch)."""
+def feature_confidence(cfg: Any, features: int) -> float:
+    """The confidence each feature's noise level is taken at, so that a tenant whose batch did not
+    drift is flagged by chance on at most ``1 - drift_confidence`` of its batches, however many
+    features it has (Bonferroni over the features)."""
+    confidence = cfg.drift_confidence if cfg.drift_confidence is not None else NOISE_CONFIDENCE
+    return 1.0 - (1.0 - float(confidence)) / max(features, 1)
+
+
+def _unmonitored_batches(scope: StepScope, tenants: list[str], batches: list[str] | None = None) -> Any:
+    """Rows of the batches to score (of ``batches`` when given) that have no feature-drift rows yet."""
     from pyspark.sql import functions as F
 
     ctx, name = scope.ctx, scope.dataset
@@ -93,44 +109,73 @@ def _unmonitored_batches(scope: StepScope, tenants: list[str]) -> Any:
     if not table_exists(ctx.spark, scoring_ref):
         return None
     rows = scope.tenants.read(scoring_ref).where(F.col("tenant_id").isin(tenants))
+    if batches is not None:
+        rows = rows.where(F.col("_batch_id").isin(batches))
     if table_exists(ctx.spark, mon_ref):
         done = (scope.tenants.read(mon_ref).where((F.col("dataset") == name) & F.col("kind").isin(*FEATURE_KINDS))
-                .select("tenant_id", F.col("batch_id").alias("_batch_id")).distinct())
+                .where(F.col("tenant_id").isin(tenants)))
+        if batches is not None:
+            done = done.where(F.col("batch_id").isin(batches))
+        done = done.select("tenant_id", F.col("batch_id").alias("_batch_id")).distinct()
         rows = rows.join(F.broadcast(done), ["tenant_id", "_batch_id"], "left_anti")
     return rows
 
 
-def _feature_drift(scope: StepScope, champs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """PSI of every feature per (tenant, new batch), one Spark query for every tenant."""
+def feature_drift(scope: StepScope, serving: dict[str, tuple[str, str, dict[str, Any]]],
+                  batches: list[str] | None = None) -> list[dict[str, Any]]:
+    """PSI of every feature per (tenant, batch not yet monitored), against the reference profile of
+    the model that serves the tenant (``serving``: tenant -> (model name, version, profile)), one
+    Spark query for every tenant. The monitor measures batches against the champions before the
+    run trains; the score step measures the batches the monitor could not (no champion yet) against
+    the model it scored them with."""
     from pyspark.sql import functions as F
 
     spec, cfg = scope.spec, scope.ctx.config.monitoring
-    with_profile = {t: json.loads(c["profile_json"]) for t, c in champs.items() if c.get("profile_json")}
-    rows = _unmonitored_batches(scope, sorted(with_profile))
+    if not serving:
+        return []
+    rows = _unmonitored_batches(scope, sorted(serving), batches)
     if rows is None:
         return []
-    batches = [(r["tenant_id"], r["_batch_id"], int(r["n"])) for r in
-               rows.groupBy("tenant_id", "_batch_id").agg(F.count(F.lit(1)).alias("n")).collect()]
-    if not batches:
+    found = [(r["tenant_id"], r["_batch_id"], int(r["n"])) for r in
+             rows.groupBy("tenant_id", "_batch_id").agg(F.count(F.lit(1)).alias("n")).collect()]
+    if not found:
         return []
-    # One profile per (tenant, batch) group key: the tenant's champion's.
+    # One profile per (tenant, batch) group key: the serving model's.
     group = F.concat_ws("\x1f", F.col("tenant_id"), F.col("_batch_id"))
-    keyed = {f"{t}\x1f{b}": with_profile[t] for t, b, _ in batches}
+    keyed = {f"{t}\x1f{b}": serving[t][2] for t, b, _ in found}
+    confidence = feature_confidence(cfg, len(spec.numeric_features) + len(spec.categorical_features))
     report = drift_by_tenant(rows.withColumn("_tb", group), keyed, spec.numeric_features, spec.categorical_features,
-                             None, tenant_col="_tb")
+                             None, tenant_col="_tb", confidence=confidence)
     out: list[dict[str, Any]] = []
     for r in report.itertuples(index=False):
         t, b = str(r.tenant_id).split("\x1f", 1)
-        c = champs[t]
+        mname, version, _ = serving[t]
         out.append({"tenant_id": t, "batch_id": b, "kind": r.kind, "feature": r.feature, "psi": float(r.psi),
-                    "status": drift_status(float(r.psi), int(r.rows), cfg), "rows": int(r.rows),
-                    "missing_share": float(r.missing_share), "model_name": c["model_name"],
-                    "model_version": c["model_version"]})
-    for t, b, n in batches:
-        c = champs[t]
+                    "status": drift_status(float(r.psi), int(r.rows), cfg, float(r.noise_psi)), "rows": int(r.rows),
+                    "missing_share": float(r.missing_share), "model_name": mname, "model_version": version})
+    for t, b, n in found:
+        mname, version, _ = serving[t]
         out.append({"tenant_id": t, "batch_id": b, "kind": "rows", "feature": None, "rows": n,
-                    "model_name": c["model_name"], "model_version": c["model_version"]})
+                    "model_name": mname, "model_version": version})
     return out
+
+
+def write_monitoring(scope: StepScope, rows: list[dict[str, Any]]) -> bool:
+    """Write monitoring rows, replacing what the table holds for their kinds and batches of their
+    tenants (a rerun of a step replaces its own rows, earlier batches stay)."""
+    if not rows:
+        return False
+    ctx, name = scope.ctx, scope.dataset
+    now = datetime.now(UTC).replace(tzinfo=None)
+    values = [tuple({"run_id": ctx.run_id, "dataset": name, "computed_at": now, **r}.get(c) for c in MONITORING_COLUMNS)
+              for r in rows]
+    kinds = sorted({r["kind"] for r in rows})
+    batch_ids = sorted({str(r["batch_id"]) for r in rows})
+    predicate = (f"dataset = '{name}' AND kind IN ({', '.join(repr(k) for k in kinds)}) AND batch_id IN ("
+                 + ", ".join(f"'{b}'" for b in batch_ids) + ")")  # batch ids are content hashes (hex)
+    scope.tenants.write(ctx.spark.createDataFrame(values, MONITORING_SCHEMA), ctx.tables.monitoring(name),
+                        sorted({str(r["tenant_id"]) for r in rows}), extra_predicate=predicate)
+    return True
 
 
 def _realised(scope: StepScope, champs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,23 +234,14 @@ def run(scope: StepScope) -> StepOutput:
     scope.phase(f"champions and references of {len(tenants)} tenants")
     champs = champions(scope, tenants)
     scope.phase("feature drift of new batches to score")
-    drift = _feature_drift(scope, champs)
+    drift = feature_drift(scope, {t: (str(c["model_name"]), str(c["model_version"]), json.loads(c["profile_json"]))
+                                  for t, c in champs.items() if c.get("profile_json")})
     scope.phase("realised metrics of scored batches with labels")
     realised = _realised(scope, champs)
     now = datetime.now(UTC).replace(tzinfo=None)
-    mon_ref = ctx.tables.monitoring(name)
     written = []
-    if drift or realised:
-        rows = [tuple({"run_id": ctx.run_id, "dataset": name, "computed_at": now, **r}.get(c) for c in MONITORING_COLUMNS)
-                for r in [*drift, *realised]]
-        df = spark.createDataFrame(rows, MONITORING_SCHEMA)
-        pairs = sorted({(r["tenant_id"], r["batch_id"]) for r in [*drift, *realised]})
-        batch_ids = sorted({b for _, b in pairs})
-        kinds = sorted({r["kind"] for r in [*drift, *realised]})
-        predicate = (f"dataset = '{name}' AND kind IN ({', '.join(repr(k) for k in kinds)}) AND batch_id IN ("
-                     + ", ".join(f"'{b}'" for b in batch_ids) + ")")  # batch ids are content hashes
-        scope.tenants.write(df, mon_ref, sorted({t for t, _ in pairs}), extra_predicate=predicate)
-        written.append(mon_ref.display)
+    if write_monitoring(scope, [*drift, *realised]):
+        written.append(ctx.tables.monitoring(name).display)
 
     # What the monitoring table says per tenant: its latest batch's drift, its latest realised metric.
     history = _tenant_state(scope, tenants)
@@ -215,7 +251,8 @@ def run(scope: StepScope) -> StepOutput:
                      key=ctx.signing_key, registered=registered)
     decisions = []
     outcomes = []
-    drifted, degraded, retrain_ids = [], [], []
+    drifted, degraded, retrain_ids, waits = [], [], [], []
+    tcfg = ctx.config.training
     for t in tenants:
         c = champs.get(t)
         champion = f"{c['model_name']}/{c['model_version']}" if c else None
@@ -223,8 +260,14 @@ def run(scope: StepScope) -> StepOutput:
         reasons = []
         if rcfg.force:
             reasons.append("forced (retraining.force)")
+        waiting = None
         if c is None:
-            reasons.append("no champion yet")
+            waiting = no_model_possible(scope.policies[t], scope.rows.get(t, 0), tcfg.strategies, tcfg.min_rows,
+                                        tcfg.tuned.min_rows)
+            if waiting is None:
+                reasons.append("no champion yet")
+            elif rcfg.force:
+                reasons.clear()  # forcing cannot train what has too few rows
         else:
             if not scope.policies[t].allows(str(c["strategy"])):
                 reasons.append(f"champion strategy {c['strategy']!r} no longer allowed for the tenant")
@@ -266,7 +309,9 @@ def run(scope: StepScope) -> StepOutput:
         retrain = bool(reasons)
         if retrain:
             retrain_ids.append(t)
-        why = "; ".join(reasons) if reasons else "champion current: no new rows, drift or degradation"
+        if waiting:
+            waits.append(t)
+        why = "; ".join(reasons) if reasons else waiting or "champion current: no new rows, drift or degradation"
         created = c.get("created_at") if c else None
         decisions.append((ctx.run_id, name, t, retrain, why, champion,
                           (now - created).total_seconds() / 86400 if created is not None else None,
@@ -284,7 +329,8 @@ def run(scope: StepScope) -> StepOutput:
                             extra_predicate=f"run_id = '{ctx.run_id}' AND dataset = '{name}'")
         written.append(ret_ref.display)
     return StepOutput(outcomes=outcomes, tables_written=written, summary={
-        "tenants_retrained": len(retrain_ids), "tenants_kept": len(decisions) - len(retrain_ids),
+        "tenants_retrained": len(retrain_ids), "tenants_kept": len(decisions) - len(retrain_ids) - len(waits),
+        "tenants_waiting_for_rows": len(waits),
         "drifted": sorted(drifted), "degraded": sorted(degraded), "retrain": sorted(retrain_ids)[:50],
         "batches_monitored": len({(r["tenant_id"], r["batch_id"]) for r in drift}),
         "realised_metrics": len(realised)})

@@ -13,7 +13,6 @@ verified (signature and digest, against the registry version's digest) before an
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 from tenantml.core.ids import shared_model_name
@@ -25,7 +24,7 @@ from tenantml.monitoring import SCORE_FEATURE, drift_by_tenant
 from tenantml.registry.tracking import champion_versions
 from tenantml.scoring.batch import ServingModel, score_frame, scoring_slices
 from tenantml.steps.base import Option, StepOutput, StepScope, TenantOutcome, step
-from tenantml.steps.monitor import MONITORING_COLUMNS, MONITORING_SCHEMA, drift_status
+from tenantml.steps.monitor import drift_status, feature_confidence, feature_drift, write_monitoring
 
 
 def pending_batches(scope: StepScope) -> dict[str, list[str]]:
@@ -53,7 +52,7 @@ def pending_batches(scope: StepScope) -> dict[str, list[str]]:
 
 
 @step(name="score", help="score each tenant's new batch of rows to score with its champion", after=("promote",),
-      reads=("scoring", "tenants", "model_store", "registry"),
+      reads=("scoring", "tenants", "model_store", "registry", "monitoring"),
       writes=("predictions", "latest_predictions", "monitoring"), eligibility="inference", measured=True,
       options=(Option("--rescore", "rescore", "score each tenant's latest batch again (e.g. after a promotion), "
                                               "replacing its predictions", switch=True),))
@@ -141,7 +140,8 @@ def run(scope: StepScope) -> StepOutput:
         task_seconds = {t: s for t, (_, s) in per.items()}
         _write_latest(scope, pred_ref, latest_ref, list(models))
         written.append(latest_ref.display)
-        if _prediction_drift(scope, preds, profiles, models):
+        scope.phase("prediction drift, and feature drift of batches the monitor had no champion for")
+        if _monitor_scored(scope, preds, profiles, models, batches):
             written.append(ctx.tables.monitoring(name).display)
         preds.unpersist()
     for t, m in sorted(models.items()):
@@ -214,35 +214,43 @@ def _write_latest(scope: StepScope, pred_ref: Any, latest_ref: Any, tenants: lis
     scope.tenants.write(latest, latest_ref, tenants)
 
 
+def _monitor_scored(scope: StepScope, preds: Any, profiles: dict[str, dict[str, Any]],
+                    models: dict[str, ServingModel], batches: list[str]) -> bool:
+    """Monitoring rows of the batches just scored: prediction drift of each (tenant, batch), and the
+    feature drift of those the monitor step did not measure (a tenant's first batch, scored by a
+    champion promoted in this very run), against the model that scored them. One commit when every
+    scored batch needed both (the first night), else one for predictions and one per batch."""
+    serving = {t: (m.model_name, m.model_version, profiles[t]) for t, m in models.items() if t in profiles}
+    predictions = _prediction_drift(scope, preds, profiles, models)
+    features = feature_drift(scope, serving, batches)
+    pairs = {(r["tenant_id"], r["batch_id"]) for r in predictions}
+    if predictions and features and {(r["tenant_id"], r["batch_id"]) for r in features} == pairs:
+        return write_monitoring(scope, [*predictions, *features])
+    wrote = write_monitoring(scope, predictions)
+    for b in sorted({str(r["batch_id"]) for r in features}):
+        wrote = write_monitoring(scope, [r for r in features if r["batch_id"] == b]) or wrote
+    return wrote
+
+
 def _prediction_drift(scope: StepScope, preds: Any, profiles: dict[str, dict[str, Any]],
-                      models: dict[str, ServingModel]) -> bool:
+                      models: dict[str, ServingModel]) -> list[dict[str, Any]]:
     """PSI of each (tenant, batch)'s scores against its champion's scores on its training rows."""
     from pyspark.sql import functions as F
 
-    ctx, name = scope.ctx, scope.dataset
     have = [t for t in models if profiles.get(t, {}).get("prediction")]
     if not have:
-        return False
-    cfg = ctx.config.monitoring
+        return []
+    cfg = scope.ctx.config.monitoring
     keyed = preds.where(F.col("tenant_id").isin(have)).withColumn("_tb", F.concat_ws("\x1f", "tenant_id", "batch_id"))
     groups = [r["_tb"] for r in keyed.select("_tb").distinct().collect()]
     report = drift_by_tenant(keyed, {g: profiles[g.split("\x1f", 1)[0]] for g in groups}, [], [], "score",
-                             tenant_col="_tb")
-    now = datetime.now(UTC).replace(tzinfo=None)
-    rows: list[tuple[Any, ...]] = []
+                             tenant_col="_tb", confidence=feature_confidence(cfg, 1))
+    rows: list[dict[str, Any]] = []
     for r in report.itertuples(index=False):
         t, b = str(r.tenant_id).split("\x1f", 1)
         m = models[t]
-        row = {"run_id": ctx.run_id, "dataset": name, "tenant_id": t, "batch_id": b, "kind": "prediction",
-               "feature": SCORE_FEATURE, "psi": float(r.psi), "status": drift_status(float(r.psi), int(r.rows), cfg),
-               "rows": int(r.rows), "missing_share": float(r.missing_share), "model_name": m.model_name,
-               "model_version": m.model_version, "computed_at": now}
-        rows.append(tuple(row.get(c) for c in MONITORING_COLUMNS))
-    if not rows:
-        return False
-    batch_ids = sorted({str(r[3]) for r in rows})
-    scope.tenants.write(ctx.spark.createDataFrame(rows, MONITORING_SCHEMA), ctx.tables.monitoring(name),
-                        sorted({str(r[2]) for r in rows}),
-                        extra_predicate=f"dataset = '{name}' AND kind = 'prediction' AND batch_id IN ("
-                                        + ", ".join(f"'{b}'" for b in batch_ids) + ")")
-    return True
+        rows.append({"tenant_id": t, "batch_id": b, "kind": "prediction", "feature": SCORE_FEATURE,
+                     "psi": float(r.psi), "status": drift_status(float(r.psi), int(r.rows), cfg, float(r.noise_psi)),
+                     "rows": int(r.rows), "missing_share": float(r.missing_share), "model_name": m.model_name,
+                     "model_version": m.model_version})
+    return rows
