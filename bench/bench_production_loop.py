@@ -32,17 +32,28 @@ TARGET = 0.1
 
 
 def night(ctx: Any, label: str, out: Any) -> dict[str, Any]:
+    from bench_scale import PhaseClock  # bench/ is the script's directory, first on sys.path
+
     from tenantml.steps.runner import run_pipeline
 
+    clock = ctx.progress if isinstance(ctx.progress, PhaseClock) else None
     started = time.perf_counter()
     results = run_pipeline(ctx, dataset="demo")
     seconds = time.perf_counter() - started
     steps = {r.step: round(r.seconds, 1) for r in results}
     trained = sum(int(r.summary.get("models_trained", 0) or 0) for r in results)
     scored = sum(int(r.summary.get("rows_scored", 0) or 0) for r in results)
+    retrain = [r.summary for r in results if r.step == "monitor"]
+    decided = {k: retrain[0].get(k) for k in ("tenants_retrained", "tenants_kept", "tenants_waiting_for_rows",
+                                              "drifted")} if retrain else {}
+    if decided.get("drifted") is not None:
+        decided["drifted"] = len(decided["drifted"] or [])
+    split = clock.split(started, time.perf_counter()) if clock else []
+    phases = {m: round(sec, 1) for m, sec in sorted(split, key=lambda x: -x[1])[:8]}
     print(f"{label:8s} {seconds:8.1f} s  models trained {trained:5d}  rows scored {scored:7d}  "
-          f"steps {steps}", file=out, flush=True)
-    return {"seconds": seconds, "steps": steps, "models_trained": trained, "rows_scored": scored}
+          f"steps {steps}\n         monitor {decided}\n         slowest phases {phases}", file=out, flush=True)
+    return {"seconds": seconds, "steps": steps, "models_trained": trained, "rows_scored": scored,
+            "monitor": decided, "slowest_phases": phases}
 
 
 def main() -> int:
@@ -67,16 +78,19 @@ def main() -> int:
             "training: {max_epochs: 10, patience: 3, strategies: [tenant]}\n"
             "spark: {shuffle_partitions: 4}\n")
         data = root / "data"
-        ctx = JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-night-1")
+        from bench_scale import PhaseClock
+
+        timer = PhaseClock()
+        ctx = JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-night-1", progress=timer)
         write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=tenants, largest=args.largest,
                                                             smallest=args.smallest))
         print(f"{tenants} tenants ({args.smallest} to {args.largest} rows), data in {data}", file=out, flush=True)
         first = night(ctx, "night 1", out)
-        quiet = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-quiet", spark=ctx.spark),
-                      "quiet", out)
+        quiet = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-quiet", spark=ctx.spark,
+                                        progress=timer), "quiet", out)
         (conf / "local" / "force.yml").write_text("retraining: {force: true}\n")
-        full = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-full", spark=ctx.spark),
-                     "full", out)
+        full = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-full", spark=ctx.spark,
+                                       progress=timer), "full", out)
         ratio = quiet["seconds"] / full["seconds"] if full["seconds"] else float("nan")
         met = "met" if ratio <= TARGET else "MISSED"
         print(f"\nquiet night / full retrain = {quiet['seconds']:.1f} / {full['seconds']:.1f} s = {ratio:.3f} "

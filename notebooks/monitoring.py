@@ -123,7 +123,8 @@ if len(prediction_psi):
     shown = prediction_psi.head(top).iloc[::-1]
     fig = Figure(figsize=(8, max(3.0, 0.3 * len(shown) + 1.2)))
     ax = fig.subplots()
-    # The step's own status: a batch with too few rows for a PSI to mean anything is grey, not green.
+    # The step's own status: a batch with too few rows for a PSI to mean anything, or a PSI within the
+    # sampling noise of its batch size (within_noise), is grey, not green or red.
     status_colors = {"drift": "#c0392b", "warn": "#e08a1e", "stable": "#3a9a5b"}
     colors = [status_colors.get(str(s), "#bbbbbb") for s in shown["status"]]
     ax.barh([f"{t} ({int(n):,} rows)" for t, n in zip(shown.index, shown["rows"], strict=True)],

@@ -125,18 +125,25 @@ def check_data_quality(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> l
 
 
 def check_monitoring(ns: dict[str, Any], run: dict[str, Any], spark: Any) -> list[str]:
-    """The demo's first night: no champion existed when monitor ran, so no feature drift and no
-    realised metric yet; the scores' PSI against each new champion's training scores is there."""
+    """The demo's first night: no champion existed when monitor ran, so the score step measured each
+    tenant's first batch against the champion it scored it with (feature PSI per feature, and the
+    scores' PSI against the champion's training scores); no realised metric yet."""
     ctx = run["ctx"]
     mon = read_table(spark, ctx.tables.monitoring("demo")).where("kind = 'prediction'").toPandas().set_index("tenant_id")
     got = ns["prediction_psi"]
     assert sorted(got.index) == sorted(mon.index) == MODELLED
     assert got["psi"].to_dict() == pytest.approx(mon["psi"].to_dict())
     assert got["status"].to_dict() == mon["status"].to_dict()
-    assert ns["drift"].empty and ns["realised"].empty
+    features = read_table(spark, ctx.tables.monitoring("demo")).where("kind IN ('numeric', 'categorical')").toPandas()
+    assert sorted(ns["drift"].index) == sorted(features["tenant_id"].unique()) == MODELLED
+    assert sorted(ns["drift"].columns) == sorted(features["feature"].unique())
+    # ... against the very champion that scored the batch
+    assert features.groupby("tenant_id")["model_version"].agg(set).to_dict() == {
+        t: {v} for t, v in mon["model_version"].to_dict().items()}
+    assert ns["realised"].empty
     decisions = ns["decisions"].set_index("tenant_id")
     assert decisions["retrain"].all() and decisions["reasons"].str.contains("no champion").all()
-    return ["prediction_drift"]
+    return ["drift_heatmap", "prediction_drift"]
 
 
 CHECKS = {"tenant_overview": check_tenant_overview, "monitoring": check_monitoring, "strategy_comparison": check_strategy_comparison,

@@ -221,6 +221,7 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
     try:
+        ctx.progress.phase(f"{name} {ds}: eligible tenants and their scope")
         scope = open_scope(ctx, step, ds, requested, options)
         out = step.run(scope)
     except TenantMLError as exc:
@@ -232,6 +233,7 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     result = _result(ctx, step, ds, scope, out, time.perf_counter() - started)
     if resume is not None:
         result.summary["resumed"] = list(requested or [])
+    ctx.progress.phase(f"{name} {ds}: run log and cost ledger")
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
     return result
