@@ -82,6 +82,9 @@ class JobContext:
     run_id: str = field(default_factory=new_run_id)
     progress: Progress = field(default_factory=NullProgress)
     spark_session: SparkSession | None = None
+    # Facts derived from one version of a Delta table (e.g. rows per tenant of silver at version
+    # 12), shared by the steps of a run: a version never changes, so they are never stale.
+    by_version: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, conf_dir: str | Path = "conf", env: str | None = None, data_dir: str | Path | None = None,

@@ -191,9 +191,16 @@ def _realised(scope: StepScope, champs: dict[str, dict[str, Any]]) -> list[dict[
         return []
     preds = preds.where(F.col("batch_id").isNotNull()).select(
         "tenant_id", "entity_key", "batch_id", "score", "scored_at", "model_name", "model_version")
-    labels = (scope.input.where(F.col(spec.label).isNotNull())
+    # Only labels that arrived after the earliest scoring can label a scored row: on a night
+    # without such labels Delta's file statistics skip every silver file and nothing is joined.
+    earliest = preds.agg(F.min("scored_at").alias("t")).collect()[0]["t"]
+    if earliest is None:
+        return []
+    labels = (scope.input.where(F.col(spec.label).isNotNull() & (F.col("_ingested_at") > F.lit(earliest)))
               .select("tenant_id", F.col(f"`{spec.entity_key}`").cast("string").alias("entity_key"),
                       F.col(f"`{spec.label}`").cast("double").alias("label"), "_ingested_at"))
+    if not labels.limit(1).collect():
+        return []
     matched = (preds.join(labels, ["tenant_id", "entity_key"])
                .where(F.col("_ingested_at") > F.col("scored_at")))  # labels that arrived after scoring
     scored = matched.select("tenant_id", "entity_key", "batch_id", "score")

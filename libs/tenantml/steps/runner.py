@@ -59,12 +59,29 @@ def _blocked(ctx: JobContext, dataset: str, purpose: str) -> dict[str, float]:
     ref = ctx.tables.quality(dataset)
     if not table_exists(ctx.spark, ref):
         return {}
-    q = read_table(ctx.spark, ref).where(F.col("blocked") & F.col("tenant_id").isNotNull())
-    if "purpose" in q.columns:
-        q = q.where(F.coalesce(F.col("purpose"), F.lit("history")) == purpose)
-    elif purpose != "history":
+    version = table_version(ctx.spark, ref)
+    key = ("blocked", ref.display, version, purpose)
+    if key not in ctx.by_version:
+        q = read_table(ctx.spark, ref, version=version).where(F.col("blocked") & F.col("tenant_id").isNotNull())
+        if "purpose" in q.columns:
+            q = q.where(F.coalesce(F.col("purpose"), F.lit("history")) == purpose)
+        elif purpose != "history":
+            return {}
+        ctx.by_version[key] = {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+    return dict(ctx.by_version[key])
+
+
+def _inactive(ctx: JobContext) -> dict[str, str]:
+    """Registered tenants whose status is not active, with their status."""
+    ref = ctx.tables.tenants
+    if not table_exists(ctx.spark, ref):
         return {}
-    return {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+    version = table_version(ctx.spark, ref)
+    key = ("inactive", ref.display, version)
+    if key not in ctx.by_version:
+        ctx.by_version[key] = {r["tenant_id"]: str(r["status"]) for r in
+                               read_table(ctx.spark, ref, version=version).where("status != 'active'").collect()}
+    return dict(ctx.by_version[key])
 
 
 def failed_upstream(ctx: JobContext, step: Step, dataset: str, tenants: list[str]) -> dict[str, str]:
@@ -109,11 +126,14 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
     if step.eligibility == "inference" and not table_exists(ctx.spark, ref):
         return Resolved(ref, None, {}, {})
     version = table_version(ctx.spark, ref)
-    frame: DataFrame = read_table(ctx.spark, ref, version=version)
-    if requested:
-        frame = frame.where(F.col("tenant_id").isin(list(requested)))
-    rows = {r["tenant_id"]: int(r["n"]) for r in
-            frame.groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect() if r["tenant_id"] is not None}
+    key = ("rows per tenant", ref.display, version, tuple(sorted(requested)) if requested else None)
+    if key not in ctx.by_version:  # the steps after validate all read the same silver version
+        frame: DataFrame = read_table(ctx.spark, ref, version=version)
+        if requested:
+            frame = frame.where(F.col("tenant_id").isin(list(requested)))
+        ctx.by_version[key] = {r["tenant_id"]: int(r["n"]) for r in frame.groupBy("tenant_id").agg(
+            F.count(F.lit(1)).alias("n")).collect() if r["tenant_id"] is not None}
+    rows = dict(ctx.by_version[key])
     blocked = _blocked(ctx, dataset, purpose)
     if requested:
         missing = sorted(set(requested) - set(rows) - set(blocked))
@@ -126,11 +146,9 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
             excluded[t] = Excluded("blocked", f"tenant {t!r} blocked by validation: {share:.1%} of "
                                               f"{'scoring ' if purpose == 'scoring' else ''}rows rejected",
                                    rows.get(t, 0))
-    if table_exists(ctx.spark, ctx.tables.tenants):
-        for r in read_table(ctx.spark, ctx.tables.tenants).where("status != 'active'").collect():
-            if r["tenant_id"] in rows:
-                excluded[r["tenant_id"]] = Excluded("skipped", f"tenant {r['tenant_id']!r} has status "
-                                                               f"{r['status']!r}", rows[r["tenant_id"]])
+    for tenant, status in _inactive(ctx).items():
+        if tenant in rows:
+            excluded[tenant] = Excluded("skipped", f"tenant {tenant!r} has status {status!r}", rows[tenant])
     _apply_budgets(ctx, rows, excluded)
     for t, dep in failed_upstream(ctx, step, dataset, list(rows)).items():
         if t not in excluded:
@@ -221,7 +239,7 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
     try:
-        ctx.progress.phase(f"{name} {ds}: eligible tenants and their scope")
+        log.debug("%s %s: eligible tenants and their scope", name, ds)  # where a step's time goes (bench/)
         scope = open_scope(ctx, step, ds, requested, options)
         out = step.run(scope)
     except TenantMLError as exc:
@@ -233,7 +251,7 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     result = _result(ctx, step, ds, scope, out, time.perf_counter() - started)
     if resume is not None:
         result.summary["resumed"] = list(requested or [])
-    ctx.progress.phase(f"{name} {ds}: run log and cost ledger")
+    log.debug("%s %s: run log and cost ledger", name, ds)
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
     return result
