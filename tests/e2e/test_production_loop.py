@@ -90,7 +90,8 @@ def test_one_tenants_drift_is_flagged_and_only_it_is_retrained(spark: Any, loop:
     assert monitor.summary["drifted"] == [SHIFTED], monitor.summary
     assert monitor.summary["retrain"] == [SHIFTED]
     mon = read_table(spark, loop["ctx"].tables.monitoring("flights")).toPandas()
-    # Night 2 also measures night 1's batch (no champion existed when it arrived); batch 2 is the moved one.
+    # Night 1's batch was measured by night 1's score step (no champion existed when the monitor
+    # ran); batch 2 is the moved one.
     preds = read_table(spark, loop["ctx"].tables.predictions("flights")).toPandas()
     (batch2,) = preds[preds["entity_key"].str.endswith("-b2")]["batch_id"].unique()
     moved = mon[(mon["tenant_id"] == SHIFTED) & (mon["run_id"] == "night-2") & (mon["batch_id"] == batch2)
@@ -131,6 +132,15 @@ def test_labels_that_arrive_later_give_the_realised_metric_next_to_the_promoted_
     degraded = set(loop["third"]["monitor"].summary["degraded"])
     worse = set(big[big["promoted_value"] - big["value"] > 0.05]["tenant_id"])
     assert worse <= degraded
+    # The first batch's feature drift was measured on night 1, by the score step, against the
+    # champion that scored it; night 3's realised metrics of that batch left those rows as they were.
+    everything = read_table(spark, loop["ctx"].tables.monitoring("flights")).toPandas()
+    first = everything[(everything["batch_id"].isin(mon["batch_id"])) & everything["kind"].isin(["numeric", "categorical"])]
+    assert set(first["run_id"]) == {"night-1"} and set(mon["tenant_id"]) <= set(first["tenant_id"])
+    assert first.duplicated(["tenant_id", "batch_id", "feature"]).sum() == 0
+    preds = read_table(spark, loop["ctx"].tables.predictions("flights")).where("run_id = 'night-1'").toPandas()
+    scored_by = preds.groupby("tenant_id")["model_version"].first().astype(str).to_dict()
+    assert all(scored_by[t] == v for t, v in first.groupby("tenant_id")["model_version"].first().items())
 
 
 def test_a_champion_loads_the_standard_way_on_integer_float_and_string_columns(spark: Any, loop: dict[str, Any]) -> None:

@@ -160,21 +160,35 @@ def feature_drift(scope: StepScope, serving: dict[str, tuple[str, str, dict[str,
     return out
 
 
+KIND_CLASSES = {"numeric": FEATURE_KINDS, "categorical": FEATURE_KINDS, "rows": FEATURE_KINDS,
+                "prediction": ("prediction",), "realised": ("realised",)}
+
+
 def write_monitoring(scope: StepScope, rows: list[dict[str, Any]]) -> bool:
-    """Write monitoring rows, replacing what the table holds for their kinds and batches of their
-    tenants (a rerun of a step replaces its own rows, earlier batches stay)."""
+    """Write monitoring rows; each (tenant, batch) replaces exactly the kinds it brings (a batch's
+    feature rows as one, its prediction PSI, its realised metric), so a rerun replaces its own rows
+    and nothing else of the tenant is touched. One commit per group of (tenant, batch) pairs that
+    bring the same kinds for the same batch: on a night with one new batch, one or two."""
     if not rows:
         return False
     ctx, name = scope.ctx, scope.dataset
     now = datetime.now(UTC).replace(tzinfo=None)
-    values = [tuple({"run_id": ctx.run_id, "dataset": name, "computed_at": now, **r}.get(c) for c in MONITORING_COLUMNS)
-              for r in rows]
-    kinds = sorted({r["kind"] for r in rows})
-    batch_ids = sorted({str(r["batch_id"]) for r in rows})
-    predicate = (f"dataset = '{name}' AND kind IN ({', '.join(repr(k) for k in kinds)}) AND batch_id IN ("
-                 + ", ".join(f"'{b}'" for b in batch_ids) + ")")  # batch ids are content hashes (hex)
-    scope.tenants.write(ctx.spark.createDataFrame(values, MONITORING_SCHEMA), ctx.tables.monitoring(name),
-                        sorted({str(r["tenant_id"]) for r in rows}), extra_predicate=predicate)
+    kinds_of: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        kinds_of.setdefault((str(r["tenant_id"]), str(r["batch_id"])), set()).update(KIND_CLASSES[r["kind"]])
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for (tenant, batch), brought in sorted(kinds_of.items()):
+        groups.setdefault((batch, tuple(sorted(brought))), []).append(tenant)
+    for (batch, kinds), tenants in sorted(groups.items()):
+        members = set(tenants)
+        values = [tuple({"run_id": ctx.run_id, "dataset": name, "computed_at": now, **r}.get(c)
+                        for c in MONITORING_COLUMNS)
+                  for r in rows if str(r["batch_id"]) == batch and str(r["tenant_id"]) in members
+                  and r["kind"] in kinds]
+        predicate = (f"dataset = '{name}' AND kind IN ({', '.join(repr(k) for k in kinds)}) "
+                     f"AND batch_id = '{batch}'")  # batch ids are content hashes (hex)
+        scope.tenants.write(ctx.spark.createDataFrame(values, MONITORING_SCHEMA), ctx.tables.monitoring(name),
+                            sorted(members), extra_predicate=predicate)
     return True
 
 
@@ -398,8 +412,9 @@ def _new_labelled_rows(scope: StepScope, champs: dict[str, dict[str, Any]]) -> d
     if not when:
         return {}
     marks = scope.ctx.spark.createDataFrame(list(when.items()), "tenant_id string, _since timestamp")
+    newer = scope.input.where(F.col("_validated_at") > F.lit(min(when.values())))  # file statistics skip the rest
     return {r["tenant_id"]: int(r["n"]) for r in
-            scope.input.join(F.broadcast(marks), "tenant_id").where(F.col("_validated_at") > F.col("_since"))
+            newer.join(F.broadcast(marks), "tenant_id").where(F.col("_validated_at") > F.col("_since"))
             .groupBy("tenant_id").agg(F.count(F.lit(1)).alias("n")).collect()}
 
 

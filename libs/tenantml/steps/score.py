@@ -218,18 +218,10 @@ def _monitor_scored(scope: StepScope, preds: Any, profiles: dict[str, dict[str, 
                     models: dict[str, ServingModel], batches: list[str]) -> bool:
     """Monitoring rows of the batches just scored: prediction drift of each (tenant, batch), and the
     feature drift of those the monitor step did not measure (a tenant's first batch, scored by a
-    champion promoted in this very run), against the model that scored them. One commit when every
-    scored batch needed both (the first night), else one for predictions and one per batch."""
+    champion promoted in this very run), against the model that scored them."""
     serving = {t: (m.model_name, m.model_version, profiles[t]) for t, m in models.items() if t in profiles}
-    predictions = _prediction_drift(scope, preds, profiles, models)
-    features = feature_drift(scope, serving, batches)
-    pairs = {(r["tenant_id"], r["batch_id"]) for r in predictions}
-    if predictions and features and {(r["tenant_id"], r["batch_id"]) for r in features} == pairs:
-        return write_monitoring(scope, [*predictions, *features])
-    wrote = write_monitoring(scope, predictions)
-    for b in sorted({str(r["batch_id"]) for r in features}):
-        wrote = write_monitoring(scope, [r for r in features if r["batch_id"] == b]) or wrote
-    return wrote
+    return write_monitoring(scope, [*_prediction_drift(scope, preds, profiles, models),
+                                    *feature_drift(scope, serving, batches)])
 
 
 def _prediction_drift(scope: StepScope, preds: Any, profiles: dict[str, dict[str, Any]],
