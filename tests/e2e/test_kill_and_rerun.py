@@ -26,9 +26,9 @@ KILL_POINTS = [
     ("ingest_scoring", "ingest_scoring demo: writing batch", 0.5),
     ("validate", "validate demo: writing silver", 1.0),
     ("monitor", "monitor demo: realised metrics", 0.5),
-    # Tenant runs and artifacts being logged, registration next. (A bare "logging" would match
-    # Spark's start-up banner, "To adjust logging level ...", and kill before any step.)
-    ("train", "tenant runs and", 0.2),
+    # Tenant models being logged, registration next. (A bare "logging" would match Spark's
+    # start-up banner, "To adjust logging level ...", and kill before any step.)
+    ("train", "tenant models (", 0.2),
     ("promote", "promote demo: evaluating", 1.0),  # candidates judged, aliases about to move
     ("score", "score demo: scoring", 1.0),
 ]
@@ -46,7 +46,7 @@ def _env() -> dict[str, str]:
 def _kill_during(workdir: Path, data: Path, run_id: str, start: str, marker: str, delay: float) -> int | None:
     """Run the pipeline from ``start`` and SIGKILL its whole process group (driver JVM included) at
     ``marker``."""
-    proc = subprocess.Popen([*_cmd("pipeline", data), "--from", start, "--run-id", run_id], cwd=workdir,
+    proc = subprocess.Popen([*_cmd("pipeline", data), "--from", start.replace("_", "-"), "--run-id", run_id], cwd=workdir,
                             env=_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     assert proc.stderr is not None
