@@ -4,7 +4,8 @@ Per tenant and scoring batch, into `monitoring_<ds>`, all tenants in one Spark p
 
 - feature drift: the PSI of every feature of each new batch of rows to score against the
   reference stored with the champion when it was trained (its training rows), and the batch's
-  row count; prediction drift is written by the score step once the batch is scored;
+  row count; prediction drift (and the feature drift of a tenant's first batch, which has no
+  champion yet when the monitor runs) is written by the score step once the batch is scored;
 - realised metric: when labels arrive (a later history batch labels entities that were scored),
   the AUC or RMSE of the scores against them, next to the holdout metric the champion was
   promoted with.

@@ -3,7 +3,8 @@
 Predictions are history: keyed by (tenant, entity key, scoring batch), a batch is written once
 (a rerun replaces exactly that batch) and earlier batches stay. `latest_predictions_<ds>` holds
 each entity's latest prediction for BI. After scoring, the PSI of each batch's scores against the
-champion's training scores (prediction drift) goes to `monitoring_<ds>`.
+champion's training scores (prediction drift) goes to `monitoring_<ds>`, with the feature drift of
+any batch the monitor step had no champion to measure against (a tenant's first batch).
 
 The champion is read from the registry per tenant and checked at scoring time whatever the alias
 says (its owner, strategy and consent: `core.policy.entitled`), and its model store row is
