@@ -49,12 +49,9 @@ def _runner_marks(clock: Any) -> None:
     runner_log.propagate = False  # the marks are for the clock; only warnings go to stderr
 
 
-def night(ctx: Any, label: str, out: Any) -> dict[str, Any]:
-    from bench_scale import PhaseClock  # bench/ is the script's directory, first on sys.path
-
+def night(ctx: Any, label: str, out: Any, clock: Any) -> dict[str, Any]:
     from tenantml.steps.runner import run_pipeline
 
-    clock = ctx.progress if isinstance(ctx.progress, PhaseClock) else None
     started = time.perf_counter()
     results = run_pipeline(ctx, dataset="demo")
     seconds = time.perf_counter() - started
@@ -66,7 +63,7 @@ def night(ctx: Any, label: str, out: Any) -> dict[str, Any]:
                                               "drifted")} if retrain else {}
     if decided.get("drifted") is not None:
         decided["drifted"] = len(decided["drifted"] or [])
-    split = clock.split(started, time.perf_counter()) if clock else []
+    split = clock.split(started, time.perf_counter())
     phases = {m: round(sec, 1) for m, sec in sorted(split, key=lambda x: -x[1])[:8]}
     print(f"{label:8s} {seconds:8.1f} s  models trained {trained:5d}  rows scored {scored:7d}  "
           f"steps {steps}\n         monitor {decided}\n         slowest phases {phases}", file=out, flush=True)
@@ -96,7 +93,7 @@ def main() -> int:
             "training: {max_epochs: 10, patience: 3, strategies: [tenant]}\n"
             "spark: {shuffle_partitions: 4}\n")
         data = root / "data"
-        from bench_scale import PhaseClock
+        from bench_scale import PhaseClock  # bench/ is the script's directory, first on sys.path
 
         timer = PhaseClock()
         _runner_marks(timer)
@@ -104,12 +101,12 @@ def main() -> int:
         write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=tenants, largest=args.largest,
                                                             smallest=args.smallest))
         print(f"{tenants} tenants ({args.smallest} to {args.largest} rows), data in {data}", file=out, flush=True)
-        first = night(ctx, "night 1", out)
+        first = night(ctx, "night 1", out, timer)
         quiet = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-quiet", spark=ctx.spark,
-                                        progress=timer), "quiet", out)
+                                        progress=timer), "quiet", out, timer)
         (conf / "local" / "force.yml").write_text("retraining: {force: true}\n")
         full = night(JobContext.create(conf_dir=conf, data_dir=data, run_id="bench-full", spark=ctx.spark,
-                                       progress=timer), "full", out)
+                                       progress=timer), "full", out, timer)
         ratio = quiet["seconds"] / full["seconds"] if full["seconds"] else float("nan")
         met = "met" if ratio <= TARGET else "MISSED"
         print(f"\nquiet night / full retrain = {quiet['seconds']:.1f} / {full['seconds']:.1f} s = {ratio:.3f} "

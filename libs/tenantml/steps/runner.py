@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -60,14 +60,23 @@ def _blocked(ctx: JobContext, dataset: str, purpose: str) -> dict[str, float]:
     if not table_exists(ctx.spark, ref):
         return {}
     version = table_version(ctx.spark, ref)
-    key = ("blocked", ref.display, version, purpose)
-    if key not in ctx.by_version:
+
+    def compute() -> dict[str, float]:
         q = read_table(ctx.spark, ref, version=version).where(F.col("blocked") & F.col("tenant_id").isNotNull())
         if "purpose" in q.columns:
             q = q.where(F.coalesce(F.col("purpose"), F.lit("history")) == purpose)
         elif purpose != "history":
             return {}
-        ctx.by_version[key] = {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+        return {r["tenant_id"]: float(r["rejected_fraction"]) for r in q.collect()}
+
+    return _once_per_version(ctx, ("blocked", ref.display, version, purpose), compute)
+
+
+def _once_per_version(ctx: JobContext, key: tuple[Any, ...], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` once per key, for every step of the run; the key names a Delta table version,
+    so the value can never go stale. A copy is returned: callers may change it."""
+    if key not in ctx.by_version:
+        ctx.by_version[key] = compute()
     return dict(ctx.by_version[key])
 
 
@@ -77,11 +86,9 @@ def _inactive(ctx: JobContext) -> dict[str, str]:
     if not table_exists(ctx.spark, ref):
         return {}
     version = table_version(ctx.spark, ref)
-    key = ("inactive", ref.display, version)
-    if key not in ctx.by_version:
-        ctx.by_version[key] = {r["tenant_id"]: str(r["status"]) for r in
-                               read_table(ctx.spark, ref, version=version).where("status != 'active'").collect()}
-    return dict(ctx.by_version[key])
+    return _once_per_version(ctx, ("inactive", ref.display, version), lambda: {
+        r["tenant_id"]: str(r["status"]) for r in
+        read_table(ctx.spark, ref, version=version).where("status != 'active'").collect()})
 
 
 def failed_upstream(ctx: JobContext, step: Step, dataset: str, tenants: list[str]) -> dict[str, str]:
@@ -126,14 +133,16 @@ def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str]
     if step.eligibility == "inference" and not table_exists(ctx.spark, ref):
         return Resolved(ref, None, {}, {})
     version = table_version(ctx.spark, ref)
-    key = ("rows per tenant", ref.display, version, tuple(sorted(requested)) if requested else None)
-    if key not in ctx.by_version:  # the steps after validate all read the same silver version
+
+    def count() -> dict[str, int]:  # the steps after validate all read the same silver version
         frame: DataFrame = read_table(ctx.spark, ref, version=version)
         if requested:
             frame = frame.where(F.col("tenant_id").isin(list(requested)))
-        ctx.by_version[key] = {r["tenant_id"]: int(r["n"]) for r in frame.groupBy("tenant_id").agg(
+        return {r["tenant_id"]: int(r["n"]) for r in frame.groupBy("tenant_id").agg(
             F.count(F.lit(1)).alias("n")).collect() if r["tenant_id"] is not None}
-    rows = dict(ctx.by_version[key])
+
+    rows = _once_per_version(ctx, ("rows per tenant", ref.display, version,
+                                   tuple(sorted(requested)) if requested else None), count)
     blocked = _blocked(ctx, dataset, purpose)
     if requested:
         missing = sorted(set(requested) - set(rows) - set(blocked))
