@@ -61,7 +61,8 @@ class RunReport:
         failed = {r["tenant_id"] for r in self.failures}
         if not failed:
             return "ok"
-        return "failed" if None in failed or failed >= {r["tenant_id"] for r in self.run_log} else "partial"
+        return "failed" if None in failed or failed >= {r["tenant_id"] for r in self.run_log
+                                                         if not _step_note(r)} else "partial"
 
 
 def report_path(ctx: JobContext, run_id: str) -> Path:
@@ -101,6 +102,8 @@ def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
     tainted = []
     for row in log_rows:
         detail = row.pop("detail", None)
+        if _step_note(row) and detail:  # the run whose result a skipped step's stands on
+            row["unchanged_since"] = (json.loads(detail) or {}).get("unchanged_since")
         if row["step"] == "score" and detail and "tainted" in detail:
             note = (json.loads(detail) or {}).get("tainted")
             if note:
@@ -429,6 +432,19 @@ def _figure(svg: str, caption: str, shown: int, total: int) -> str:
     return f'<figure>{svg}<figcaption>{_e(caption + more)}</figcaption></figure>'
 
 
+def _step_note(row: dict[str, Any]) -> bool:
+    """A step-level "skipped" row (no tenant): the step had nothing to do, or nothing it depends on
+    changed since it last ran. It is not a tenant's outcome and is not counted as one."""
+    return row["tenant_id"] is None and row["status"] == "skipped"
+
+
+def _unchanged(row: dict[str, Any]) -> str | None:
+    """The run a skipped step's result stands on (the runner skips a step none of whose tables,
+    config or tenants changed since its last clean run); None for every other row."""
+    since = row.get("unchanged_since") if _step_note(row) else None
+    return str(since) if since else None
+
+
 def _steps_section(r: RunReport) -> str:
     by_step: dict[str, list[dict[str, Any]]] = {}
     for row in r.run_log:
@@ -440,8 +456,11 @@ def _steps_section(r: RunReport) -> str:
     rows = []
     for step in order:
         rs = by_step[step]
-        count = {k: sum(1 for x in rs if x["status"] == k) for k in ("ok", "skipped", "blocked", "failed")}
-        rows.append((None, [_e(step), *(_num(count[k]) for k in count),
+        since = next((_unchanged(x) for x in rs if _unchanged(x)), None)
+        count = {k: sum(1 for x in rs if x["status"] == k and not _step_note(x))
+                 for k in ("ok", "skipped", "blocked", "failed")}
+        label = f"{step} (unchanged since run {since})" if since else step
+        rows.append((None, [_e(label), *(_num(count[k]) for k in count),
                             _num(sum(int(x["rows_in"]) for x in rs)), _num(sum(int(x["rows_out"]) for x in rs)),
                             _num(sum(int(x["rows_quarantined"]) for x in rs))]))
     return ('<section id="steps"><h2>Steps</h2>'
@@ -455,7 +474,7 @@ def _quality_section(r: RunReport) -> str:
     note = "" if r.quality_from_run else (
         '<p class="note">This run did not validate; the latest validation of each tenant is shown '
         "(its run id is in the table).</p>")
-    invalid = [x for x in r.run_log if x["step"] == "validate" and x["tenant_id"] is None]
+    invalid = [x for x in r.run_log if x["step"] == "validate" and x["tenant_id"] is None and not _step_note(x)]
     rows = [(q["tenant_id"], [_e(q["tenant_id"]), _num(q["rows_in"]), _num(q["rows_valid"]),
                               _num(q["rows_quarantined"]), _pct(q["rejected_fraction"]),
                               '<span class="bad">blocked</span>' if q["blocked"] else "no",

@@ -5,6 +5,9 @@ declaration: its name, the steps it runs after, the tables it reads and writes, 
 finds the tenants it may act for, whether its compute is measured per tenant, and its extra
 options. The runner (`steps/runner.py`), not the step, resolves eligibility, opens the tenant
 scope, times the step, writes `run_log` and the cost ledger, and handles `--resume` and `--from`.
+A step declared `skip_unchanged` is skipped (one run-log row naming the run whose result stands)
+when none of the Delta tables it reads or writes, nor the config, tenants or options, changed since
+its last run without a failure: a quiet night then costs a version lookup per table, not a step.
 The CLI, `jobs/`, the run report, the cost ledger and the bundle's task list all read this one
 registry (or are checked against it in a test), so a new step is one new file plus its module name
 in `STEP_MODULES`.
@@ -138,6 +141,7 @@ class Step:
     options: tuple[Option, ...] = ()
     in_pipeline: bool = True    # part of `tenantml pipeline` (False: run on its own, e.g. ad hoc)
     gated: bool = False         # acts only for the tenants the run's retraining decisions name
+    skip_unchanged: bool = False  # skipped when no table it reads or writes changed since it last ran
 
     @property
     def command(self) -> str:
@@ -151,7 +155,8 @@ _REGISTRY: dict[str, Step] = {}
 def step(*, name: str, help: str, after: Sequence[str] = (), reads: Sequence[str] = (),
          writes: Sequence[str] = (), eligibility: Eligibility = "silver", measured: bool = False,
          resumable: bool = True, options: Sequence[Option] = (),
-         in_pipeline: bool = True, gated: bool = False) -> Callable[[Callable[[StepScope], StepOutput]], Callable[[StepScope], StepOutput]]:
+         in_pipeline: bool = True, gated: bool = False,
+         skip_unchanged: bool = False) -> Callable[[Callable[[StepScope], StepOutput]], Callable[[StepScope], StepOutput]]:
     """Declare and register a step; the decorated function is its `run(scope)`."""
 
     def register(fn: Callable[[StepScope], StepOutput]) -> Callable[[StepScope], StepOutput]:
@@ -159,7 +164,8 @@ def step(*, name: str, help: str, after: Sequence[str] = (), reads: Sequence[str
             raise ValueError(f"step {name!r} is registered twice")
         _REGISTRY[name] = Step(name=name, help=help, after=tuple(after), reads=tuple(reads), writes=tuple(writes),
                                eligibility=eligibility, run=fn, measured=measured, resumable=resumable,
-                               options=tuple(options), in_pipeline=in_pipeline, gated=gated)
+                               options=tuple(options), in_pipeline=in_pipeline, gated=gated,
+                               skip_unchanged=skip_unchanged)
         return fn
 
     return register

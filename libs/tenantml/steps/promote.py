@@ -51,8 +51,8 @@ def _latest_candidates(scope: StepScope) -> dict[str, dict[str, Any]]:
 
 
 @step(name="promote", help="judge candidates on each tenant's holdout; move champions on a clear win",
-      after=("train", "train_tuned"), reads=("silver", "tenants", "model_store", "registry"),
-      writes=("model_store", "promotions", "registry"), gated=True)
+      after=("train", "train_tuned"), reads=("silver", "tenants", "model_store", "registry", "model_lineage"),
+      writes=("model_store", "promotions", "registry", "model_lineage"), gated=True, skip_unchanged=True)
 def run(scope: StepScope) -> StepOutput:
     from tenantml.models import primary_metric
 

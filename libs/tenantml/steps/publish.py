@@ -41,7 +41,7 @@ from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
 @step(name="publish", help="write the gold star schema for BI (prediction facts, tenant/model/date dims)",
       after=("score",), reads=("predictions", "tenants", "model_store", "registry"),
       writes=("gold_prediction_fact", "gold_tenant_dim", "gold_model_dim", "gold_date_dim"),
-      eligibility="own", resumable=False)
+      eligibility="own", resumable=False, skip_unchanged=True)
 def run(scope: StepScope) -> StepOutput:
     from pyspark.sql import functions as F
 

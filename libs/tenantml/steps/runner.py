@@ -247,6 +247,12 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         ctx.progress.phase(f"resuming {name} for {len(failed)} failed tenant(s): {', '.join(failed)}")
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
+    versions = input_versions(ctx, step, ds) if step.skip_unchanged and resume is None else None
+    if versions is not None:
+        log.debug("%s %s: inputs since it last ran", name, ds)
+        skipped = _skip_if_unchanged(ctx, step, ds, requested, options, versions, started)
+        if skipped is not None:
+            return skipped
     try:
         log.debug("%s %s: eligible tenants and their scope", name, ds)  # where a step's time goes (bench/)
         scope = open_scope(ctx, step, ds, requested, options)
@@ -260,10 +266,111 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     result = _result(ctx, step, ds, scope, out, time.perf_counter() - started)
     if resume is not None:
         result.summary["resumed"] = list(requested or [])
+    if versions is not None:  # what the next run compares with: its own writes count as seen
+        after = {**versions, **_versions(ctx, _tables(ctx, step.writes, ds) or {})}
+        digest = inputs_digest(ctx, step, requested, options, after)
+        if not result.tenants:  # nothing to do (no new batch): one step-level row keeps the record
+            reason = str(result.summary.get("reason") or "nothing new to do")
+            result.tenants.append(TenantOutcome(tenant_id=None, status="skipped", detail={"reason": reason}))
+        for t in result.tenants:
+            t.detail["inputs"] = digest
     log.debug("%s %s: run log and cost ledger", name, ds)
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
     return result
+
+
+# --------------------------------------------------------------------------- unchanged inputs
+
+
+# Declared reads that are not Delta tables (files at a path): a step reading one always runs.
+_NOT_TABLES = frozenset({"source", "scoring_source"})
+# Every champion alias tenantml sets is recorded in `promotions` (promote, train_shared): its version
+# stands for the registry's. An alias set by hand in MLflow is not seen: change any input, or the config.
+_STANDS_FOR = {"registry": "promotions"}
+# What the runner itself reads to find a step's tenants (rows per tenant, blocked, paused).
+_ELIGIBILITY_READS: dict[str, tuple[str, ...]] = {"silver": ("silver", "quality", "tenants"),
+                                                  "inference": ("scoring", "quality", "tenants"), "own": ()}
+
+
+def _tables(ctx: JobContext, names: Sequence[str], dataset: str) -> dict[str, TableRef] | None:
+    """The Delta tables behind declared reads or writes, by display name; None when one is not a table."""
+    if any(n in _NOT_TABLES for n in names):
+        return None
+    out: dict[str, TableRef] = {}
+    for n in names:
+        attr = getattr(ctx.tables, _STANDS_FOR.get(n, n))
+        ref = attr(dataset) if callable(attr) else attr
+        out[ref.display] = ref
+    return out
+
+
+def _versions(ctx: JobContext, refs: dict[str, TableRef]) -> dict[str, int | None]:
+    return {k: table_version(ctx.spark, r) if table_exists(ctx.spark, r) else None for k, r in sorted(refs.items())}
+
+
+def input_versions(ctx: JobContext, step: Step, dataset: str) -> dict[str, int | None] | None:
+    """The Delta version of every table ``step`` reads or writes (None: not created yet), or None
+    when it reads something that is not a Delta table (its step then always runs)."""
+    refs = _tables(ctx, (*step.reads, *step.writes, *_ELIGIBILITY_READS[step.eligibility]), dataset)
+    return None if refs is None else _versions(ctx, refs)
+
+
+def inputs_digest(ctx: JobContext, step: Step, requested: Sequence[str] | None, options: dict[str, Any],
+                  versions: dict[str, int | None]) -> str:
+    """What decides a step's result besides the code: its tables' versions, the whole config, the
+    tenants and options asked for, the package version, and with budgets set the month and ledger."""
+    import hashlib
+
+    from tenantml import __version__
+
+    state: dict[str, Any] = {"versions": versions, "config": ctx.config.model_dump(mode="json"),
+                             "tenants": sorted(requested or []), "options": options, "tenantml": __version__}
+    cfg = ctx.config.tenants
+    if cfg.budgets or cfg.budget_seconds_per_month is not None:
+        state["month"] = datetime.now(UTC).strftime("%Y-%m")
+        state["ledger"] = _versions(ctx, {"ledger": ctx.tables.cost_ledger})
+    text = json.dumps(state, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _skip_if_unchanged(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None,
+                       options: dict[str, Any], versions: dict[str, int | None], started: float) -> StepResult | None:
+    """When the step's last run ended without a failure and nothing it depends on changed since,
+    its result would be the same: it is logged as skipped, with the run whose result stands."""
+    digest = inputs_digest(ctx, step, requested, options, versions)
+    since = unchanged_since(ctx, step.name, dataset, digest)
+    if since is None:
+        return None
+    why = f"nothing it reads or writes changed since run {since}"
+    ctx.progress.phase(f"{step.name} {dataset}: skipped, {why}")
+    result = StepResult(step=step.name, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
+                        tenants=[TenantOutcome(tenant_id=None, status="skipped", detail={
+                            "reason": why, "unchanged_since": since,
+                            "inputs": digest})],
+                        summary={"unchanged_since": since, "reason": why, "table_versions": versions})
+    log.debug("%s %s: run log", step.name, dataset)
+    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    return result
+
+
+def unchanged_since(ctx: JobContext, step: str, dataset: str, digest: str) -> str | None:
+    """The run whose result of ``step`` still stands: the step's latest run logged ``digest`` and no
+    failure (a skipped run names the run it stood on). None: the step has to run."""
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.run_log
+    if not table_exists(ctx.spark, ref):
+        return None
+    latest = (read_table(ctx.spark, ref).where((F.col("step") == step) & (F.col("dataset") == dataset))
+              .groupBy("run_id").agg(F.max("logged_at").alias("at"),
+                                     F.max((F.col("status") == "failed").cast("int")).alias("failed"),
+                                     F.collect_set(F.get_json_object("detail", "$.inputs")).alias("inputs"),
+                                     F.max(F.get_json_object("detail", "$.unchanged_since")).alias("since"))
+              .orderBy(F.col("at").desc()).limit(1).collect())
+    if not latest or latest[0]["failed"] or list(latest[0]["inputs"]) != [digest]:
+        return None
+    return str(latest[0]["since"] or latest[0]["run_id"])
 
 
 def _logged_statuses(ctx: JobContext, step: str, dataset: str) -> dict[str, str]:
@@ -286,7 +393,7 @@ def _logged_per_tenant(ctx: JobContext, step: str, dataset: str) -> bool:
         return False
     rows = (read_table(ctx.spark, ref).where((F.col("run_id") == ctx.run_id) & (F.col("step") == step)
                                              & (F.col("dataset") == dataset))
-            .select(F.col("tenant_id").isNull().alias("whole")).distinct().collect())
+            .select((F.col("tenant_id").isNull() & (F.col("status") == "failed")).alias("whole")).distinct().collect())
     return bool(rows) and not any(r["whole"] for r in rows)
 
 

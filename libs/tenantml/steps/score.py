@@ -53,7 +53,7 @@ def pending_batches(scope: StepScope) -> dict[str, list[str]]:
 
 
 @step(name="score", help="score each tenant's new batch of rows to score with its champion", after=("promote",),
-      reads=("scoring", "tenants", "model_store", "registry", "monitoring"),
+      reads=("scoring", "tenants", "model_store", "registry", "monitoring", "model_lineage"), skip_unchanged=True,
       writes=("predictions", "latest_predictions", "monitoring"), eligibility="inference", measured=True,
       options=(Option("--rescore", "rescore", "score each tenant's latest batch again (e.g. after a promotion), "
                                               "replacing its predictions", switch=True),))

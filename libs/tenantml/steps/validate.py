@@ -67,7 +67,7 @@ def quality_state(scope: StepScope, purpose: str) -> dict[str | None, Any]:
 
 @step(name="validate", help="new bronze rows -> silver + quarantine (Great Expectations), incremental",
       after=("ingest",), reads=("bronze", "tenants", "quality"), writes=("silver", "quarantine", "quality"),
-      eligibility="own", resumable=False,
+      eligibility="own", resumable=False, skip_unchanged=True,
       options=(Option("--full", "full", "revalidate every row, not only the rows ingested since the last run",
                       switch=True),))
 def run(scope: StepScope) -> StepOutput:

@@ -17,7 +17,7 @@ from tenantml.steps.validate import QUALITY_SCHEMA, rules_hash, threshold_of
 
 @step(name="validate_scoring", help="new batches of rows to score -> scoring table + quarantine (same rules, no label)",
       after=("ingest_scoring", "validate"), reads=("inference", "tenants"), writes=("scoring", "quarantine", "quality"),
-      eligibility="own", resumable=False)
+      eligibility="own", resumable=False, skip_unchanged=True)
 def run(scope: StepScope) -> StepOutput:
     from pyspark.sql import functions as F
 

@@ -1,0 +1,109 @@
+"""A quiet night: a step none of whose tables, config or tenants changed since its last clean run is
+skipped (one run-log row naming the run whose result stands); any change, or a failure last time,
+runs it again. On a private copy of the sharing world (four tenants after one full run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenantml.apps.report import gather, render
+from tenantml.io import read_table, table_version
+from tenantml.io.context import JobContext
+from tenantml.steps.base import StepResult, TenantOutcome, get_step
+from tenantml.steps.runner import input_versions, run_step, write_run_log
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+QUIET = ("validate", "validate_scoring", "promote", "score", "publish")
+
+
+def _ctx(spark: Any, conf: Path, data: Path, run_id: str) -> JobContext:
+    return JobContext.create(conf_dir=conf, data_dir=data, spark=spark, run_id=run_id)
+
+
+def _whole_step_skip(result: StepResult) -> dict[str, Any] | None:
+    """The detail of the one row a step skipped as unchanged logs; None when it ran."""
+    rows = [t for t in result.tenants if t.tenant_id is None and t.status == "skipped"]
+    if len(rows) == 1 and len(result.tenants) == 1 and "unchanged_since" in rows[0].detail:
+        return rows[0].detail
+    return None
+
+
+def _versions(spark: Any, ctx: JobContext) -> dict[str, int]:
+    refs = [ctx.tables.silver("demo"), ctx.tables.predictions("demo"), ctx.tables.model_lineage,
+            ctx.tables.promotions, ctx.tables.quality("demo"), ctx.tables.gold_prediction_fact("demo")]
+    return {r.display: table_version(spark, r) for r in refs}
+
+
+@pytest.fixture(scope="module")
+def quiet(spark: Any, copy_sharing_world: Any) -> dict[str, Any]:
+    conf, data = copy_sharing_world("unchanged")
+    # Night 2 may rerun what the consent update after night 1's validation touched (the tenants
+    # table); night 3 sees nothing new at all.
+    second = {s: run_step(_ctx(spark, conf, data, "share-2"), s, "demo") for s in QUIET}
+    ctx3 = _ctx(spark, conf, data, "share-3")
+    before = _versions(spark, ctx3)
+    third = {s: run_step(ctx3, s, "demo") for s in QUIET}
+    fourth = {s: run_step(_ctx(spark, conf, data, "share-4"), s, "demo") for s in QUIET}
+    after = _versions(spark, ctx3)
+    return {"conf": conf, "data": data, "second": second, "third": third, "fourth": fourth, "before": before,
+            "after": after}
+
+
+def test_a_night_with_nothing_new_skips_every_step_and_writes_nothing(spark: Any, quiet: dict[str, Any]) -> None:
+    for name, result in quiet["third"].items():
+        detail = _whole_step_skip(result)
+        assert detail is not None, (name, [(t.tenant_id, t.status) for t in result.tenants])
+        assert detail["unchanged_since"] in {"share-1", "share-2"}, detail
+        assert result.summary["unchanged_since"] == detail["unchanged_since"]
+        assert detail["reason"] == f"nothing it reads or writes changed since run {detail['unchanged_since']}"
+    # Night 4, as quiet, names the run whose result stands (night 3's own), not night 3's skip.
+    for name, result in quiet["fourth"].items():
+        assert _whole_step_skip(result) == _whole_step_skip(quiet["third"][name]), name
+        assert result.summary["unchanged_since"] == quiet["third"][name].summary["unchanged_since"]
+    assert quiet["after"] == quiet["before"]
+
+
+def test_the_run_report_names_the_run_a_skipped_step_stands_on(spark: Any, quiet: dict[str, Any]) -> None:
+    ctx = _ctx(spark, quiet["conf"], quiet["data"], "share-3")
+    html = render(gather(ctx, "demo", "share-3"))
+    since = quiet["third"]["score"].summary["unchanged_since"]
+    assert f"score (unchanged since run {since})" in html
+    rows = read_table(spark, ctx.tables.run_log).where("run_id = 'share-3'").collect()
+    assert len(rows) == len(QUIET) and {r["tenant_id"] for r in rows} == {None}
+    assert {json.loads(r["detail"])["unchanged_since"] for r in rows} <= {"share-1", "share-2"}
+
+
+def test_a_config_change_reruns_the_step(spark: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(quiet["conf"], conf)
+    with (conf / "local" / "test.yml").open("a") as f:
+        f.write("validation: {max_rejected_fraction: 0.3}\n")
+    result = run_step(_ctx(spark, conf, quiet["data"], "share-5"), "validate", "demo")
+    assert _whole_step_skip(result) is None and result.status == "ok"
+    again = run_step(_ctx(spark, conf, quiet["data"], "share-6"), "validate", "demo")
+    assert (_whole_step_skip(again) or {}).get("unchanged_since") == "share-5"
+
+
+def test_a_failure_last_time_or_asking_for_other_tenants_reruns_the_step(spark: Any, quiet: dict[str, Any]) -> None:
+    ctx = _ctx(spark, quiet["conf"], quiet["data"], "share-7")
+    # What the runner logs when a tenant fails (the run log is the record it reads back).
+    write_run_log(spark, ctx.tables.run_log, StepResult(step="score", dataset="demo", run_id="share-7", tenants=[
+        TenantOutcome(tenant_id="t002", status="failed", error="killed", detail={"inputs": "x"})]))
+    result = run_step(_ctx(spark, quiet["conf"], quiet["data"], "share-8"), "score", "demo")
+    assert _whole_step_skip(result) is None and result.status == "ok" and len(result.tenants) == 4
+    one = run_step(_ctx(spark, quiet["conf"], quiet["data"], "share-9"), "score", "demo", tenants=["t000"])
+    assert _whole_step_skip(one) is None and [t.tenant_id for t in one.tenants] == ["t000"]
+
+
+def test_a_step_that_reads_files_always_runs(spark: Any, quiet: dict[str, Any]) -> None:
+    ctx = _ctx(spark, quiet["conf"], quiet["data"], "share-10")
+    assert input_versions(ctx, get_step("ingest"), "demo") is None  # a source folder has no Delta version
+    assert not get_step("ingest").skip_unchanged and not get_step("train").skip_unchanged
+    versions = input_versions(ctx, get_step("score"), "demo")
+    assert versions is not None and ctx.tables.promotions.display in versions
