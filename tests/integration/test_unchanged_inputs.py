@@ -77,7 +77,7 @@ def test_the_run_report_names_the_run_a_skipped_step_stands_on(spark: Any, quiet
     assert {json.loads(r["detail"])["unchanged_since"] for r in rows} <= {"share-1", "share-2"}
 
 
-def test_a_config_change_reruns_the_step(spark: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
+def test_a_config_change_or_rerun_runs_the_step(spark: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
     import shutil
 
     conf = tmp_path / "conf"
@@ -88,6 +88,11 @@ def test_a_config_change_reruns_the_step(spark: Any, quiet: dict[str, Any], tmp_
     assert _whole_step_skip(result) is None and result.status == "ok"
     again = run_step(_ctx(spark, conf, quiet["data"], "share-6"), "validate", "demo")
     assert (_whole_step_skip(again) or {}).get("unchanged_since") == "share-5"
+    forced = run_step(_ctx(spark, conf, quiet["data"], "share-6b"), "validate", "demo", rerun=True)  # `--rerun`
+    assert _whole_step_skip(forced) is None and forced.status == "ok"
+    for run_id in ("share-6c", "share-6d"):  # an option that asks for the work runs it every time
+        rescored = run_step(_ctx(spark, conf, quiet["data"], run_id), "score", "demo", tenants=["t000"], rescore=True)
+        assert _whole_step_skip(rescored) is None and rescored.summary["rows_scored"] > 0
 
 
 def test_a_failure_last_time_or_asking_for_other_tenants_reruns_the_step(spark: Any, quiet: dict[str, Any]) -> None:

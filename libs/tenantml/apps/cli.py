@@ -78,6 +78,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_RERUN_HELP = ("run even when nothing the step reads or writes, nor the config, changed since its last clean "
+               "run (by default such a step is skipped and names the run whose result stands)")
+
+
 def _add_option(parser: argparse.ArgumentParser, opt: Any) -> None:
     if opt.switch:
         parser.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
@@ -110,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(spec.command, parents=[scoped], help=spec.help)
         for opt in spec.options:
             _add_option(cmd, opt)
+        if spec.skip_unchanged:
+            cmd.add_argument("--rerun", action="store_true", help=_RERUN_HELP)
         if spec.resumable:
             cmd.add_argument("--resume", action="store_true",
                              help="with --run-id: rerun only the tenants that failed this step in that run")
@@ -120,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", parents=[scoped], help=" -> ".join(steps[n].command for n in order))
     for opt in {o.dest: o for n in order for o in steps[n].options}.values():
         _add_option(pipe, opt)
+    pipe.add_argument("--rerun", action="store_true", help=_RERUN_HELP)
     pipe.add_argument("--from", dest="from_step", default=order[0], metavar="STEP",
                       choices=[steps[n].command for n in order],
                       help=f"start at this step, e.g. the one a crashed run was in (default: {order[0]})")
@@ -633,7 +640,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                     raise ConfigError(f"{flag} {value!r}: no step from {steps[0]} on takes it "
                                       f"(start the pipeline at a step that does)")
             results = run_pipeline_reported(ctx, dataset=args.dataset, tenants=_tenants(args), steps=steps,
-                                            **options)
+                                            rerun=args.rerun, **options)
         else:
             step = _step(step_name)
             options = {o.dest: getattr(args, o.dest) for o in step.options if getattr(args, o.dest, None) is not None}
@@ -642,14 +649,15 @@ def run(argv: Sequence[str] | None = None) -> int:
                     raise ConfigError("--source and --resume: resume the failed tenants without --source")
                 results = run_pipeline_reported(ctx, dataset=args.dataset, tenants=_tenants(args),
                                                 steps=("ingest_scoring", "validate_scoring", "score"),
-                                                scoring_source_path=args.score_source, **options)
+                                                scoring_source_path=args.score_source, rerun=args.rerun, **options)
             elif getattr(args, "resume", False):
                 if not args.run_id:
                     raise ConfigError("--resume needs --run-id: the run whose failed tenants to rerun")
                 results = [run_step(ctx, step_name, dataset=args.dataset, tenants=_tenants(args),
                                     resume=args.run_id, **options)]
             else:
-                results = [run_step(ctx, step_name, dataset=args.dataset, tenants=_tenants(args), **options)]
+                results = [run_step(ctx, step_name, dataset=args.dataset, tenants=_tenants(args),
+                                    rerun=getattr(args, "rerun", False), **options)]
         return _print_results(results, args.json)
     except TenantMLError as exc:
         _error(str(exc), args.json, exc.exit_code)

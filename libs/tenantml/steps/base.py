@@ -125,6 +125,7 @@ class Option:
     help: str
     type: Callable[[str], Any] = str
     switch: bool = False        # a flag without a value (True when given)
+    forces_run: bool = False    # given, the step runs even when its inputs are unchanged (`--rescore`)
 
 
 @dataclass(frozen=True)

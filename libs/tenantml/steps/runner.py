@@ -212,11 +212,12 @@ def open_scope(ctx: JobContext, step: Step, dataset: str, requested: Sequence[st
 
 
 def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Sequence[str] | None = None,
-             resume: str | None = None, **options: Any) -> StepResult:
+             resume: str | None = None, rerun: bool = False, **options: Any) -> StepResult:
     """Run one step and record it; a step that raises is logged as failed, then re-raised.
 
     ``resume`` (a run id): rerun only the tenants that failed this step in that run; nothing to
-    do when none failed.
+    do when none failed. ``rerun``: run a `skip_unchanged` step even when nothing it depends on
+    changed since its last clean run (e.g. after a change the run log cannot see).
     """
     step = get_step(name)
     ds, _ = ctx.config.dataset(dataset)
@@ -247,8 +248,9 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         ctx.progress.phase(f"resuming {name} for {len(failed)} failed tenant(s): {', '.join(failed)}")
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
+    rerun = rerun or any(options.get(o.dest) for o in step.options if o.forces_run)
     versions = input_versions(ctx, step, ds) if step.skip_unchanged and resume is None else None
-    if versions is not None:
+    if versions is not None and not rerun:
         log.debug("%s %s: inputs since it last ran", name, ds)
         skipped = _skip_if_unchanged(ctx, step, ds, requested, options, versions, started)
         if skipped is not None:
@@ -436,14 +438,14 @@ def pipeline_steps(start: str | None = None, stop: str | None = None) -> tuple[s
 
 
 def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[str] | None = None,
-                 steps: Sequence[str] | None = None, **options: Any) -> list[StepResult]:
+                 steps: Sequence[str] | None = None, rerun: bool = False, **options: Any) -> list[StepResult]:
     """Every step under one run id; tenants failing a step don't stop the others. ``options`` go
-    to the steps that declare them (e.g. ``source_path`` to ingest)."""
+    to the steps that declare them (e.g. ``source_path`` to ingest); ``rerun`` to every step."""
     results = []
     for name in steps if steps is not None else pipeline_steps():
         step = get_step(name)
         own = {k: v for k, v in options.items() if k in {o.dest for o in step.options} and v is not None}
-        results.append(run_step(ctx, name, dataset=dataset, tenants=tenants, **own))
+        results.append(run_step(ctx, name, dataset=dataset, tenants=tenants, rerun=rerun, **own))
     return results
 
 

@@ -56,7 +56,7 @@ def pending_batches(scope: StepScope) -> dict[str, list[str]]:
       reads=("scoring", "tenants", "model_store", "registry", "monitoring", "model_lineage"), skip_unchanged=True,
       writes=("predictions", "latest_predictions", "monitoring"), eligibility="inference", measured=True,
       options=(Option("--rescore", "rescore", "score each tenant's latest batch again (e.g. after a promotion), "
-                                              "replacing its predictions", switch=True),))
+                                              "replacing its predictions", switch=True, forces_run=True),))
 def run(scope: StepScope) -> StepOutput:
     from pyspark.sql import functions as F
 
