@@ -49,6 +49,7 @@ def restore_spark_conf(spark: Any) -> Iterator[None]:
 # scheduler under pytest 9, so the scopes are set here, through xdist's scheduler hook.)
 WORLD_GROUPS = {
     "test_workflows": "nightly_run", "test_publish": "nightly_run", "test_uc_registry": "nightly_run",
+    "test_unchanged_inputs": "nightly_run",
     "test_consent_lineage": "sharing_world", "test_offboarding": "sharing_world",
     "test_cli_demo": "demo_cli_run", "test_notebooks": "demo_cli_run", "test_run_report": "demo_cli_run",
 }
