@@ -288,7 +288,7 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
 # Declared reads that are not Delta tables (files at a path): a step reading one always runs.
 _NOT_TABLES = frozenset({"source", "scoring_source"})
 # Every champion alias tenantml sets is recorded in `promotions` (promote, train_shared): its version
-# stands for the registry's. An alias set by hand in MLflow is not seen: change any input, or the config.
+# stands for the registry's. An alias set by hand in MLflow is not seen: `--rerun` (or `--rescore`) runs anyway.
 _STANDS_FOR = {"registry": "promotions"}
 # What the runner itself reads to find a step's tenants (rows per tenant, blocked, paused).
 _ELIGIBILITY_READS: dict[str, tuple[str, ...]] = {"silver": ("silver", "quality", "tenants"),
