@@ -18,7 +18,9 @@ def copy_world(src: Path, dst: Path) -> Path:
     src, dst = Path(src).resolve(), Path(dst).resolve()
     shutil.copytree(src, dst)
     for db in dst.rglob("*.db"):
-        _rewrite(db, str(src), str(dst))
+        # Spark's warehouse names database folders `<name>.db`: only SQLite files are MLflow's stores.
+        if db.is_file() and db.read_bytes()[:16] == b"SQLite format 3\x00":
+            _rewrite(db, str(src), str(dst))
     return dst
 
 

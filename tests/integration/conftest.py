@@ -2,7 +2,8 @@
 
 test_workflows.py checks the run itself; test_publish.py checks the gold tables it published, on a
 copy of its data directory taken as the job ended (those tests publish and score again, and the
-workflow tests score again: neither sees the other's changes).
+workflow tests score again: neither sees the other's changes). `pristine` is a further copy that no
+test changes: modules that need the world exactly as the job left it copy that one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def nightly_run(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
     from tenantml.apps.demo import DemoSpec, write_demo_source
     from tenantml.io.context import JobContext
+    from worlds import copy_world
 
     conf = tmp_path_factory.mktemp("conf")
     shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
@@ -36,9 +38,9 @@ def nightly_run(spark: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     ctx = JobContext.create(conf_dir=conf, data_dir=data_dir, spark=spark)
     write_demo_source(ctx.source_path("demo"), DemoSpec(tenants=5, largest=900, smallest=20))
     run = run_job(load_bundle(REPO / "workflows", "prod"), "nightly", conf_dir=str(conf), data_dir=str(data_dir))
-    copy = tmp_path_factory.mktemp("nightly-copy") / "data"
-    shutil.copytree(data_dir, copy)
-    return {"run": run, "ctx": ctx, "conf": str(conf), "data_copy": copy}
+    pristine = copy_world(data_dir, tmp_path_factory.mktemp("nightly-pristine") / "data")
+    copy = copy_world(pristine, tmp_path_factory.mktemp("nightly-copy") / "data")
+    return {"run": run, "ctx": ctx, "conf": str(conf), "data_copy": copy, "pristine": pristine}
 
 
 SHARING_CONF = ("training: {min_rows: 100, max_epochs: 3, patience: 2, shared: {max_epochs: 2}, "

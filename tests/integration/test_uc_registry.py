@@ -6,6 +6,7 @@ uc_registry_double.py: MLflow's SQL store refusing what the Unity Catalog store 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ PREFIX = "main.tenantml."
 def uc_run(spark: Any, nightly_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import uc_registry_double as double
 
+    from worlds import copy_world
+
     double.register()
     root = tmp_path_factory.mktemp("uc")
     conf = root / "conf"
@@ -29,8 +32,7 @@ def uc_run(spark: Any, nightly_run: dict[str, Any], tmp_path_factory: pytest.Tem
     (conf / "local" / "uc.yml").write_text(
         f"tracking: {{registry_uri: 'uc-double://{root / 'registry.db'}', model_name_prefix: '{PREFIX}'}}\n"
         "retraining: {force: true}\n")
-    data = root / "data"
-    shutil.copytree(nightly_run["data_copy"], data)
+    data = copy_world(Path(nightly_run["pristine"]), root / "data")
     ctx = JobContext.create(conf_dir=conf, data_dir=data, spark=spark, run_id="uc-1")
     double.calls.clear()
     # The copy's batch of rows to score was scored by the nightly run: rescore it with the UC models.

@@ -1,6 +1,7 @@
 """A quiet night: a step none of whose tables, config or tenants changed since its last clean run is
 skipped (one run-log row naming the run whose result stands); any change, or a failure last time,
-runs it again. On a private copy of the nightly job's world (five demo tenants after the whole
+runs it again. A train or promote step in a run whose monitor kept every champion logs one row
+that says so. On a private copy of the nightly job's world (five demo tenants after the whole
 pipeline, through the local workflow runner; conftest.py)."""
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def quiet(spark: Any, nightly_run: dict[str, Any], tmp_path_factory: pytest.Temp
     from worlds import copy_world
 
     conf = Path(nightly_run["conf"])
-    data = copy_world(Path(nightly_run["data_copy"]), tmp_path_factory.mktemp("unchanged") / "data")
-    # Night 2 reruns what the job ran for tenant batches (a workflow's for-each score) or what
-    # other tests changed in the world since; night 3 sees nothing new at all.
+    data = copy_world(Path(nightly_run["pristine"]), tmp_path_factory.mktemp("unchanged") / "data")
+    # Night 2 reruns what the job ran for tenant batches (a workflow's for-each score); night 3
+    # sees nothing new at all.
     second = {s: run_step(_ctx(spark, conf, data, "share-2"), s, "demo") for s in QUIET}
     ctx3 = _ctx(spark, conf, data, "share-3")
     before = _versions(spark, ctx3)
@@ -120,3 +121,42 @@ def test_a_step_that_reads_files_always_runs(spark: Any, quiet: dict[str, Any]) 
     assert not get_step("ingest").skip_unchanged and not get_step("train").skip_unchanged
     versions = input_versions(ctx, get_step("score"), "demo")
     assert versions is not None and ctx.tables.promotions.display in versions
+
+
+def _decide(spark: Any, ctx: JobContext, retrain: set[str]) -> list[str]:
+    """What the monitor writes for the run (the record the gated steps read): ``retrain`` are
+    retrained, every other tenant keeps its champion."""
+    from datetime import datetime
+
+    from tenantml.io.tenants import list_tenant_ids
+    from tenantml.steps.monitor import RETRAINING_SCHEMA
+
+    tenants = sorted(list_tenant_ids(spark, ctx.tables.tenants))
+    rows = [(ctx.run_id, "demo", t, t in retrain, "forced by the test" if t in retrain else "champion current",
+             None, None, 0, 0, None, None, None, datetime(2026, 1, 1)) for t in tenants]
+    (spark.createDataFrame(rows, RETRAINING_SCHEMA).write.format("delta").mode("append")
+     .save(str(ctx.tables.retraining("demo").path)))
+    return tenants
+
+
+def test_a_run_whose_monitor_keeps_every_champion_trains_nothing_and_says_so(spark: Any, quiet: dict[str, Any]) -> None:
+    ctx = _ctx(spark, quiet["conf"], quiet["data"], "share-11")
+    tenants = _decide(spark, ctx, set())
+    store = table_version(spark, ctx.tables.model_store)
+    for name in ("train", "train_tuned", "promote"):
+        result = run_step(ctx, name, "demo")
+        (row,) = result.tenants  # one step-level row, not one "skipped" row per tenant
+        assert row.tenant_id is None and row.status == "skipped", (name, row)
+        assert row.detail["reason"] == "the monitor of run share-11 decided that no tenant needs retraining"
+        assert result.summary["tenants_kept"] == len(tenants) and result.summary["models_trained"] == 0
+    assert table_version(spark, ctx.tables.model_store) == store  # nothing trained, nothing promoted
+    # One tenant to retrain: the step runs as ever, for it alone; asking for a kept tenant by name
+    # is answered by the same one row.
+    ctx = _ctx(spark, quiet["conf"], quiet["data"], "share-12")
+    _decide(spark, ctx, {tenants[1]})
+    kept = run_step(ctx, "train", "demo", tenants=[tenants[0]])
+    assert [(t.tenant_id, t.status) for t in kept.tenants] == [(None, "skipped")]
+    trained = {t.tenant_id: t for t in run_step(ctx, "train", "demo").tenants}
+    assert trained[tenants[1]].status == "ok", trained[tenants[1]]
+    assert all(o.status == "skipped" and "no retraining needed" in o.detail["reason"]
+               for t, o in trained.items() if t != tenants[1])

@@ -266,8 +266,11 @@ def run(scope: StepScope) -> StepOutput:
         written.append(ctx.tables.monitoring(name).display)
 
     # What the monitoring table says per tenant: its latest batch's drift, its latest realised metric.
+    scope.phase("latest drift and realised metric per tenant")
     history = _tenant_state(scope, tenants)
+    scope.phase("new labelled rows since each champion")
     new_rows = _new_labelled_rows(scope, champs)
+    scope.phase("champions' lineage (withdrawn consent, offboarded tenants)")
     tainted = taints(spark, ctx.tables.model_lineage, ctx.tables.tenants,
                      {(str(c["model_name"]), str(c["model_version"])) for c in champs.values()},
                      key=ctx.signing_key, registered=registered)
@@ -346,6 +349,7 @@ def run(scope: StepScope) -> StepOutput:
         if t not in registered:
             outcomes.append(scope.skipped(t, "tenant is not registered"))
     if decisions:
+        scope.phase(f"writing {len(decisions)} retraining decisions")
         ret_ref = ctx.tables.retraining(name)
         scope.tenants.write(spark.createDataFrame(decisions, RETRAINING_SCHEMA), ret_ref, [d[2] for d in decisions],
                             extra_predicate=f"run_id = '{ctx.run_id}' AND dataset = '{name}'")

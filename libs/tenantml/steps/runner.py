@@ -248,6 +248,10 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         ctx.progress.phase(f"resuming {name} for {len(failed)} failed tenant(s): {', '.join(failed)}")
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
+    if step.gated and resume is None and not ctx.config.retraining.force:
+        kept = _nobody_to_retrain(ctx, step, ds, requested, started)
+        if kept is not None:
+            return kept
     rerun = rerun or any(options.get(o.dest) for o in step.options if o.forces_run)
     versions = input_versions(ctx, step, ds) if step.skip_unchanged and resume is None else None
     if versions is not None and not rerun:
@@ -282,6 +286,24 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     return result
 
 
+def _nobody_to_retrain(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None,
+                       started: float) -> StepResult | None:
+    """A gated step in a run whose monitor kept every champion (of ``requested``, when given) has
+    nothing to do: one step-level row says so, without counting rows per tenant for a scope that
+    would exclude every tenant. None: someone is to be retrained (or the run has no decisions)."""
+    decisions = retraining_decisions(ctx, dataset)
+    if decisions is None or any(decisions[t][0] if t in decisions else True for t in (requested or decisions)):
+        return None
+    why = f"the monitor of run {ctx.run_id} decided that no tenant needs retraining"
+    ctx.progress.phase(f"{step.name} {dataset}: skipped, {why}")
+    result = StepResult(step=step.name, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
+                        tenants=[TenantOutcome(tenant_id=None, status="skipped", detail={"reason": why})],
+                        summary={"reason": why, "tenants_kept": len(decisions), "models_trained": 0})
+    log.debug("%s %s: run log", step.name, dataset)
+    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    return result
+
+
 # --------------------------------------------------------------------------- unchanged inputs
 
 
@@ -308,7 +330,16 @@ def _tables(ctx: JobContext, names: Sequence[str], dataset: str) -> dict[str, Ta
 
 
 def _versions(ctx: JobContext, refs: dict[str, TableRef]) -> dict[str, int | None]:
-    return {k: table_version(ctx.spark, r) if table_exists(ctx.spark, r) else None for k, r in sorted(refs.items())}
+    """Each table's current version (None: not created yet). The lookups are small queries of their
+    own (a listing of the log each): they run side by side, as one session's queries may."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(ref: TableRef) -> int | None:
+        return table_version(ctx.spark, ref) if table_exists(ctx.spark, ref) else None
+
+    items = sorted(refs.items())
+    with ThreadPoolExecutor(max_workers=min(8, max(len(items), 1)), thread_name_prefix="table-version") as pool:
+        return dict(zip([k for k, _ in items], pool.map(one, [r for _, r in items]), strict=True))
 
 
 def input_versions(ctx: JobContext, step: Step, dataset: str) -> dict[str, int | None] | None:
