@@ -158,5 +158,43 @@ def test_a_run_whose_monitor_keeps_every_champion_trains_nothing_and_says_so(spa
     assert [(t.tenant_id, t.status) for t in kept.tenants] == [(None, "skipped")]
     trained = {t.tenant_id: t for t in run_step(ctx, "train", "demo").tenants}
     assert trained[tenants[1]].status == "ok", trained[tenants[1]]
-    assert all(o.status == "skipped" and "no retraining needed" in o.detail["reason"]
-               for t, o in trained.items() if t != tenants[1])
+    others = {t: o for t, o in trained.items() if t != tenants[1]}
+    kept_ones = [o for o in others.values() if o.status != "blocked"]  # blocked by validation come first
+    assert kept_ones and all(o.status == "skipped" and "no retraining needed" in o.detail["reason"]
+                             for o in kept_ones), [(o.tenant_id, o.status, o.detail) for o in others.values()]
+
+
+def test_a_monitor_with_nothing_new_is_skipped_its_decisions_stand_until_a_champion_comes_of_age(
+        spark: Any, quiet: dict[str, Any]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tenantml.steps.runner import decisions_run, retraining_decisions
+
+    ctx_a = _ctx(spark, quiet["conf"], quiet["data"], "share-20")
+    first = run_step(ctx_a, "monitor", "demo")  # champions changed since the job's monitor: it runs
+    assert _whole_step_skip(first) is None and first.summary["tenants_kept"] + first.summary["tenants_retrained"] > 0
+    # Its decisions stand until the oldest champion is `retraining.max_age_days` (30) old.
+    store = read_table(spark, ctx_a.tables.model_store).where("dataset = 'demo'").toPandas()
+    serving = {tuple(d["champion"].split("/")) for d in
+               read_table(spark, ctx_a.tables.retraining("demo")).where("run_id = 'share-20'").collect()
+               if d["champion"]}
+    created = store[[(m, str(v)) in serving for m, v in zip(store["model_name"], store["model_version"], strict=True)]]
+    assert first.summary["valid_until"] == (created["created_at"].min().to_pydatetime() + timedelta(days=30)).isoformat()
+    assert all(t.detail["valid_until"] == first.summary["valid_until"] for t in first.tenants)
+
+    ctx_b = _ctx(spark, quiet["conf"], quiet["data"], "share-21")
+    second = run_step(ctx_b, "monitor", "demo")
+    assert (_whole_step_skip(second) or {}).get("unchanged_since") == "share-20"
+    # The train steps of the run read the decisions the skip stood on.
+    assert decisions_run(ctx_b, "demo") == "share-20"
+    assert retraining_decisions(ctx_b, "demo") == retraining_decisions(ctx_a, "demo")
+    html = render(gather(ctx_b, "demo", "share-21"))
+    assert "The monitor was skipped: nothing it reads changed since run share-20" in html
+
+    # When that time has come (here: the skip's record says it came a minute ago), the monitor runs.
+    past = (datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=1)).isoformat()
+    (row,) = second.tenants
+    write_run_log(spark, ctx_b.tables.run_log, StepResult(step="monitor", dataset="demo", run_id="share-21", tenants=[
+        TenantOutcome(tenant_id=None, status="skipped", detail={**row.detail, "valid_until": past})]))
+    third = run_step(_ctx(spark, quiet["conf"], quiet["data"], "share-22"), "monitor", "demo")
+    assert _whole_step_skip(third) is None and third.summary["tenants_kept"] == first.summary["tenants_kept"]

@@ -50,6 +50,7 @@ class RunReport:
     drift: list[dict[str, Any]] = field(default_factory=list)  # per tenant: largest feature PSI, prediction PSI
     realised: list[dict[str, Any]] = field(default_factory=list)  # per tenant: realised vs promoted metric
     retraining: list[dict[str, Any]] = field(default_factory=list)  # the monitor step's decisions
+    retraining_run: str | None = None  # set when the run's monitor was skipped: the run whose decisions stand
     tainted: list[dict[str, Any]] = field(default_factory=list)  # score: tenant, note (fell back / kept serving)
 
     @property
@@ -146,8 +147,13 @@ def gather(ctx: JobContext, dataset: str, run_id: str) -> RunReport:
                            .select("tenant_id", "batch_id", "metric_name", "value", "promoted_value", "rows")
                            .orderBy("tenant_id", "batch_id").collect()]
     if table_exists(spark, t.retraining(name)):
+        # A monitor skipped as unchanged made no decisions of its own: those of the run it stood on hold.
+        stood = next((row.get("unchanged_since") for row in log_rows if row["step"] == "monitor"
+                      and row.get("unchanged_since")), None)
+        report.retraining_run = stood
         report.retraining = [r.asDict() for r in read_table(spark, t.retraining(name))
-                             .where(in_run & (F.col("dataset") == name)).orderBy("tenant_id").collect()]
+                             .where((F.col("run_id") == (stood or run_id)) & (F.col("dataset") == name))
+                             .orderBy("tenant_id").collect()]
     if table_exists(spark, t.promotions):
         report.decisions = sorted((r.asDict() for r in read_table(spark, t.promotions)
                                    .where(in_run & (F.col("dataset") == name)).collect()),
@@ -627,7 +633,11 @@ def _monitoring_section(r: RunReport, psi_warn: float, psi_alert: float) -> str:
                      f'a tenant that withdrew consent or was offboarded: {_e(", ".join(d["tenant_id"] for d in consent))}'
                      ".</p>")
     parts.append(warn)
-    if r.retraining:
+    if r.retraining and r.retraining_run:
+        parts.append(f'<p class="note">The monitor was skipped: nothing it reads changed since run '
+                     f"{_e(r.retraining_run)}, whose decisions stand ({_num(len(r.retraining))} tenants, "
+                     f"{_num(len(retrain))} to retrain).</p>")
+    elif r.retraining:
         parts.append(f"<p>{_num(len(r.retraining))} tenants monitored; {_num(len(retrain))} retrained this run, "
                      f"{_num(len(r.retraining) - len(retrain))} kept their champions.</p>")
     if r.drift:

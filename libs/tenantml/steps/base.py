@@ -287,3 +287,16 @@ class StepScope:
     def failed(self, tenant: str, error: str, **detail: Any) -> TenantOutcome:
         return TenantOutcome(tenant_id=tenant, status="failed", rows_in=self.rows.get(tenant, 0), error=error,
                              detail=detail)
+
+
+def held_already(scope: StepScope, table: str, batch_id: str, held: dict[str | None, int]) -> StepOutput:
+    """An ingest whose batch ``table`` holds already (a complete earlier ingest of the same files)
+    reads and writes nothing: one step-level row says so, not a row per tenant, so that a quiet
+    night's ingest costs a lookup and one run-log row whatever the number of tenants."""
+    mine = {t: n for t, n in held.items() if not scope.requested or t in scope.requested}
+    why = f"batch {batch_id} is in {table} already: nothing to ingest"
+    scope.phase(why)
+    return StepOutput(outcomes=[TenantOutcome(tenant_id=None, status="skipped", detail={
+        "batch_id": batch_id, "unchanged": True, "reason": why})],
+        summary={"batch_id": batch_id, "unchanged": True, "rows_ingested": 0, "reason": why,
+                 "tenants_held": len(mine), "rows_held": sum(mine.values())})

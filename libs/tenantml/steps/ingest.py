@@ -20,7 +20,7 @@ from tenantml.io.sources import (
     to_bronze,
 )
 from tenantml.io.tenants import register_tenants
-from tenantml.steps.base import Option, StepOutput, StepScope, TenantOutcome, step
+from tenantml.steps.base import Option, StepOutput, StepScope, TenantOutcome, held_already, step
 
 
 @step(name="ingest", help="source -> bronze Delta (idempotent per batch)", after=(),
@@ -36,11 +36,7 @@ def run(scope: StepScope) -> StepOutput:
     batch_id = batch_identity(ctx.spark, ctx.resolve_path, name, spec, override)
     held = held_batch(ctx.spark, bronze_ref, batch_id)
     if held is not None and (not scope.requested or set(scope.requested) <= set(held)):
-        scope.phase(f"batch {batch_id} is in {bronze_ref.display} already: nothing to ingest")
-        return StepOutput(outcomes=[TenantOutcome(tenant_id=t, status="ok", rows_in=n, detail={
-            "batch_id": batch_id, "unchanged": True}) for t, n in held.items()
-            if not scope.requested or t in scope.requested],
-            summary={"batch_id": batch_id, "unchanged": True, "rows_ingested": 0})
+        return held_already(scope, bronze_ref.display, batch_id, held)
     scope.phase("reading source")
     df, batch_id, ignored = read_source(ctx.spark, ctx.resolve_path, name, spec, override, batch_id=batch_id)
     bronze = to_bronze(df, spec, batch_id).withColumn("_partial", F.lit(bool(scope.requested)))

@@ -14,14 +14,16 @@ Then the retraining policy (`retraining.*`) decides per tenant, into `retraining
 reasons: no champion yet, the champion no longer entitled, the champion tainted (it learned from
 a tenant that withdrew consent or was offboarded), enough new labelled rows, drift, degradation,
 age, or forced. The train, train-tuned and promote steps of the run act only for the
-tenants it names; the others keep their champions and cost nothing.
+tenants it names; the others keep their champions and cost nothing. A run in which nothing the
+monitor reads changed (and no champion came of age) skips it: the decisions of the run it stands
+on hold, and the train steps read those.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tenantml.core.policy import no_model_possible
@@ -245,8 +247,8 @@ def _latest(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @step(name="monitor", help="drift and realised metrics per tenant and batch; decide who is retrained",
       after=("validate", "validate_scoring"),
-      reads=("silver", "scoring", "predictions", "promotions", "model_store"),
-      writes=("monitoring", "retraining"), resumable=False)
+      reads=("silver", "scoring", "predictions", "promotions", "model_store", "model_lineage", "tenants"),
+      writes=("monitoring", "retraining"), resumable=False, skip_unchanged=True)
 def run(scope: StepScope) -> StepOutput:
     ctx, name = scope.ctx, scope.dataset
     mcfg, rcfg = ctx.config.monitoring, ctx.config.retraining
@@ -354,7 +356,13 @@ def run(scope: StepScope) -> StepOutput:
         scope.tenants.write(spark.createDataFrame(decisions, RETRAINING_SCHEMA), ret_ref, [d[2] for d in decisions],
                             extra_predicate=f"run_id = '{ctx.run_id}' AND dataset = '{name}'")
         written.append(ret_ref.display)
+    # The decisions change with time alone when a champion comes of age: until then, a run in
+    # which nothing the monitor reads changed is skipped (its decisions stand).
+    ages = [c["created_at"] + timedelta(days=rcfg.max_age_days) for c in champs.values()
+            if c.get("created_at") is not None and rcfg.max_age_days is not None]
+    until = min((a for a in ages if a > now), default=None)
     return StepOutput(outcomes=outcomes, tables_written=written, summary={
+        **({"valid_until": until.isoformat()} if until is not None else {}),
         "tenants_retrained": len(retrain_ids), "tenants_kept": len(decisions) - len(retrain_ids) - len(waits),
         "tenants_waiting_for_rows": len(waits),
         "drifted": sorted(drifted), "degraded": sorted(degraded), "retrain": sorted(retrain_ids)[:50],

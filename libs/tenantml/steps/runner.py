@@ -106,18 +106,46 @@ def failed_upstream(ctx: JobContext, step: Step, dataset: str, tenants: list[str
     return {r["tenant_id"]: r["step"] for r in rows}
 
 
+def decisions_run(ctx: JobContext, dataset: str) -> str:
+    """The run whose retraining decisions stand for this one: this run's, or when its monitor was
+    skipped (nothing it reads changed) the run whose decisions that skip stood on."""
+    return stood_on(ctx, "monitor", dataset) or ctx.run_id
+
+
 def retraining_decisions(ctx: JobContext, dataset: str) -> dict[str, tuple[bool, str]] | None:
-    """This run's retraining decisions (tenant -> (retrain, why)), or None when none were made:
-    without a monitor step in the run, the train steps train every eligible tenant."""
+    """The run's retraining decisions (tenant -> (retrain, why); `decisions_run`), or None when
+    none were made: without a monitor step in the run, the train steps train every eligible tenant."""
     from pyspark.sql import functions as F
 
     ref = ctx.tables.retraining(dataset)
     if not table_exists(ctx.spark, ref):
         return None
-    rows = read_table(ctx.spark, ref).where((F.col("run_id") == ctx.run_id) & (F.col("dataset") == dataset)).collect()
+    run_id = decisions_run(ctx, dataset)
+    rows = read_table(ctx.spark, ref).where((F.col("run_id") == run_id) & (F.col("dataset") == dataset)).collect()
     if not rows:
         return None
     return {r["tenant_id"]: (bool(r["retrain"]), str(r["reasons"] or "")) for r in rows}
+
+
+def stood_on(ctx: JobContext, step: str, dataset: str) -> str | None:
+    """When ``step`` was skipped in this run as unchanged: the run whose result stands (known in
+    this process, else read back from the run log, e.g. by a later task of a workflow)."""
+    from pyspark.sql import functions as F
+
+    key = (step, dataset)
+    if key in ctx.stood_on:
+        return ctx.stood_on[key]
+    ref = ctx.tables.run_log
+    if not table_exists(ctx.spark, ref):
+        return None
+    rows = (read_table(ctx.spark, ref).where((F.col("run_id") == ctx.run_id) & (F.col("step") == step)
+                                             & (F.col("dataset") == dataset) & F.col("tenant_id").isNull()
+                                             & (F.col("status") == "skipped"))
+            .select(F.get_json_object("detail", "$.unchanged_since").alias("since")).collect())
+    since = next((str(r["since"]) for r in rows if r["since"]), None)
+    if since is not None:
+        ctx.stood_on[key] = since
+    return since
 
 
 def _resolve(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None) -> Resolved:
@@ -219,6 +247,11 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
     do when none failed. ``rerun``: run a `skip_unchanged` step even when nothing it depends on
     changed since its last clean run (e.g. after a change the run log cannot see).
     """
+    return _run_step(ctx, name, dataset, tenants, resume, rerun, None, **options)
+
+
+def _run_step(ctx: JobContext, name: str, dataset: str | None, tenants: Sequence[str] | None,
+              resume: str | None, rerun: bool, night: _Night | None, **options: Any) -> StepResult:
     step = get_step(name)
     ds, _ = ctx.config.dataset(dataset)
     requested = validate_tenant_ids(tenants, where="--tenants") if tenants else None
@@ -249,16 +282,20 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         requested = validate_tenant_ids(failed)
     started = time.perf_counter()
     if step.gated and resume is None and not ctx.config.retraining.force:
-        kept = _nobody_to_retrain(ctx, step, ds, requested, started)
+        kept = _nobody_to_retrain(ctx, step, ds, requested, started, night)
         if kept is not None:
             return kept
     rerun = rerun or any(options.get(o.dest) for o in step.options if o.forces_run)
-    versions = input_versions(ctx, step, ds) if step.skip_unchanged and resume is None else None
-    if versions is not None and not rerun:
+    versions = None
+    if step.skip_unchanged and resume is None:
         log.debug("%s %s: inputs since it last ran", name, ds)
-        skipped = _skip_if_unchanged(ctx, step, ds, requested, options, versions, started)
+        versions = night.versions(step, ds) if night is not None else input_versions(ctx, step, ds)
+    if versions is not None and not rerun:
+        skipped = _skip_if_unchanged(ctx, step, ds, requested, options, versions, started, night)
         if skipped is not None:
             return skipped
+    if night is not None:
+        night.changed()  # the step runs: what it writes (declared or not) is no longer known
     try:
         log.debug("%s %s: eligible tenants and their scope", name, ds)  # where a step's time goes (bench/)
         scope = open_scope(ctx, step, ds, requested, options)
@@ -278,8 +315,11 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
         if not result.tenants:  # nothing to do (no new batch): one step-level row keeps the record
             reason = str(result.summary.get("reason") or "nothing new to do")
             result.tenants.append(TenantOutcome(tenant_id=None, status="skipped", detail={"reason": reason}))
+        until = result.summary.get("valid_until")  # a result that time alone makes stale (a champion's age)
         for t in result.tenants:
             t.detail["inputs"] = digest
+            if until is not None:
+                t.detail["valid_until"] = until.isoformat() if isinstance(until, datetime) else str(until)
     log.debug("%s %s: run log and cost ledger", name, ds)
     write_run_log(ctx.spark, ctx.tables.run_log, result)
     write_cost_ledger(ctx.spark, ctx.tables.cost_ledger, result, measured=step.measured)
@@ -287,21 +327,29 @@ def run_step(ctx: JobContext, name: str, dataset: str | None = None, tenants: Se
 
 
 def _nobody_to_retrain(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None,
-                       started: float) -> StepResult | None:
+                       started: float, night: _Night | None) -> StepResult | None:
     """A gated step in a run whose monitor kept every champion (of ``requested``, when given) has
     nothing to do: one step-level row says so, without counting rows per tenant for a scope that
     would exclude every tenant. None: someone is to be retrained (or the run has no decisions)."""
     decisions = retraining_decisions(ctx, dataset)
     if decisions is None or any(decisions[t][0] if t in decisions else True for t in (requested or decisions)):
         return None
-    why = f"the monitor of run {ctx.run_id} decided that no tenant needs retraining"
+    why = f"the monitor of run {decisions_run(ctx, dataset)} decided that no tenant needs retraining"
     ctx.progress.phase(f"{step.name} {dataset}: skipped, {why}")
     result = StepResult(step=step.name, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
                         tenants=[TenantOutcome(tenant_id=None, status="skipped", detail={"reason": why})],
                         summary={"reason": why, "tenants_kept": len(decisions), "models_trained": 0})
-    log.debug("%s %s: run log", step.name, dataset)
-    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    _log_skip(ctx, result, night)
     return result
+
+
+def _log_skip(ctx: JobContext, result: StepResult, night: _Night | None) -> None:
+    """A skipped step's one row: written now, or with the pipeline's other skips in one commit."""
+    if night is not None:
+        night.pending.append((result, datetime.now(UTC).replace(tzinfo=None)))
+        return
+    log.debug("%s %s: run log", result.step, result.dataset)
+    write_run_log(ctx.spark, ctx.tables.run_log, result)
 
 
 # --------------------------------------------------------------------------- unchanged inputs
@@ -342,10 +390,14 @@ def _versions(ctx: JobContext, refs: dict[str, TableRef]) -> dict[str, int | Non
         return dict(zip([k for k, _ in items], pool.map(one, [r for _, r in items]), strict=True))
 
 
+def _depends_on(step: Step) -> tuple[str, ...]:
+    return (*step.reads, *step.writes, *_ELIGIBILITY_READS[step.eligibility])
+
+
 def input_versions(ctx: JobContext, step: Step, dataset: str) -> dict[str, int | None] | None:
     """The Delta version of every table ``step`` reads or writes (None: not created yet), or None
     when it reads something that is not a Delta table (its step then always runs)."""
-    refs = _tables(ctx, (*step.reads, *step.writes, *_ELIGIBILITY_READS[step.eligibility]), dataset)
+    refs = _tables(ctx, _depends_on(step), dataset)
     return None if refs is None else _versions(ctx, refs)
 
 
@@ -368,42 +420,116 @@ def inputs_digest(ctx: JobContext, step: Step, requested: Sequence[str] | None, 
 
 
 def _skip_if_unchanged(ctx: JobContext, step: Step, dataset: str, requested: Sequence[str] | None,
-                       options: dict[str, Any], versions: dict[str, int | None], started: float) -> StepResult | None:
+                       options: dict[str, Any], versions: dict[str, int | None], started: float,
+                       night: _Night | None) -> StepResult | None:
     """When the step's last run ended without a failure and nothing it depends on changed since,
     its result would be the same: it is logged as skipped, with the run whose result stands."""
     digest = inputs_digest(ctx, step, requested, options, versions)
-    since = unchanged_since(ctx, step.name, dataset, digest)
-    if since is None:
+    last = night.last_run(step.name, dataset) if night is not None else last_runs(ctx, dataset, [step.name]).get(step.name)
+    stands = _stands(last, digest)
+    if stands is None:
         return None
+    since, until = stands
     why = f"nothing it reads or writes changed since run {since}"
     ctx.progress.phase(f"{step.name} {dataset}: skipped, {why}")
+    detail: dict[str, Any] = {"reason": why, "unchanged_since": since, "inputs": digest}
+    if until is not None:
+        detail["valid_until"] = until
     result = StepResult(step=step.name, dataset=dataset, run_id=ctx.run_id, seconds=time.perf_counter() - started,
-                        tenants=[TenantOutcome(tenant_id=None, status="skipped", detail={
-                            "reason": why, "unchanged_since": since,
-                            "inputs": digest})],
+                        tenants=[TenantOutcome(tenant_id=None, status="skipped", detail=detail)],
                         summary={"unchanged_since": since, "reason": why, "table_versions": versions})
-    log.debug("%s %s: run log", step.name, dataset)
-    write_run_log(ctx.spark, ctx.tables.run_log, result)
+    ctx.stood_on[(step.name, dataset)] = since
+    _log_skip(ctx, result, night)
     return result
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """A step's latest run as the run log has it: what `unchanged_since` compares with."""
+    run_id: str
+    failed: bool
+    inputs: tuple[str | None, ...]
+    since: str | None
+    valid_until: str | None
+
+
+def last_runs(ctx: JobContext, dataset: str, steps: Sequence[str]) -> dict[str, LastRun]:
+    """Each of ``steps``' latest run in the run log (one query for them all)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ref = ctx.tables.run_log
+    if not steps or not table_exists(ctx.spark, ref):
+        return {}
+    w = Window.partitionBy("step").orderBy(F.col("at").desc())
+    rows = (read_table(ctx.spark, ref).where(F.col("step").isin(list(steps)) & (F.col("dataset") == dataset))
+            .groupBy("step", "run_id").agg(F.max("logged_at").alias("at"),
+                                           F.max((F.col("status") == "failed").cast("int")).alias("failed"),
+                                           F.collect_set(F.get_json_object("detail", "$.inputs")).alias("inputs"),
+                                           F.max(F.get_json_object("detail", "$.unchanged_since")).alias("since"),
+                                           F.min(F.get_json_object("detail", "$.valid_until")).alias("until"))
+            .withColumn("_n", F.row_number().over(w)).where("_n = 1").collect())
+    return {r["step"]: LastRun(run_id=str(r["run_id"]), failed=bool(r["failed"]), inputs=tuple(r["inputs"]),
+                               since=r["since"], valid_until=r["until"]) for r in rows}
+
+
+def _stands(last: LastRun | None, digest: str) -> tuple[str, str | None] | None:
+    """(the run whose result stands, until when) when ``last`` logged ``digest``, no failure, and
+    its result has not expired; None: the step has to run."""
+    if last is None or last.failed or list(last.inputs) != [digest]:
+        return None
+    if last.valid_until is not None and datetime.now(UTC).replace(tzinfo=None).isoformat() >= last.valid_until:
+        return None
+    return str(last.since or last.run_id), last.valid_until
 
 
 def unchanged_since(ctx: JobContext, step: str, dataset: str, digest: str) -> str | None:
     """The run whose result of ``step`` still stands: the step's latest run logged ``digest`` and no
-    failure (a skipped run names the run it stood on). None: the step has to run."""
-    from pyspark.sql import functions as F
+    failure (a skipped run names the run it stood on), and time has not made it stale. None: the
+    step has to run."""
+    stands = _stands(last_runs(ctx, dataset, [step]).get(step), digest)
+    return stands[0] if stands is not None else None
 
-    ref = ctx.tables.run_log
-    if not table_exists(ctx.spark, ref):
-        return None
-    latest = (read_table(ctx.spark, ref).where((F.col("step") == step) & (F.col("dataset") == dataset))
-              .groupBy("run_id").agg(F.max("logged_at").alias("at"),
-                                     F.max((F.col("status") == "failed").cast("int")).alias("failed"),
-                                     F.collect_set(F.get_json_object("detail", "$.inputs")).alias("inputs"),
-                                     F.max(F.get_json_object("detail", "$.unchanged_since")).alias("since"))
-              .orderBy(F.col("at").desc()).limit(1).collect())
-    if not latest or latest[0]["failed"] or list(latest[0]["inputs"]) != [digest]:
-        return None
-    return str(latest[0]["since"] or latest[0]["run_id"])
+
+class _Night:
+    """What `run_pipeline` knows between steps that write nothing: the versions of every table its
+    skip-unchanged steps depend on (one lookup, side by side, until a step runs) and each step's
+    last run (one run-log query); the skipped steps' rows are written together at the end."""
+
+    def __init__(self, ctx: JobContext, dataset: str, names: Sequence[str]) -> None:
+        self.ctx, self.dataset = ctx, dataset
+        self.steps = [get_step(n) for n in names]
+        self._versions: dict[str, int | None] | None = None
+        self._last: dict[str, LastRun] | None = None
+        self.pending: list[tuple[StepResult, datetime]] = []
+
+    def versions(self, step: Step, dataset: str) -> dict[str, int | None] | None:
+        refs = _tables(self.ctx, _depends_on(step), dataset)
+        if refs is None or dataset != self.dataset:
+            return None if refs is None else _versions(self.ctx, refs)
+        if self._versions is None or not set(refs) <= set(self._versions):
+            wanted: dict[str, TableRef] = dict(refs)
+            for other in self.steps:  # the steps still to come read the same lookup
+                more = _tables(self.ctx, _depends_on(other), dataset) if other.skip_unchanged else None
+                wanted.update(more or {})
+            self._versions = _versions(self.ctx, wanted)
+        return {k: self._versions[k] for k in sorted(refs)}
+
+    def last_run(self, step: str, dataset: str) -> LastRun | None:
+        if dataset != self.dataset:
+            return last_runs(self.ctx, dataset, [step]).get(step)
+        if self._last is None:
+            self._last = last_runs(self.ctx, dataset, [s.name for s in self.steps if s.skip_unchanged])
+        return self._last.get(step)
+
+    def changed(self) -> None:
+        self._versions = None
+
+    def flush(self) -> None:
+        if self.pending:
+            log.debug("%d skipped step(s): run log", len(self.pending))
+            write_run_logs(self.ctx.spark, self.ctx.tables.run_log, self.pending)
+            self.pending = []
 
 
 def _logged_statuses(ctx: JobContext, step: str, dataset: str) -> dict[str, str]:
@@ -472,11 +598,17 @@ def run_pipeline(ctx: JobContext, dataset: str | None = None, tenants: Sequence[
                  steps: Sequence[str] | None = None, rerun: bool = False, **options: Any) -> list[StepResult]:
     """Every step under one run id; tenants failing a step don't stop the others. ``options`` go
     to the steps that declare them (e.g. ``source_path`` to ingest); ``rerun`` to every step."""
+    names = list(steps if steps is not None else pipeline_steps())
+    ds, _ = ctx.config.dataset(dataset)
+    night = _Night(ctx, ds, names)
     results = []
-    for name in steps if steps is not None else pipeline_steps():
-        step = get_step(name)
-        own = {k: v for k, v in options.items() if k in {o.dest for o in step.options} and v is not None}
-        results.append(run_step(ctx, name, dataset=dataset, tenants=tenants, rerun=rerun, **own))
+    try:
+        for name in names:
+            step = get_step(name)
+            own = {k: v for k, v in options.items() if k in {o.dest for o in step.options} and v is not None}
+            results.append(_run_step(ctx, name, dataset, tenants, None, rerun, night, **own))
+    finally:
+        night.flush()
     return results
 
 
@@ -492,24 +624,29 @@ _RUN_LOG_SCHEMA = (
 
 def write_run_log(spark: SparkSession, ref: TableRef, result: StepResult) -> None:
     """Record every tenant's outcome; a rerun of the same run and step replaces its rows."""
-    validate_run_id(result.run_id)
-    sql_identifier(result.step, "step")
-    sql_identifier(result.dataset, "dataset")
-    now = datetime.now(UTC).replace(tzinfo=None)
-    rows = [
-        (result.run_id, result.step, result.dataset, t.tenant_id, t.status, int(t.rows_in),
-         int(t.rows_out), int(t.rows_quarantined), float(t.seconds), t.error,
-         json.dumps(t.detail, default=str, sort_keys=True), now)
-        for t in result.tenants
-    ]
-    df = spark.createDataFrame(rows, _RUN_LOG_SCHEMA)
-    predicate = (f"run_id = '{result.run_id}' AND step = '{result.step}' "
-                 f"AND dataset = '{result.dataset}'")
-    ids = [t.tenant_id for t in result.tenants if t.tenant_id is not None]
-    # Only this result's tenants are replaced, so a resumed step keeps the rows of the tenants it
-    # did not rerun; a step-level failure row (tenant NULL) is always superseded.
-    scope = f"{tenant_in_predicate(ids)} OR tenant_id IS NULL" if ids else "tenant_id IS NULL"
-    replace_where(df, ref, f"{predicate} AND ({scope})")
+    write_run_logs(spark, ref, [(result, datetime.now(UTC).replace(tzinfo=None))])
+
+
+def write_run_logs(spark: SparkSession, ref: TableRef, results: Sequence[tuple[StepResult, datetime]]) -> None:
+    """Several steps' outcomes (each with when it was logged) in one commit; each result replaces
+    its own (run, step, dataset) rows as `write_run_log` does."""
+    rows, predicates = [], []
+    for result, at in results:
+        validate_run_id(result.run_id)
+        sql_identifier(result.step, "step")
+        sql_identifier(result.dataset, "dataset")
+        rows += [(result.run_id, result.step, result.dataset, t.tenant_id, t.status, int(t.rows_in),
+                  int(t.rows_out), int(t.rows_quarantined), float(t.seconds), t.error,
+                  json.dumps(t.detail, default=str, sort_keys=True), at)
+                 for t in result.tenants]
+        ids = [t.tenant_id for t in result.tenants if t.tenant_id is not None]
+        # Only this result's tenants are replaced, so a resumed step keeps the rows of the tenants it
+        # did not rerun; a step-level failure row (tenant NULL) is always superseded.
+        scope = f"{tenant_in_predicate(ids)} OR tenant_id IS NULL" if ids else "tenant_id IS NULL"
+        predicates.append(f"(run_id = '{result.run_id}' AND step = '{result.step}' "
+                          f"AND dataset = '{result.dataset}' AND ({scope}))")
+    if rows:
+        replace_where(spark.createDataFrame(rows, _RUN_LOG_SCHEMA), ref, " OR ".join(predicates))
 
 
 def failed_tenants(spark: SparkSession, ref: TableRef, run_id: str, step: str, dataset: str) -> list[str]:

@@ -34,8 +34,8 @@ from tenantml.training.shared_data import build_shared_trainset
 
 
 @step(name="train_shared", help="train the shared model on consenting tenants' de-identified rows",
-      after=("monitor",), reads=("silver", "tenants", "retraining"),
-      writes=("shared_trainset", "model_store", "promotions", "registry"))
+      after=("monitor",), reads=("silver", "tenants", "retraining", "model_lineage"),
+      writes=("shared_trainset", "model_store", "promotions", "registry"), skip_unchanged=True)
 def run(scope: StepScope) -> StepOutput:
     from tenantml.models import primary_metric
 
@@ -67,7 +67,7 @@ def run(scope: StepScope) -> StepOutput:
                     key=ctx.signing_key).get((current_mv.name, str(current_mv.version))) if current_mv else None)
     keep = _keep_shared(ctx.config.retraining, decisions, contributors, current_mv, taint)
     if keep:
-        return finish(keep, models_trained=0)
+        return finish(keep, models_trained=0, **_valid_until(ctx.config.retraining, current_mv))
     if len(contributors) < sh.min_tenants:
         return finish(f"{len(contributors)} consenting tenant(s), below training.shared.min_tenants="
                       f"{sh.min_tenants}", models_trained=0)
@@ -201,6 +201,17 @@ def _keep_shared(rcfg: Any, decisions: dict[str, tuple[bool, str]] | None, contr
     return (f"{len(needing)} of {len(contributors)} contributing tenants need retraining, below "
             f"retraining.shared_min_fraction={rcfg.shared_min_fraction:g}: the shared champion stays "
             "(they fine-tune from it)")
+
+
+def _valid_until(rcfg: Any, current_mv: Any) -> dict[str, str]:
+    """Until when keeping the shared champion stands on time alone (it comes of age then)."""
+    from datetime import UTC, datetime, timedelta
+
+    created = getattr(current_mv, "creation_timestamp", None)
+    if not created or rcfg.max_age_days is None:
+        return {}
+    until = datetime.fromtimestamp(created / 1000, UTC).replace(tzinfo=None) + timedelta(days=rcfg.max_age_days)
+    return {"valid_until": until.isoformat()}
 
 
 def _pooled(rows: Any) -> float:
