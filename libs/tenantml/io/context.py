@@ -85,8 +85,9 @@ class JobContext:
     # Facts derived from one version of a Delta table (e.g. rows per tenant of silver at version
     # 12), shared by the steps of a run: a version never changes, so they are never stale.
     by_version: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-    # (step, dataset) -> the run whose result stands, for the steps this run skipped as unchanged.
-    stood_on: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # (step, dataset) -> the run whose result stands, for the steps this run skipped as unchanged
+    # (None: the step ran in this run).
+    stood_on: dict[tuple[str, str], str | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, conf_dir: str | Path = "conf", env: str | None = None, data_dir: str | Path | None = None,

@@ -121,10 +121,15 @@ def retraining_decisions(ctx: JobContext, dataset: str) -> dict[str, tuple[bool,
     if not table_exists(ctx.spark, ref):
         return None
     run_id = decisions_run(ctx, dataset)
-    rows = read_table(ctx.spark, ref).where((F.col("run_id") == run_id) & (F.col("dataset") == dataset)).collect()
-    if not rows:
-        return None
-    return {r["tenant_id"]: (bool(r["retrain"]), str(r["reasons"] or "")) for r in rows}
+    version = table_version(ctx.spark, ref)
+
+    def read() -> dict[str, tuple[bool, str]]:  # read once per version by a run's gated steps
+        rows = read_table(ctx.spark, ref, version=version).where(
+            (F.col("run_id") == run_id) & (F.col("dataset") == dataset)).collect()
+        return {r["tenant_id"]: (bool(r["retrain"]), str(r["reasons"] or "")) for r in rows}
+
+    decisions = _once_per_version(ctx, ("retraining decisions", ref.display, version, run_id), read)
+    return decisions or None
 
 
 def stood_on(ctx: JobContext, step: str, dataset: str) -> str | None:
@@ -296,6 +301,7 @@ def _run_step(ctx: JobContext, name: str, dataset: str | None, tenants: Sequence
             return skipped
     if night is not None:
         night.changed()  # the step runs: what it writes (declared or not) is no longer known
+    ctx.stood_on[(name, ds)] = None
     try:
         log.debug("%s %s: eligible tenants and their scope", name, ds)  # where a step's time goes (bench/)
         scope = open_scope(ctx, step, ds, requested, options)
