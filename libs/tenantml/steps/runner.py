@@ -294,7 +294,7 @@ def _run_step(ctx: JobContext, name: str, dataset: str | None, tenants: Sequence
     versions = None
     if step.skip_unchanged and resume is None:
         log.debug("%s %s: inputs since it last ran", name, ds)
-        versions = night.versions(step, ds) if night is not None else input_versions(ctx, step, ds)
+        versions = night.versions(step) if night is not None else input_versions(ctx, step, ds)
     if versions is not None and not rerun:
         skipped = _skip_if_unchanged(ctx, step, ds, requested, options, versions, started, night)
         if skipped is not None:
@@ -431,7 +431,7 @@ def _skip_if_unchanged(ctx: JobContext, step: Step, dataset: str, requested: Seq
     """When the step's last run ended without a failure and nothing it depends on changed since,
     its result would be the same: it is logged as skipped, with the run whose result stands."""
     digest = inputs_digest(ctx, step, requested, options, versions)
-    last = night.last_run(step.name, dataset) if night is not None else last_runs(ctx, dataset, [step.name]).get(step.name)
+    last = night.last_run(step.name) if night is not None else last_runs(ctx, dataset, [step.name]).get(step.name)
     stands = _stands(last, digest)
     if stands is None:
         return None
@@ -451,7 +451,7 @@ def _skip_if_unchanged(ctx: JobContext, step: Step, dataset: str, requested: Seq
 
 @dataclass(frozen=True)
 class LastRun:
-    """A step's latest run as the run log has it: what `unchanged_since` compares with."""
+    """A step's latest run as the run log has it: what a skip-unchanged step compares with."""
     run_id: str
     failed: bool
     inputs: tuple[str | None, ...]
@@ -489,14 +489,6 @@ def _stands(last: LastRun | None, digest: str) -> tuple[str, str | None] | None:
     return str(last.since or last.run_id), last.valid_until
 
 
-def unchanged_since(ctx: JobContext, step: str, dataset: str, digest: str) -> str | None:
-    """The run whose result of ``step`` still stands: the step's latest run logged ``digest`` and no
-    failure (a skipped run names the run it stood on), and time has not made it stale. None: the
-    step has to run."""
-    stands = _stands(last_runs(ctx, dataset, [step]).get(step), digest)
-    return stands[0] if stands is not None else None
-
-
 class _Night:
     """What `run_pipeline` knows between steps that write nothing: the versions of every table its
     skip-unchanged steps depend on (one lookup, side by side, until a step runs) and each step's
@@ -509,23 +501,21 @@ class _Night:
         self._last: dict[str, LastRun] | None = None
         self.pending: list[tuple[StepResult, datetime]] = []
 
-    def versions(self, step: Step, dataset: str) -> dict[str, int | None] | None:
-        refs = _tables(self.ctx, _depends_on(step), dataset)
-        if refs is None or dataset != self.dataset:
-            return None if refs is None else _versions(self.ctx, refs)
+    def versions(self, step: Step) -> dict[str, int | None] | None:
+        refs = _tables(self.ctx, _depends_on(step), self.dataset)
+        if refs is None:
+            return None
         if self._versions is None or not set(refs) <= set(self._versions):
             wanted: dict[str, TableRef] = dict(refs)
             for other in self.steps:  # the steps still to come read the same lookup
-                more = _tables(self.ctx, _depends_on(other), dataset) if other.skip_unchanged else None
+                more = _tables(self.ctx, _depends_on(other), self.dataset) if other.skip_unchanged else None
                 wanted.update(more or {})
             self._versions = _versions(self.ctx, wanted)
         return {k: self._versions[k] for k in sorted(refs)}
 
-    def last_run(self, step: str, dataset: str) -> LastRun | None:
-        if dataset != self.dataset:
-            return last_runs(self.ctx, dataset, [step]).get(step)
+    def last_run(self, step: str) -> LastRun | None:
         if self._last is None:
-            self._last = last_runs(self.ctx, dataset, [s.name for s in self.steps if s.skip_unchanged])
+            self._last = last_runs(self.ctx, self.dataset, [s.name for s in self.steps if s.skip_unchanged])
         return self._last.get(step)
 
     def changed(self) -> None:
