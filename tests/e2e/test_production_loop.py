@@ -138,6 +138,12 @@ def test_labels_that_arrive_later_give_the_realised_metric_next_to_the_promoted_
     first = everything[(everything["batch_id"].isin(mon["batch_id"])) & everything["kind"].isin(["numeric", "categorical"])]
     assert set(first["run_id"]) == {"night-1"} and set(mon["tenant_id"]) <= set(first["tenant_id"])
     assert first.duplicated(["tenant_id", "batch_id", "feature"]).sum() == 0
+    # Clustered by tenant, not partitioned: three nights of every tenant's rows sit in a few files,
+    # not one per tenant and night, and a tenant's rows are still found by the files' statistics.
+    for ref in (loop["ctx"].tables.monitoring("flights"), loop["ctx"].tables.retraining("flights")):
+        detail = spark.sql(f"DESCRIBE DETAIL delta.`{ref.path}`").first()
+        assert list(detail["clusteringColumns"]) == ["tenant_id"] and not list(detail["partitionColumns"]), ref
+        assert detail["numFiles"] < everything["tenant_id"].nunique(), (ref, detail["numFiles"])
     preds = read_table(spark, loop["ctx"].tables.predictions("flights")).where("run_id = 'night-1'").toPandas()
     scored_by = preds.groupby("tenant_id")["model_version"].first().astype(str).to_dict()
     assert all(scored_by[t] == v for t, v in first.groupby("tenant_id")["model_version"].first().items())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tenantml.core.errors import TenantMLError
 from tenantml.core.ids import SHARED_ID, TENANT_ID_JAVA_REGEX
 from tenantml.io.delta import insert_missing, read_table, table_exists
+from tenantml.io.spark import local_frame
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def model_dim(spark: SparkSession, rows: list[dict[str, Any]]) -> DataFrame:
     from pyspark.sql import functions as F
 
     cols = columns(_MODEL_INPUT_SCHEMA)
-    df = spark.createDataFrame([tuple(r[c] for c in cols) for r in rows], _MODEL_INPUT_SCHEMA)
+    df = local_frame(spark, [tuple(r[c] for c in cols) for r in rows], _MODEL_INPUT_SCHEMA)
     df = (df.withColumn("model_key", model_key(F.col("model_name"), F.col("model_version_text")))
           .withColumn("tenant_key", tenant_key(F.col("tenant_id")))
           .withColumn("base_model_key", model_key(F.col("base_model_name"), F.col("base_model_version_text"))))

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from tenantml.core.ids import SHARED_ID, sql_identifier, validate_tenant_id
+from tenantml.io.spark import local_frame
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -125,7 +126,7 @@ def record_lineage(spark: SparkSession, ref: TableRef, lineages: Sequence[ModelL
     if not lineages:
         return 0
     rows = _rows(lineages, key, run_id)
-    df = spark.createDataFrame(rows, LINEAGE_SCHEMA)
+    df = local_frame(spark, rows, LINEAGE_SCHEMA)
     replace_where(df, ref, _models_predicate(m.key for m in lineages), what=f"{ref.display} (model lineage)")
     return len(rows)
 
@@ -146,7 +147,7 @@ def read_lineage(spark: SparkSession, ref: TableRef, models: Iterable[tuple[str,
         keys = sorted(set(models))
         if not keys:
             return df.limit(0)
-        pairs = spark.createDataFrame(keys, "model_name string, model_version string")
+        pairs = local_frame(spark, keys, "model_name string, model_version string")
         df = df.join(F.broadcast(pairs), ["model_name", "model_version"])  # a join hint: fine over Connect
     return df
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tenantml.core.ids import SHARED_ID, tenant_in_predicate, validate_run_id, validate_tenant_ids
 from tenantml.io import read_table, replace_where, table_exists
+from tenantml.io.spark import local_frame
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def write_models(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any]],
         sha = model_sha256(bytes(r["model"]))
         full = {"profile_json": None, **r, "created_at": now, "model_sha256": sha, "signature": _sign(key, r, sha)}
         data.append(tuple(full[c] for c in STORE_COLUMNS))
-    df = spark.createDataFrame(data, STORE_SCHEMA)
+    df = local_frame(spark, data, STORE_SCHEMA)
     tenants = tenant_in_predicate([r["tenant_id"] for r in rows], allow=(SHARED_ID,))
     replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}' AND strategy = '{strategy}' "
                            f"AND {tenants}",
@@ -107,7 +108,7 @@ def load_models(spark: SparkSession, ref: TableRef, wanted: dict[str, tuple[str,
         return pd.DataFrame(columns=STORE_COLUMNS)
     tenants = [t for t in wanted if t == SHARED_ID] + validate_tenant_ids(
         [t for t in wanted if t != SHARED_ID], where="the model store")
-    keys = spark.createDataFrame([(t, n, v) for t, (n, v) in wanted.items()],
+    keys = local_frame(spark, [(t, n, v) for t, (n, v) in wanted.items()],
                                  "tenant_id string, model_name string, model_version string")
     df = (read_table(spark, ref).where(F.col("tenant_id").isin(tenants))
           .join(F.broadcast(keys), on=["tenant_id", "model_name", "model_version"], how="inner")
@@ -122,7 +123,7 @@ def stored_rows(spark: SparkSession, ref: TableRef, wanted: dict[str, tuple[str,
 
     tenants = [t for t in wanted if t == SHARED_ID] + validate_tenant_ids(
         [t for t in wanted if t != SHARED_ID], where="the model store")
-    keys = spark.createDataFrame([(t, n, v) for t, (n, v) in wanted.items()],
+    keys = local_frame(spark, [(t, n, v) for t, (n, v) in wanted.items()],
                                  "tenant_id string, model_name string, model_version string")
     return (read_table(spark, ref).where(F.col("tenant_id").isin(tenants))
             .join(F.broadcast(keys), on=["tenant_id", "model_name", "model_version"], how="inner")

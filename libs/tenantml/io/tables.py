@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tenantml.config import TablesConfig
@@ -18,6 +18,10 @@ class TableRef:
     name: str
     path: str | None = None
     fqn: str | None = None
+    # Liquid clustering columns, set when the table is created (`io.delta`), in place of the
+    # writer's partitioning: for tables that gain a few rows per tenant per run, where a partition
+    # per tenant would add one small file per tenant to every commit and every scan.
+    cluster_by: tuple[str, ...] = ()
 
     @property
     def display(self) -> str:
@@ -86,12 +90,14 @@ class Tables:
         return self.ref(f"latest_predictions_{dataset.lower()}")
 
     def monitoring(self, dataset: str) -> TableRef:
-        """Per tenant and scoring batch: feature and prediction drift, row counts, realised metrics."""
-        return self.ref(f"monitoring_{dataset.lower()}")
+        """Per tenant and scoring batch: feature and prediction drift, row counts, realised metrics.
+        A few rows per tenant per batch: clustered by tenant, not partitioned."""
+        return replace(self.ref(f"monitoring_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def retraining(self, dataset: str) -> TableRef:
-        """Per run and tenant: whether the tenant is retrained and why."""
-        return self.ref(f"retraining_{dataset.lower()}")
+        """Per run and tenant: whether the tenant is retrained and why. One row per tenant per run:
+        clustered by tenant, not partitioned."""
+        return replace(self.ref(f"retraining_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def silver(self, dataset: str) -> TableRef:
         return self.ref(f"silver_{dataset.lower()}")

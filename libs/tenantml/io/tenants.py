@@ -11,6 +11,7 @@ from tenantml.core.ids import TenantId, canonical, validate_tenant_ids
 from tenantml.core.policy import TenantPolicy
 from tenantml.io import read_table, table_exists
 from tenantml.io.delta import insert_missing, merge_into, quote_identifier, with_conflict_retries
+from tenantml.io.spark import local_frame
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def register_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[st
     now = datetime.now(UTC).replace(tzinfo=None)
     rows = [(t, t, defaults.default_strategy, defaults.default_consent_share_data,
              defaults.default_consent_shared_inference, "active", now, now) for t in ids]
-    incoming = spark.createDataFrame(rows, _schema())
+    incoming = local_frame(spark, rows, _schema())
     existing = set(known)
     new = [t for t in ids if t not in existing]
     if not new:
@@ -139,7 +140,7 @@ def update_tenants(spark: SparkSession, ref: TableRef, tenant_ids: Iterable[str]
     types = {f.name: f.dataType for f in _schema().fields}
     schema = T.StructType([T.StructField("tenant_id", T.StringType(), False),
                            *(T.StructField(c, types[c], False) for c in changes)])
-    source = spark.createDataFrame([(t, *changes.values()) for t in ids], schema)
+    source = local_frame(spark, [(t, *changes.values()) for t in ids], schema)
     sets = ", ".join(["t.updated_at = current_timestamp()",
                       *(f"t.{quote_identifier(c)} = s.{quote_identifier(c)}" for c in changes)])
 

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from tenantml.io.spark import local_frame
 from tenantml.models.tabular import category_strings
 
 if TYPE_CHECKING:
@@ -370,7 +371,7 @@ def drift_by_tenant(
         StructField("_categories", ArrayType(StringType(), False)),
     ])
     spark = df.sparkSession
-    spec = spark.createDataFrame(spec_rows, spec_schema)
+    spec = local_frame(spark, spec_rows, spec_schema)
 
     # Unpivot: one row per (row, feature) with the value as a double (x) or a string key (c).
     null_x, null_c = F.lit(None).cast("double"), F.lit(None).cast("string")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tenantml.config import DatasetSpec
 from tenantml.io.sources import RAW_TENANT
+from tenantml.io.spark import local_frame
 from tenantml.quality.gx_rules import Rule, RuleResult, run_rules
 from tenantml.quality.rules import (
     DUP_RANK,
@@ -124,7 +125,7 @@ def split_rows(spark: SparkSession, raw: DataFrame, spec: DatasetSpec, *, run_id
         for rid in res.failing_row_ids:
             reasons[int(rid)].append(res.rule.reason)
     only_unlabelled = [unlabelled_reason(spec)]
-    reason_df = spark.createDataFrame(
+    reason_df = local_frame(spark,
         [(rid, "; ".join(rs), KIND_UNLABELLED if rs == only_unlabelled else KIND_REJECTED)
          for rid, rs in reasons.items()],
         T.StructType([T.StructField(ROW_ID, T.LongType(), False),

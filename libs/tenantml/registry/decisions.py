@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenantml.core.ids import SHARED_ID, tenant_in_predicate, validate_run_id
 from tenantml.io import replace_where
+from tenantml.io.spark import local_frame
 from tenantml.io.tables import TableRef
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def write_decisions(spark: SparkSession, ref: TableRef, rows: list[dict[str, Any
     now = datetime.now(UTC).replace(tzinfo=None)
     data = [tuple({**{c: None for c in DECISION_COLUMNS}, **r, "decided_at": now}[c] for c in DECISION_COLUMNS)
             for r in rows]
-    df = spark.createDataFrame(data, DECISION_SCHEMA)
+    df = local_frame(spark, data, DECISION_SCHEMA)
     owners = tenant_in_predicate([r["tenant_id"] for r in rows], allow=(SHARED_ID,))
     replace_where(df, ref, f"run_id = '{run_id}' AND dataset = '{dataset}' AND {owners}",
                   partition_by=("dataset",))

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tenantml.io.spark import local_frame
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame
@@ -162,7 +164,7 @@ def score_frame(data: DataFrame, model_rows: DataFrame, models: dict[str, Servin
     scoped = (data.where(F.col("tenant_id").isin(list(models)))
               .select("tenant_id", F.col(f"`{key}`").alias(key), "_batch_id", *[F.col(f"`{c}`") for c in features]))
     rows = with_slices(scoped, slices or {}, key).withColumn(IS_MODEL, F.lit(0)).withColumn(BLOB, F.lit(None).cast("binary"))
-    slice_df = spark.createDataFrame([(t, s) for t in models for s in range((slices or {}).get(t, 1))],
+    slice_df = local_frame(spark, [(t, s) for t in models for s in range((slices or {}).get(t, 1))],
                                      f"tenant_id string, {SLICE_COL} long")
     model_side = (model_rows.select("tenant_id", F.col(BLOB)).join(F.broadcast(slice_df), "tenant_id")
                   .withColumn(IS_MODEL, F.lit(1)))
@@ -173,7 +175,7 @@ def score_frame(data: DataFrame, model_rows: DataFrame, models: dict[str, Servin
         return score_arrow(batches, key=key, features=features, task=task, device=_device(device))
 
     scored = ordered.mapInArrow(run, schema=WORKER_SCHEMA)
-    meta = spark.createDataFrame(
+    meta = local_frame(spark,
         [(m.tenant_id, m.model_name, m.model_version, m.strategy, m.mlflow_run_id) for m in models.values()],
         "tenant_id string, model_name string, model_version string, strategy string, mlflow_run_id string")
     out = scored.join(F.broadcast(meta), on="tenant_id", how="inner").withColumn("run_id", F.lit(run_id))

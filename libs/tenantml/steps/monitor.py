@@ -29,6 +29,7 @@ from typing import Any
 from tenantml.core.policy import no_model_possible
 from tenantml.io.delta import table_exists
 from tenantml.io.lineage import taints
+from tenantml.io.spark import local_frame
 from tenantml.io.tenants import list_tenant_ids
 from tenantml.monitoring import SCORE_FEATURE, classify_psi, drift_by_tenant, realised_metrics
 from tenantml.monitoring.drift import NOISE_CONFIDENCE
@@ -72,7 +73,7 @@ def champions(scope: StepScope, tenants: list[str]) -> dict[str, dict[str, Any]]
                                "decided_at": r["decided_at"]}
     store_ref = ctx.tables.model_store
     if out and table_exists(ctx.spark, store_ref):
-        keys = ctx.spark.createDataFrame([(t, c["model_name"], c["model_version"]) for t, c in out.items()],
+        keys = local_frame(ctx.spark, [(t, c["model_name"], c["model_version"]) for t, c in out.items()],
                                          "tenant_id string, model_name string, model_version string")
         store = scope.tenants.read(store_ref).where(F.col("dataset") == name)
         cols = [c for c in ("profile_json", "train_rows", "created_at") if c in store.columns]
@@ -190,7 +191,7 @@ def write_monitoring(scope: StepScope, rows: list[dict[str, Any]]) -> bool:
                   and r["kind"] in kinds]
         predicate = (f"dataset = '{name}' AND kind IN ({', '.join(repr(k) for k in kinds)}) "
                      f"AND batch_id = '{batch}'")  # batch ids are content hashes (hex)
-        scope.tenants.write(ctx.spark.createDataFrame(values, MONITORING_SCHEMA), ctx.tables.monitoring(name),
+        scope.tenants.write(local_frame(ctx.spark, values, MONITORING_SCHEMA), ctx.tables.monitoring(name),
                             sorted(members), extra_predicate=predicate)
     return True
 
@@ -353,7 +354,7 @@ def run(scope: StepScope) -> StepOutput:
     if decisions:
         scope.phase(f"writing {len(decisions)} retraining decisions")
         ret_ref = ctx.tables.retraining(name)
-        scope.tenants.write(spark.createDataFrame(decisions, RETRAINING_SCHEMA), ret_ref, [d[2] for d in decisions],
+        scope.tenants.write(local_frame(spark, decisions, RETRAINING_SCHEMA), ret_ref, [d[2] for d in decisions],
                             extra_predicate=f"run_id = '{ctx.run_id}' AND dataset = '{name}'")
         written.append(ret_ref.display)
     # The decisions change with time alone when a champion comes of age: until then, a run in
@@ -424,7 +425,7 @@ def _new_labelled_rows(scope: StepScope, champs: dict[str, dict[str, Any]]) -> d
     when = {t: c["created_at"] for t, c in champs.items() if c.get("created_at") is not None}
     if not when:
         return {}
-    marks = scope.ctx.spark.createDataFrame(list(when.items()), "tenant_id string, _since timestamp")
+    marks = local_frame(scope.ctx.spark, list(when.items()), "tenant_id string, _since timestamp")
     newer = scope.input.where(F.col("_validated_at") > F.lit(min(when.values())))  # file statistics skip the rest
     return {r["tenant_id"]: int(r["n"]) for r in
             newer.join(F.broadcast(marks), "tenant_id").where(F.col("_validated_at") > F.col("_since"))

@@ -34,6 +34,7 @@ from tenantml.gold.star import (
     tenant_dim,
 )
 from tenantml.io.delta import read_table, table_exists, table_version
+from tenantml.io.spark import local_frame
 from tenantml.registry.tracking import champion_versions, shared_champion, version_tags
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
 
@@ -79,7 +80,7 @@ def run(scope: StepScope) -> StepOutput:
     in_dim = sorted(registered)
     written_to: list[str] = []
     if in_dim and not holds(spark, t.gold_tenant_dim, tenant_rows, F.col("tenant_id").isin(in_dim)):
-        tenants.write(spark.createDataFrame(tenant_rows, TENANT_DIM_SCHEMA), t.gold_tenant_dim, in_dim,
+        tenants.write(local_frame(spark, tenant_rows, TENANT_DIM_SCHEMA), t.gold_tenant_dim, in_dim,
                       partition_by=())
         written_to.append(t.gold_tenant_dim.display)
 
@@ -98,7 +99,7 @@ def run(scope: StepScope) -> StepOutput:
         model_rows = checked(model_dim(spark, models), "model_key", "model_name", "model_version", table=model_ref)
         owned = F.col("tenant_id").isin(model_owners) | F.col("tenant_id").isNull()
         if not holds(spark, model_ref, model_rows, owned):
-            tenants.write(spark.createDataFrame(model_rows, MODEL_DIM_SCHEMA), model_ref, model_owners,
+            tenants.write(local_frame(spark, model_rows, MODEL_DIM_SCHEMA), model_ref, model_owners,
                           partition_by=(), include_null=True)
             written_to.append(model_ref.display)
     known_models = {(m["model_name"], m["model_version_text"]) for m in models}

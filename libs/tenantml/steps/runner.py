@@ -21,6 +21,7 @@ from tenantml.core.errors import ConfigError, TenantMLError, UnknownTenantError
 from tenantml.core.ids import sql_identifier, tenant_in_predicate, validate_run_id, validate_tenant_ids
 from tenantml.core.policy import monthly_budget, over_budget
 from tenantml.io.delta import read_table, replace_where, table_exists, table_version
+from tenantml.io.spark import local_frame
 from tenantml.steps.base import (
     Excluded,
     Step,
@@ -642,7 +643,7 @@ def write_run_logs(spark: SparkSession, ref: TableRef, results: Sequence[tuple[S
         predicates.append(f"(run_id = '{result.run_id}' AND step = '{result.step}' "
                           f"AND dataset = '{result.dataset}' AND ({scope}))")
     if rows:
-        replace_where(spark.createDataFrame(rows, _RUN_LOG_SCHEMA), ref, " OR ".join(predicates))
+        replace_where(local_frame(spark, rows, _RUN_LOG_SCHEMA), ref, " OR ".join(predicates))
 
 
 def failed_tenants(spark: SparkSession, ref: TableRef, run_id: str, step: str, dataset: str) -> list[str]:
@@ -676,7 +677,7 @@ def write_cost_ledger(spark: SparkSession, ref: TableRef, result: StepResult, *,
     rows = [(result.run_id, result.step, result.dataset, t.tenant_id,
              float(t.seconds) if measured else result.seconds * t.rows_in / total_rows,
              int(t.rows_in), "measured" if measured else "allocated", now) for t in tenants]
-    df = spark.createDataFrame(rows, "run_id string, step string, dataset string, tenant_id string, "
+    df = local_frame(spark, rows, "run_id string, step string, dataset string, tenant_id string, "
                                      "compute_seconds double, rows long, method string, recorded_at timestamp")
     predicate = (f"run_id = '{result.run_id}' AND step = '{sql_identifier(result.step, 'step')}' "
                  f"AND dataset = '{sql_identifier(result.dataset, 'dataset')}' "

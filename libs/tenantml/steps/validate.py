@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tenantml.core.errors import ConfigError, UnknownTenantError
 from tenantml.io.delta import read_table, table_exists
 from tenantml.io.sources import RAW_TENANT
+from tenantml.io.spark import local_frame
 from tenantml.io.tenants import case_collisions, list_tenant_ids
 from tenantml.quality.rules import referenced_columns
 from tenantml.quality.split import KIND_REJECTED, KIND_UNLABELLED, Counts, split_rows
@@ -90,7 +91,7 @@ def run(scope: StepScope) -> StepOutput:
             raise UnknownTenantError(f"dataset {name!r} has no bronze rows for tenant(s) {unknown}")
         bronze = bronze.where(F.col("tenant_id").isin(ids))
     state = {} if scope.options.get("full") else quality_state(scope, "history")
-    marks = spark.createDataFrame(
+    marks = local_frame(spark,
         [(k or "", r["validated_through"]) for k, r in state.items()
          if r["rules_hash"] == r_hash and r["validated_through"] is not None and (k is not None or not scope.requested)],
         "_mark_tenant string, _mark timestamp")
@@ -171,7 +172,7 @@ def run(scope: StepScope) -> StepOutput:
                     "rows_superseded": split.superseded.get(tid, 0) + replaced.get(tid, 0),
                     "tenant_rows": c.rows, "rebuilt": tid in rebuilt,
                     **({"case_collision_with": split.collisions[str(tid)]} if tid in split.collisions else {})}))
-    quality = spark.createDataFrame(quality_rows, QUALITY_SCHEMA).withColumn("validated_at", F.current_timestamp())
+    quality = local_frame(spark, quality_rows, QUALITY_SCHEMA).withColumn("validated_at", F.current_timestamp())
     tenants.write(quality, t.quality(name), include_null=include_invalid, extra_predicate=_purpose_predicate(scope, "history"))
     rule_summary = {r.rule.reason: r.unexpected_count for r in split.results if r.unexpected_count}
     return StepOutput(

@@ -9,6 +9,7 @@ from scoring only: its training and champion are untouched.
 from __future__ import annotations
 
 from tenantml.io.delta import read_table, table_exists
+from tenantml.io.spark import local_frame
 from tenantml.io.tenants import case_collisions, list_tenant_ids
 from tenantml.quality.split import split_rows
 from tenantml.steps.base import StepOutput, StepScope, TenantOutcome, step
@@ -82,7 +83,7 @@ def run(scope: StepScope) -> StepOutput:
                    f"blocked from scoring") if is_blocked else None,
             detail={"rejected_fraction": round(share, 4), "batch_id": latest.get(tid),
                     **({"case_collision_with": split.collisions[str(tid)]} if tid in split.collisions else {})}))
-    quality = spark.createDataFrame(quality_rows, QUALITY_SCHEMA).withColumn("validated_at", F.current_timestamp())
+    quality = local_frame(spark, quality_rows, QUALITY_SCHEMA).withColumn("validated_at", F.current_timestamp())
     q_ref = t.quality(name)
     tenants.write(quality, q_ref, include_null=include_invalid,
                   extra_predicate="coalesce(purpose, 'history') = 'scoring'"

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tenantml.config import DatasetSpec, TrainingConfig
-from tenantml.io.spark import default_parallelism
+from tenantml.io.spark import default_parallelism, local_frame
 from tenantml.training.plan import row_quota
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def evaluate_candidates(spark: SparkSession, silver: DataFrame, spec: DatasetSpe
     parts = max(1, min(default_parallelism(spark), len(wanted)))
     data = (silver.where(F.col("tenant_id").isin(list(wanted))).select(*[F.col(f"`{c}`") for c in cols])
             .repartition(parts, "tenant_id"))
-    models = spark.createDataFrame([(t, m, blobs[m]) for t, ids in sorted(wanted.items()) for m in ids],
+    models = local_frame(spark, [(t, m, blobs[m]) for t, ids in sorted(wanted.items()) for m in ids],
                                    MODELS_SCHEMA).repartition(parts, "tenant_id")
     cache: dict[str, TabularModel] = {}  # each task unpickles its own copy of the function, and of this
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from tenantml.config import DatasetSpec, TrainingConfig
-from tenantml.io.spark import default_parallelism, scheduler_pool
+from tenantml.io.spark import default_parallelism, local_frame, scheduler_pool
 from tenantml.models.batched import group_size
 from tenantml.training.fit import (
     RESULT_COLUMNS,
@@ -156,7 +156,7 @@ def _train_packed(spark: SparkSession, silver: DataFrame, row_counts: dict[str, 
     bins = max(1, min(cores * tasks_per_core, len(row_counts)))
     packing = pack_tenants({t: float(n) for t, n in row_counts.items()}, bins)
     keys = partition_keys(spark, bins)
-    plan_df = spark.createDataFrame(sorted((t, keys[b]) for t, b in packing.items()),
+    plan_df = local_frame(spark, sorted((t, keys[b]) for t, b in packing.items()),
                                     f"tenant_id string, {BIN_COL} long")
     data = (silver.select(*[F.col(f"`{c}`") for c in _feature_columns(spec)])
             .join(F.broadcast(plan_df), on="tenant_id", how="inner")
