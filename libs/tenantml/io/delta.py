@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenantml.core.errors import ConcurrentWriteError, TableNotFoundError
@@ -172,14 +172,22 @@ def merge_into(spark: SparkSession, ref: TableRef, source: DataFrame, on: str, c
     as ``source``'s rows, never as SQL text; ``on`` and ``clauses`` name columns only.
 
     The view's name is unique to the call (sessions are shared by threads) and dropped after."""
+    with _temp_view(source, "merge") as view:
+        spark.sql(f"MERGE INTO {sql_name(ref)} AS t USING {view} AS s ON {on} {clauses}")
+
+
+@contextlib.contextmanager
+def _temp_view(df: DataFrame, purpose: str) -> Iterator[str]:
+    """``df`` as a temporary view for one SQL statement, yielding its quoted name: unique to the
+    call (sessions are shared by threads), dropped after."""
     import uuid
 
-    view = f"_tenantml_merge_{uuid.uuid4().hex}"
-    source.createOrReplaceTempView(view)
+    view = f"_tenantml_{purpose}_{uuid.uuid4().hex}"
+    df.createOrReplaceTempView(view)
     try:
-        spark.sql(f"MERGE INTO {sql_name(ref)} AS t USING {quote_identifier(view)} AS s ON {on} {clauses}")
+        yield quote_identifier(view)
     finally:
-        spark.catalog.dropTempView(view)
+        df.sparkSession.catalog.dropTempView(view)
 
 
 def _writer(df: DataFrame, mode: str, partition_by: Sequence[str], ref: TableRef):  # type: ignore[no-untyped-def]
@@ -228,17 +236,9 @@ def _create_clustered(df: DataFrame, ref: TableRef) -> None:
     not create a liquid-clustered table (the v1 writer ignores ``clusterBy``), its SQL does, on
     classic sessions and Spark Connect alike. One commit, the rows included; it fails like any
     creation when the table exists."""
-    import uuid
-
-    spark = df.sparkSession
-    view = f"_tenantml_create_{uuid.uuid4().hex}"
-    df.createOrReplaceTempView(view)
-    try:
-        columns = ", ".join(quote_identifier(c) for c in ref.cluster_by)
-        spark.sql(f"CREATE TABLE {sql_name(ref)} USING delta CLUSTER BY ({columns}) "
-                  f"AS SELECT * FROM {quote_identifier(view)}")
-    finally:
-        spark.catalog.dropTempView(view)
+    columns = ", ".join(quote_identifier(c) for c in ref.cluster_by)
+    with _temp_view(df, "create") as view:
+        df.sparkSession.sql(f"CREATE TABLE {sql_name(ref)} USING delta CLUSTER BY ({columns}) AS SELECT * FROM {view}")
 
 
 def insert_missing(df: DataFrame, ref: TableRef, key: str) -> None:

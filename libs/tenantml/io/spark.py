@@ -393,14 +393,16 @@ def local_frame(spark: Any, rows: Iterable[tuple[Any, ...]], schema: str | Struc
     """A DataFrame of driver-side rows (tuples in the schema's column order), built through Arrow.
 
     A classic session's ``createDataFrame(list)`` ships pickled rows through a Python worker job:
-    about 0.4 s even for six rows, paid by every run-log, ledger, decision and model-store write
-    (a third of a small pipeline's time). An Arrow table becomes a local relation in the JVM, in
-    about 0.04 s, with the same rows and schema. As ``createDataFrame`` does, a row of the wrong
+    about 0.4 s even for two rows, paid by every run-log, ledger, decision and model-store write.
+    An Arrow table becomes a local relation in the JVM, in about 0.04 s, with the same rows and
+    schema. As ``createDataFrame`` does, a row of the wrong
     width or a null in a non-nullable column is refused. Naive datetimes mean the process's local
     time, as they do there. Spark Connect sends local rows as Arrow already."""
     data = [tuple(r) for r in rows]
     if is_connect(spark):
         return spark.createDataFrame(data, schema)
+    from datetime import datetime
+
     import pyarrow as pa
     from pyspark.sql.pandas.types import to_arrow_schema
     from pyspark.sql.types import StructType as _StructType
@@ -418,7 +420,7 @@ def local_frame(spark: Any, rows: Iterable[tuple[Any, ...]], schema: str | Struc
     for i, field in enumerate(struct.fields):
         values = [row[i] for row in data]
         if isinstance(field.dataType, TimestampType):
-            values = [v.astimezone() if getattr(v, "tzinfo", 1) is None else v for v in values]
+            values = [v.astimezone() if isinstance(v, datetime) and v.tzinfo is None else v for v in values]
         column = pa.array(values, type=arrow.field(i).type)
         if not field.nullable and column.null_count:
             raise ValueError(f"column {field.name} is not nullable, but {column.null_count} row(s) hold no value")
