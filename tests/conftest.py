@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("TENANTML_LOG_LEVEL", "WARNING")
+# Spark settings for the suite's small, short-lived JVMs (why, and what it measured: the file itself).
+# Set before any session starts, so this process's JVM and every subprocess's read it.
+os.environ.setdefault("SPARK_CONF_DIR", str(Path(__file__).resolve().parent / "spark-conf"))
 
 
 @pytest.fixture(scope="session")
