@@ -31,6 +31,7 @@ SMOKE_ARGS = {
     "bench_tracking.py": ["--tenants", "20"],
     "bench_shared_models.py": ["--tenants", "6", "--largest", "1200", "--epochs", "1"],
     "bench_noisy_neighbour.py": ["--small", "4", "--rows", "200", "--epochs", "2"],
+    "bench_table_layout.py": ["--tenants", "8", "--rows", "5", "--batches", "2"],
 }
 
 

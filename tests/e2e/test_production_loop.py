@@ -140,7 +140,9 @@ def test_labels_that_arrive_later_give_the_realised_metric_next_to_the_promoted_
     assert first.duplicated(["tenant_id", "batch_id", "feature"]).sum() == 0
     # Clustered by tenant, not partitioned: three nights of every tenant's rows sit in a few files,
     # not one per tenant and night, and a tenant's rows are still found by the files' statistics.
-    for ref in (loop["ctx"].tables.monitoring("flights"), loop["ctx"].tables.retraining("flights")):
+    tables = loop["ctx"].tables
+    for ref in (tables.monitoring("flights"), tables.retraining("flights"), tables.inference("flights"),
+                tables.scoring("flights"), tables.predictions("flights"), tables.latest_predictions("flights")):
         detail = spark.sql(f"DESCRIBE DETAIL delta.`{ref.path}`").first()
         assert list(detail["clusteringColumns"]) == ["tenant_id"] and not list(detail["partitionColumns"]), ref
         assert detail["numFiles"] < everything["tenant_id"].nunique(), (ref, detail["numFiles"])

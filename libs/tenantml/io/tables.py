@@ -78,16 +78,19 @@ class Tables:
         return self.ref(f"bronze_{dataset.lower()}")
 
     def inference(self, dataset: str) -> TableRef:
-        """Rows to score (no label), ingested as batches like bronze."""
-        return self.ref(f"inference_{dataset.lower()}")
+        """Rows to score (no label), ingested as batches like bronze. A batch of a few rows per
+        tenant every night: clustered by tenant (`bench/bench_table_layout.py`)."""
+        return replace(self.ref(f"inference_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def scoring(self, dataset: str) -> TableRef:
-        """Validated rows to score, typed like silver without the label, one row per (tenant, key, batch)."""
-        return self.ref(f"scoring_{dataset.lower()}")
+        """Validated rows to score, typed like silver without the label, one row per (tenant, key, batch).
+        Clustered by tenant, like the rows it is validated from."""
+        return replace(self.ref(f"scoring_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def latest_predictions(self, dataset: str) -> TableRef:
-        """Each entity's latest prediction (one row per tenant and entity key), for BI."""
-        return self.ref(f"latest_predictions_{dataset.lower()}")
+        """Each entity's latest prediction (one row per tenant and entity key), for BI. Clustered by
+        tenant: rewritten for the tenants of every scoring run."""
+        return replace(self.ref(f"latest_predictions_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def monitoring(self, dataset: str) -> TableRef:
         """Per tenant and scoring batch: feature and prediction drift, row counts, realised metrics.
@@ -109,7 +112,9 @@ class Tables:
         return self.ref(f"quality_{dataset.lower()}")
 
     def predictions(self, dataset: str) -> TableRef:
-        return self.ref(f"predictions_{dataset.lower()}")
+        """Every scoring batch's predictions, kept as history: a batch per tenant per night, so
+        clustered by tenant rather than a partition (and a file) per tenant per batch."""
+        return replace(self.ref(f"predictions_{dataset.lower()}"), cluster_by=("tenant_id",))
 
     def shared_trainset(self, dataset: str) -> TableRef:
         """De-identified rows of consenting tenants, sharded for data-parallel training."""
