@@ -1,4 +1,4 @@
-"""ingest_scoring: the dataset's rows to score -> `inference_<ds>`, partitioned by tenant.
+"""ingest_scoring: the dataset's rows to score -> `inference_<ds>`, clustered by tenant.
 
 The rows that need predictions (this month's customers, tomorrow's flights) come from the
 dataset's `scoring_source` (or `--scoring-source PATH`): the training source's columns minus the
